@@ -1,0 +1,102 @@
+"""Command line: parse, dispatch, exit codes (0 ok, 1 a run failed, 2 a usage or input error)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bench import config
+from bench.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Re-run, compare and tune four published CIFAR ResNet runs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="experiments, suites, profiles and models")
+
+    r = sub.add_parser("run", help="train experiments or a suite, several seeds, tracked in MLflow")
+    r.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="experiment names (see `bench list`)")
+    r.add_argument("--suite", help="a suite of experiments, e.g. all")
+    r.add_argument("--profile", default="paper", help="paper (as reported, default) or smoke (embedded data, minutes)")
+    r.add_argument("--seeds", type=int, help="seeds per experiment (default: the profile's)")
+    r.add_argument("--epochs", type=int, help="override train.epochs")
+    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05 (repeatable)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
+    r.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes, train nothing")
+    return p
+
+
+def cmd_list(args) -> int:
+    from bench.models import list_models
+
+    print("experiments:")
+    for name in config.list_experiments():
+        print(f"  {name:30s} {config.read_experiment(name).get('title', '')}")
+    print("suites:")
+    for name, exps in sorted(config.read_suites().items()):
+        print(f"  {name:30s} {', '.join(exps)}")
+    print("profiles:")
+    for name in config.list_profiles():
+        prof = config.read_profile(name)
+        print(f"  {name:30s} {prof.get('description', '')} ({prof.get('seeds', 1)} seeds)")
+    print("models:")
+    for name in list_models():
+        print(f"  {name}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from bench import engine, suite
+
+    names = list(args.experiments)
+    if args.suite:
+        names += config.suite_experiments(args.suite)
+    if not names:
+        raise UserError("name experiments to run or give --suite NAME (see `bench list`)")
+    for value, flag in ((args.seeds, "--seeds"), (args.epochs, "--epochs")):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    seeds = args.seeds or config.profile_seeds(args.profile)
+    cells = suite.plan(list(dict.fromkeys(names)), profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs)
+    if args.dry_run:
+        print(suite.dry_run_table(cells))
+        print(f"{len(cells)} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}")
+        return 0
+    device = engine.resolve_device(args.device)
+    suite.preflight(cells, args.data_dir)
+    from bench.tracking import Tracker, resolve_uri, ui_command
+
+    uri = resolve_uri(args.tracking_uri)
+    outcomes = suite.run_cells(cells, tracker=Tracker(uri), device=device, data_dir=args.data_dir, checkpoint_root=args.checkpoint_dir)
+    print(suite.summary_table(outcomes))
+    print(f"\nSee the runs: {ui_command(uri)}")
+    failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
+    if failed:
+        print(f"{len(failed)} of {len(outcomes)} cells did not finish: {', '.join(o.cell.name for o in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130

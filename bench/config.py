@@ -1,0 +1,248 @@
+"""Typed run config: load an experiment TOML, apply profile and --set overrides, validate once.
+
+One naming scheme everywhere: the dotted path (`optim.lr`, `data.batch_size`) is the TOML key,
+the `--set` key, the Optuna parameter, the MLflow param and the report column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bench.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(BaseModel):
+    """`name` picks the builder; every other key is one of its keyword options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "ModelConfig":
+        from bench.models import list_models, model_options
+
+        if self.name not in list_models():
+            raise ValueError(f"unknown model {self.name!r}; known: {', '.join(list_models())}")
+        options = model_options(self.name)
+        for key, value in (self.model_extra or {}).items():
+            if key not in options:
+                raise ValueError(f"model {self.name} has no option {key!r}; options: {', '.join(options)}")
+            expected = options[key]
+            ok = isinstance(value, type(expected)) or (isinstance(expected, float) and isinstance(value, int))
+            if isinstance(expected, tuple):
+                ok = isinstance(value, (list, tuple))
+            if not ok or (isinstance(value, bool) and not isinstance(expected, bool)):
+                raise ValueError(f"{key} should be {type(expected).__name__}, got {value!r}")
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in (self.model_extra or {}).items()}
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "cifar100"]
+    source: Literal["official", "embedded"] = "official"
+    val_size: int = Field(ge=0)
+    split_seed: int = 0
+    batch_size: int = Field(gt=0)
+    eval_batch_size: int = Field(gt=0)
+    image_size: int = Field(default=32, ge=8)
+    augment: Literal["crop_flip", "resized_crop_flip", "none"] = "crop_flip"
+    crop_padding: int = Field(default=4, ge=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam"]
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    nesterov: bool = False
+
+
+class ScheduleConfig(Section):
+    name: Literal["none", "step", "exponential", "cosine"] = "none"
+    step_size: int = Field(default=30, gt=0)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+    eta_min: float = Field(default=0.0, ge=0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(gt=0)
+    checkpoint_every: int = Field(default=10, gt=0)
+    deterministic: bool = True
+    channels_last: bool = True  # memory format only: faster convolutions, same model
+
+
+class EvalConfig(Section):
+    # "train": BatchNorm batch statistics and dropout on, as in the author's R1 code.
+    mode: Literal["eval", "train"] = "eval"
+    # True: train_acc re-measured over the augmented train set after each epoch (R1's code);
+    # False: the running accuracy of the epoch's training batches.
+    remeasure_train_acc: bool = False
+
+
+class RunConfig(Section):
+    experiment: str
+    seed: int = Field(default=0, ge=0)
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig
+    eval: EvalConfig = EvalConfig()
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        """Identifies the resolved config, seed excluded: the seeds of one config share it."""
+        flat = {k: v for k, v in self.flat().items() if k != "seed"}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {path}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as a TOML value (numbers, booleans, lists), else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise UserError(f"--set expects key=value with a dotted key such as optim.lr=0.05, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}") from None
+
+
+def experiments_dir() -> Path:
+    """$BENCH_EXPERIMENTS, else ./experiments, else the experiments/ beside the package source."""
+    if os.environ.get("BENCH_EXPERIMENTS"):
+        return Path(os.environ["BENCH_EXPERIMENTS"])
+    here = Path("experiments")
+    if (here / "suites.toml").is_file():
+        return here
+    return Path(__file__).resolve().parent.parent / "experiments"
+
+
+def validate(tree: dict[str, Any], where: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict) else ""
+        more = f" and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+        raise UserError(f"{where}: {key}: {msg}{got}{more}") from None
+
+
+# --- experiments, profiles and suites on disk ---------------------------------------------------
+
+DESCRIPTIVE_KEYS = ("title", "about")  # an experiment file's prose: not part of the run config
+
+
+def list_experiments() -> list[str]:
+    return sorted(p.stem for p in experiments_dir().glob("*.toml") if p.stem != "suites")
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in (experiments_dir() / "profiles").glob("*.toml"))
+
+
+def read_experiment(name: str) -> dict[str, Any]:
+    if name not in list_experiments():
+        raise UserError(f"unknown experiment {name!r}; known: {', '.join(list_experiments())}")
+    return read_toml(experiments_dir() / f"{name}.toml")
+
+
+def read_profile(name: str) -> dict[str, Any]:
+    if name not in list_profiles():
+        raise UserError(f"unknown profile {name!r}; known: {', '.join(list_profiles())}")
+    return read_toml(experiments_dir() / "profiles" / f"{name}.toml")
+
+
+def read_suites() -> dict[str, list[str]]:
+    suites = read_toml(experiments_dir() / "suites.toml")
+    return {name: list(body["experiments"]) for name, body in suites.items()}
+
+
+def suite_experiments(name: str) -> list[str]:
+    suites = read_suites()
+    if name not in suites:
+        raise UserError(f"unknown suite {name!r}; known: {', '.join(sorted(suites))}")
+    return suites[name]
+
+
+def profile_seeds(profile: str) -> int:
+    return int(read_profile(profile).get("seeds", 1))
+
+
+def load(
+    experiment: str, *, profile: str, seed: int = 0, sets: list[str] | tuple[str, ...] = (), epochs: int | None = None
+) -> RunConfig:
+    """The resolved config: experiment file < profile < profile's per-experiment part < --epochs < --set."""
+    tree = {k: v for k, v in read_experiment(experiment).items() if k not in DESCRIPTIVE_KEYS}
+    prof = read_profile(profile)
+    layers = [prof.get("overrides", {}), prof.get("experiments", {}).get(experiment, {}).get("overrides", {})]
+    for layer in layers:
+        for key, value in flatten(layer).items():
+            set_dotted(tree, key, value)
+    if epochs is not None:
+        set_dotted(tree, "train.epochs", epochs)
+    for text in sets:
+        set_dotted(tree, *parse_assignment(text))
+    tree["experiment"] = experiment
+    tree["seed"] = seed
+    return validate(tree, f"{experiment} (profile {profile})")

@@ -1,0 +1,117 @@
+"""Data for one run: CIFAR splits held once on the device, batched and augmented there.
+
+`build(cfg, seed=..., device=..., data_dir=...)` returns a `DataBundle` with train, val and test
+batch iterators. The validation split is drawn with `cfg.split_seed` (the same for every run
+seed, so seeds compare on the same held-out images); the run seed drives shuffling and
+augmentation through one generator, whose state goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from bench.data.augment import random_crop_flip, random_resized_crop_flip, resize
+from bench.data.cifar import NUM_CLASSES, CifarFiles, Split
+from bench.errors import UserError
+
+
+class Batches:
+    """Iterates (normalized float images, labels) over a split that lives on the device."""
+
+    def __init__(
+        self, split: Split, *, batch_size: int, mean: Tensor, std: Tensor, image_size: int,
+        augment: str, padding: int, shuffle: bool, gen: torch.Generator,
+    ) -> None:
+        self.images, self.labels = split.images, split.labels
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.image_size, self.augment, self.padding = image_size, augment, padding
+        self.shuffle, self.gen = shuffle, gen
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        if self.augment == "crop_flip":
+            images = random_crop_flip(images, self.padding, self.gen)
+        x = images.float().div_(255)
+        if self.augment == "resized_crop_flip":
+            x = random_resized_crop_flip(x, self.image_size, self.gen)
+        else:
+            x = resize(x, self.image_size)
+        return (x - self.mean) / self.std
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        device = self.labels.device
+        order = torch.randperm(n, generator=self.gen, device=device) if self.shuffle else torch.arange(n, device=device)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self._prepare(self.images[idx]), self.labels[idx]
+
+
+@dataclass
+class DataBundle:
+    train: Batches
+    val: Batches | None
+    test: Batches
+    num_classes: int
+    classes: list[str]
+    generator: torch.Generator
+    source: str
+    complete: bool
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {
+            "train": self.train.num_images,
+            "val": self.val.num_images if self.val else 0,
+            "test": self.test.num_images,
+        }
+
+
+def split_validation(train: Split, val_size: int, split_seed: int) -> tuple[Split, Split | None]:
+    if val_size == 0:
+        return train, None
+    if val_size >= len(train):
+        raise UserError(f"data.val_size={val_size} leaves no training images (the train set has {len(train)})")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    return (
+        Split(train.images[train_idx], train.labels[train_idx]),
+        Split(train.images[val_idx], train.labels[val_idx]),
+    )
+
+
+def build(cfg, *, seed: int, device: torch.device, files: CifarFiles) -> DataBundle:
+    """`cfg` is the validated `data` section of a run config; `files` what `load_cifar` read."""
+    train, val = split_validation(files.train, cfg.val_size, cfg.split_seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+
+    def batches(split: Split, batch_size: int, train_mode: bool) -> Batches:
+        on_device = Split(split.images.to(device), split.labels.to(device))
+        return Batches(
+            on_device, batch_size=batch_size, mean=mean, std=std, image_size=cfg.image_size,
+            augment=cfg.augment if train_mode else "none", padding=cfg.crop_padding,
+            shuffle=train_mode, gen=gen,
+        )
+
+    return DataBundle(
+        train=batches(train, cfg.batch_size, True),
+        val=batches(val, cfg.eval_batch_size, False) if val is not None else None,
+        test=batches(files.test, cfg.eval_batch_size, False),
+        num_classes=NUM_CLASSES[cfg.dataset],
+        classes=files.classes,
+        generator=gen,
+        source=files.location,
+        complete=files.complete,
+    )

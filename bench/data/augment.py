@@ -1,0 +1,90 @@
+"""Batched augmentation on the data's device: every image gets its own random draw.
+
+The distributions follow torchvision's reference transforms: RandomCrop(32, padding) +
+RandomHorizontalFlip for the 32-px recipes, RandomResizedCrop(size, scale=(0.08, 1),
+ratio=(3/4, 4/3)) + flip for the fine-tune, Resize + CenterCrop at test time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_crop_flip(images: Tensor, padding: int, gen: torch.Generator) -> Tensor:
+    """Zero-pad uint8 N x C x H x W by `padding`, crop back to H x W at a random offset, flip half."""
+    n, _, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=dev)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=dev)
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
+    rows = top[:, None] + torch.arange(h, device=dev)
+    cols = left[:, None] + torch.arange(w, device=dev)
+    # A flipped image reads its columns right to left.
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def resized_crop_boxes(
+    n: int, height: int, width: int, gen: torch.Generator, device: torch.device,
+    scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10,
+) -> Tensor:
+    """RandomResizedCrop.get_params for n images at once: rows of (top, left, h, w)."""
+    area = height * width
+    target = area * torch.empty(n, attempts, device=device).uniform_(*scale, generator=gen)
+    log_r = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
+    has = first >= 0
+    pick = first.clamp(min=0)[:, None]
+    w = w.gather(1, pick)[:, 0]
+    h = h.gather(1, pick)[:, 0]
+    # Fallback when no attempt fits: the whole image (CIFAR is square, inside the ratio range).
+    w = torch.where(has, w, torch.full_like(w, width))
+    h = torch.where(has, h, torch.full_like(h, height))
+    u_top = torch.rand(n, generator=gen, device=device)
+    u_left = torch.rand(n, generator=gen, device=device)
+    top = torch.where(has, torch.floor(u_top * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(has, torch.floor(u_left * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], 1)
+
+
+def resample_boxes(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
+    """Bilinear crop-and-resize of float N x C x H x W: box rows (top, left, h, w) -> size x size."""
+    n, _, height, width = images.shape
+    top, left, h, w = boxes.unbind(1)
+    sx = w / width
+    sy = h / height
+    if flip is not None:
+        sx = torch.where(flip, -sx, sx)
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_resized_crop_flip(images: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """float N x C x H x W -> N x C x size x size, each image its own crop box and flip."""
+    n, _, height, width = images.shape
+    boxes = resized_crop_boxes(n, height, width, gen, images.device)
+    flip = torch.rand(n, generator=gen, device=images.device) < 0.5
+    return resample_boxes(images, boxes.to(images.dtype), size, flip)
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Resize(size) + CenterCrop(size) of square images: a plain bilinear resize."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -1,0 +1,229 @@
+"""fit / train_one_epoch / evaluate and checkpoint resume.
+
+The engine knows nothing of MLflow, Optuna or reports: it reports through callbacks, and a
+stop (requested by a callback, or a non-finite loss) is a returned status, not an exception.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import checkpoint
+from bench.callbacks import Callback
+from bench.errors import UserError
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class FitResult:
+    status: str  # "finished", "stopped" (a callback asked) or "nonfinite" (loss NaN or Inf)
+    epochs_done: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    best_epoch: int | None = None
+    best_val_acc: float | None = None
+    best_test_acc: float | None = None
+    checkpoint_dir: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch; "none" is a constant schedule so every run has one to checkpoint."""
+    sched = torch.optim.lr_scheduler
+    if cfg.name == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "exponential":
+        return sched.ExponentialLR(optimizer, gamma=cfg.gamma)
+    if cfg.name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.eta_min)
+    return sched.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def train_one_epoch(
+    model: nn.Module, batches, optimizer: torch.optim.Optimizer, memory_format: torch.memory_format = torch.contiguous_format
+) -> tuple[float, float, int]:
+    """Mean loss and accuracy over the epoch's training batches, and the image count.
+
+    Sums stay on the device: one host sync per epoch.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=batches.labels.device)
+    correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
+    seen = 0
+    for x, y in batches:
+        logits = model(x.contiguous(memory_format=memory_format))
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    return loss_sum.item() / seen, correct.item() / seen, seen
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches, mode: str = "eval", memory_format: torch.memory_format = torch.contiguous_format
+) -> tuple[float, float]:
+    """Mean loss and accuracy. mode "train" keeps BatchNorm batch statistics and dropout on,
+    as the R1 author's code did (it never called model.eval())."""
+    model.train(mode == "train")
+    loss_sum = torch.zeros((), device=batches.labels.device)
+    correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
+    for x, y in batches:
+        logits = model(x.contiguous(memory_format=memory_format))
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = batches.num_images
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _rng_state(data_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], data_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def fit(
+    model: nn.Module,
+    data,
+    cfg,
+    *,
+    checkpoint_dir: Path,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = True,
+    max_epochs: int | None = None,
+) -> FitResult:
+    """Train `model` (already on the data's device) on `data` (a DataBundle) with `cfg` (RunConfig).
+
+    Resumes from `checkpoint_dir/last.pt` when it exists. `max_epochs` stops early after that
+    many epochs in total (for tests of interrupted runs); the run's schedule still spans
+    cfg.train.epochs.
+    """
+    epochs = cfg.train.epochs
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, epochs)
+    result = FitResult(status="finished", epochs_done=0, checkpoint_dir=Path(checkpoint_dir))
+    last_path, best_path = Path(checkpoint_dir) / LAST, Path(checkpoint_dir) / BEST
+    if resume and last_path.is_file():
+        state = checkpoint.load(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], data.generator)
+        result.epochs_done = int(state["epoch"])
+        result.best_epoch, result.best_val_acc, result.best_test_acc = state["best"]
+        result.last_metrics = dict(state["metrics"])
+
+    def save(path: Path, kind: str, epoch: int) -> None:
+        checkpoint.save(
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(data.generator),
+                "best": (result.best_epoch, result.best_val_acc, result.best_test_acc),
+                "metrics": result.last_metrics,
+                "config_hash": cfg.config_hash(),
+            },
+            path,
+        )
+        for cb in callbacks:
+            cb.on_checkpoint(kind, path, epoch)
+
+    for cb in callbacks:
+        cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
+    stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
+    for epoch in range(result.epochs_done + 1, stop_after + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc, seen = train_one_epoch(model, data.train, optimizer, fmt)
+        train_time = time.perf_counter() - started
+        scheduler.step()
+        if not math.isfinite(train_loss):
+            result.status = "nonfinite"
+            result.last_metrics = {"train_loss": train_loss}
+            break
+        if cfg.eval.remeasure_train_acc:
+            _, train_acc = evaluate(model, data.train, cfg.eval.mode, fmt)
+        metrics = {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
+        if data.val is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, data.val, cfg.eval.mode, fmt)
+        metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval.mode, fmt)
+        metrics["epoch_time_s"] = time.perf_counter() - started
+        metrics["images_per_s"] = seen / train_time
+        result.epochs_done, result.last_metrics = epoch, metrics
+        # The best checkpoint is chosen on validation accuracy, never on test accuracy.
+        if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
+            result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics["test_acc"]
+            save(best_path, "best", epoch)
+        stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
+        if epoch % cfg.train.checkpoint_every == 0 or epoch == epochs or stop or epoch == stop_after:
+            save(last_path, "last", epoch)
+        if stop:
+            result.status = "stopped"
+            break
+    if result.status == "finished" and result.epochs_done < epochs:
+        result.status = "stopped"
+    for cb in callbacks:
+        cb.on_fit_end(result)
+    return result

@@ -1,0 +1,184 @@
+"""Suites and profiles: which (experiment, seed) cells to run; skip finished ones, resume the rest.
+
+Everything that can be wrong (configs, data, weights, the tracking store) is checked for every
+cell before the first one trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from bench import config, data, engine
+from bench.callbacks import ConsoleProgress
+from bench.data import cifar
+from bench.models import create_model
+from bench.tracking import MlflowRun, Tracker, environment_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    profile: str
+    cfg: config.RunConfig
+
+    @property
+    def experiment(self) -> str:
+        return self.cfg.experiment
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/{self.profile}/seed{self.cfg.seed}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.experiment}-{self.profile}-seed{self.cfg.seed}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {
+            "bench.experiment": self.experiment,
+            "bench.profile": self.profile,
+            "bench.seed": str(self.cfg.seed),
+            "bench.config_hash": self.cfg.config_hash(),
+        }
+
+    def checkpoint_dir(self, root: Path) -> Path:
+        return Path(root) / self.experiment / f"{self.profile}-seed{self.cfg.seed}-{self.cfg.config_hash()}"
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # finished, skipped (finished before), stopped, nonfinite, failed
+    epochs: int
+    final_test_acc: float | None
+    best_test_acc: float | None
+    seconds: float
+    run_id: str | None
+
+
+def plan(experiments: list[str], *, profile: str, seeds: int, sets: list[str] = (), epochs: int | None = None) -> list[Cell]:
+    """Every cell's config, loaded and validated before anything runs."""
+    return [
+        Cell(profile, config.load(name, profile=profile, seed=seed, sets=sets, epochs=epochs))
+        for name in experiments
+        for seed in range(seeds)
+    ]
+
+
+def data_root(cfg: config.RunConfig, data_dir: Path | None) -> Path | None:
+    return None if cfg.data.source == "embedded" else Path(data_dir or "data")
+
+
+@lru_cache(maxsize=None)
+def _files(dataset: str, root: Path | None) -> cifar.CifarFiles:
+    return cifar.load_cifar(dataset, root)
+
+
+def preflight(cells: list[Cell], data_dir: Path | None) -> None:
+    """Load each dataset and build each model once: missing data or weights stop before training."""
+    for cfg in {c.cfg.data.dataset + str(data_root(c.cfg, data_dir)): c.cfg for c in cells}.values():
+        _files(cfg.data.dataset, data_root(cfg, data_dir))
+    for cfg in {repr(c.cfg.model): c.cfg for c in cells}.values():
+        create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options)
+
+
+def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
+    cfg = cell.cfg
+    exp_id = tracker.experiment_id(cell.experiment)
+    existing = tracker.find_cell_run(exp_id, cell.tags)
+    if existing is not None and existing.info.status == "FINISHED":
+        metrics = existing.data.metrics
+        return CellOutcome(
+            cell, "skipped", int(existing.data.tags.get("bench.epochs_done", 0)),
+            metrics.get("test_acc"), metrics.get("best_test_acc"), 0.0, existing.info.run_id,
+        )
+    started = time.perf_counter()
+    engine.seed_everything(cfg.seed, cfg.train.deterministic)
+    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
+    tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source}
+    tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
+    if existing is not None:
+        run_id = existing.info.run_id
+        tracker.reopen_run(run_id)
+    else:
+        run_id = tracker.start_run(exp_id, cell.run_name, cell.tags)
+    callbacks = [MlflowRun(tracker, run_id, cfg, tags), ConsoleProgress(label)]
+    try:
+        result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks)
+    except KeyboardInterrupt:
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except Exception:
+        log.error("%s failed:\n%s", cell.name, traceback.format_exc())
+        tracker.end_run(run_id, "FAILED")
+        return CellOutcome(cell, "failed", 0, None, None, time.perf_counter() - started, run_id)
+    tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
+    return CellOutcome(
+        cell, result.status, result.epochs_done, result.last_metrics.get("test_acc"), result.best_test_acc,
+        time.perf_counter() - started, run_id,
+    )
+
+
+def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path) -> list[CellOutcome]:
+    """Run the cells one after another; a failed cell is recorded and the next one goes on."""
+    import sys
+
+    from tqdm import tqdm
+
+    for name in dict.fromkeys(c.experiment for c in cells):
+        tracker.experiment_id(name)  # the store is reachable and every experiment exists first
+    outcomes = []
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, position=0) if tty else None
+    for i, cell in enumerate(cells, 1):
+        label = f"[{i}/{len(cells)}] {cell.name}"
+        if bar is None:
+            print(f"{label}: starting", file=sys.stderr, flush=True)
+        outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+        if bar is None:
+            print(f"{label}: {outcome.status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
+        else:
+            bar.update(1)
+        outcomes.append(outcome)
+    if bar is not None:
+        bar.close()
+    return outcomes
+
+
+def summary_table(outcomes: list[CellOutcome]) -> str:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    rows = [("cell", "status", "epochs", "final test_acc", "best test_acc (val-chosen)", "time")]
+    rows += [
+        (o.cell.name, o.status, str(o.epochs), pct(o.final_test_acc), pct(o.best_test_acc), f"{o.seconds:.0f} s")
+        for o in outcomes
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def dry_run_table(cells: list[Cell]) -> str:
+    rows = [("cell", "model", "data", "optim", "schedule", "epochs")]
+    for c in cells:
+        cfg = c.cfg
+        o, s, d = cfg.optim, cfg.schedule, cfg.data
+        optim = f"{o.name} lr={o.lr:g} wd={o.weight_decay:g}" + (f" mom={o.momentum:g}" if o.name == "sgd" else "")
+        sched = s.name if s.name in ("none", "cosine") else (
+            f"step {s.step_size} x{s.gamma:g}" if s.name == "step" else f"exp x{s.gamma:g}")
+        data_s = f"{d.dataset} {d.source} bs={d.batch_size} val={d.val_size} {d.image_size}px"
+        rows.append((c.name, cfg.model.name, data_s, optim, sched, str(cfg.train.epochs)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

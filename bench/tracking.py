@@ -1,0 +1,133 @@
+"""MLflow: the only module that imports mlflow. Runs, params, tags, metrics, artifacts, resume.
+
+One MLflow experiment per bench experiment and one run per (experiment, profile, seed, config
+hash): the tags identify the cell, so a second `bench run` finds a finished run and skips it, or
+an unfinished one and continues it under the same run id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from bench.callbacks import Callback
+from bench.errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")
+
+for noisy in ("alembic", "mlflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_uri(arg: str | None) -> str:
+    return arg or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment_tags(device_name: str) -> dict[str, str]:
+    tags = {"bench.torch": torch.__version__, "bench.torchvision": torchvision.__version__, "bench.device": device_name}
+    commit = git_commit()
+    if commit:
+        tags["bench.git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+class Tracker:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created on first use; also proves the store is reachable."""
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            return exp.experiment_id if exp else self.client.create_experiment(name)
+        except Exception as exc:  # mlflow raises many types for a bad or unreachable store
+            raise UserError(f"tracking store {self.uri} is not usable: {str(exc).splitlines()[0]}") from None
+
+    def find_cell_run(self, experiment_id: str, cell_tags: dict[str, str]):
+        """The newest run of this cell, or None."""
+        query = " and ".join(f"tags.`{k}` = '{cell_tags[k]}'" for k in CELL_TAGS)
+        runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def start_run(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def reopen_run(self, run_id: str) -> None:
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+
+class MlflowRun(Callback):
+    """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints."""
+
+    def __init__(self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None) -> None:
+        self.client, self.run_id, self.cfg = tracker.client, run_id, cfg
+        self.extra_tags = extra_tags or {}
+        self.checkpoints: dict[str, Path] = {}
+
+    def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
+        params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in sorted(self.cfg.flat().items())]
+        tags = [RunTag(k, v) for k, v in self.extra_tags.items()]
+        # MLflow caps one batch at 100 params; the resolved config is about 40 keys.
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()])
+
+    def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
+        self.checkpoints[kind] = path
+
+    def on_fit_end(self, result) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_path = Path(tmp) / "config.json"
+            cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+            self.client.log_artifact(self.run_id, str(cfg_path))
+            ckpt_dir = Path(tmp) / "checkpoints"
+            ckpt_dir.mkdir()
+            sources = {"final.pt": result.checkpoint_dir / "last.pt", "best.pt": result.checkpoint_dir / "best.pt"}
+            for name, src in sources.items():
+                if src.is_file():
+                    shutil.copyfile(src, ckpt_dir / name)
+            self.client.log_artifacts(self.run_id, str(ckpt_dir), artifact_path="checkpoints")
+        summary: dict[str, Any] = {"bench.status": result.status, "bench.epochs_done": str(result.epochs_done)}
+        if result.best_epoch is not None:
+            summary.update({"bench.best_epoch": str(result.best_epoch), "bench.best_split": "val"})
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
+        if result.best_epoch is not None:
+            ts, step = int(time.time() * 1000), result.best_epoch
+            best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in best.items()])
+
