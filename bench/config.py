@@ -42,13 +42,17 @@ class ModelConfig(BaseModel):
         options = model_options(self.name)
         for key, value in (self.model_extra or {}).items():
             if key not in options:
-                raise ValueError(f"model {self.name} has no option {key!r}; options: {', '.join(options)}")
+                raise ValueError(f"model.{key}: model {self.name} has no such option; options: {', '.join(options)}")
             expected = options[key]
             ok = isinstance(value, type(expected)) or (isinstance(expected, float) and isinstance(value, int))
             if isinstance(expected, tuple):
-                ok = isinstance(value, (list, tuple))
+                item = type(expected[0]) if expected else object
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, item) and not (isinstance(v, bool) and item is not bool) for v in value
+                )
             if not ok or (isinstance(value, bool) and not isinstance(expected, bool)):
-                raise ValueError(f"{key} should be {type(expected).__name__}, got {value!r}")
+                kind = f"a list of {type(expected[0]).__name__}" if isinstance(expected, tuple) else type(expected).__name__
+                raise ValueError(f"model.{key} should be {kind}, got {value!r}")
         return self
 
     @property
@@ -185,6 +189,8 @@ def validate(tree: dict[str, Any], where: str) -> RunConfig:
             msg = "unknown key"
         got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict) else ""
         more = f" and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+        if msg.startswith(f"{key}."):  # the message names its key already (model options)
+            raise UserError(f"{where}: {msg}{more}") from None
         raise UserError(f"{where}: {key}: {msg}{got}{more}") from None
 
 
@@ -242,7 +248,10 @@ def load(
     if epochs is not None:
         set_dotted(tree, "train.epochs", epochs)
     for text in sets:
-        set_dotted(tree, *parse_assignment(text))
+        key, value = parse_assignment(text)
+        if key in ("experiment", "seed"):
+            raise UserError(f"--set {key}: not a config value; name experiments as arguments and use --seeds N")
+        set_dotted(tree, key, value)
     tree["experiment"] = experiment
     tree["seed"] = seed
     return validate(tree, f"{experiment} (profile {profile})")

@@ -53,7 +53,7 @@ def resnet18_finetune(*, num_classes: int = 100, weights: str = "imagenet", free
         state = _file_state_dict(weights)
         try:
             model.load_state_dict(state)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError) as exc:
             raise UserError(f"model.weights file {weights!r} does not fit ResNet-18: {str(exc).splitlines()[0]}") from None
     if freeze_backbone:
         for p in model.parameters():

@@ -1,0 +1,217 @@
+"""The command line: `bench list`, `bench run` (dry run, missing data, bad input, end to end) and
+its exit codes: 0 ok, 1 a run failed, 2 a usage or input error with one line and no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import cli
+
+from conftest import TINY_SETS
+
+EXPERIMENTS = ["bottleneck-cifar10", "hw4-resnet-cifar100", "resnet18-finetune-cifar100", "resnetb-cifar10"]
+MODELS = ["bottleneck_resnet", "hw4_resnet", "resnet18_finetune", "resnet_b"]
+TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
+# Any download attempt goes to a closed local port: the tests never reach the network.
+NO_NETWORK = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+
+
+def bench(args: list[str], cwd, env, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in env.items() if k.lower() != "no_proxy"}
+    env.update(NO_NETWORK)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(rc: int, err: str, *names: str) -> None:
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bench: error: ")
+    for name in names:
+        assert name in lines[0], lines[0]
+
+
+# --- list --------------------------------------------------------------------------------------
+
+
+def check_listing(out: str) -> None:
+    sections = {}
+    current = None
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            current = line.rstrip(":")
+            sections[current] = []
+        else:
+            sections[current].append(line.split()[0])
+    assert list(sections) == ["experiments", "suites", "profiles", "models"]
+    assert sections["experiments"] == EXPERIMENTS
+    assert "all" in sections["suites"] and "cifar10" in sections["suites"]
+    assert sections["profiles"] == ["paper", "smoke"]
+    assert sections["models"] == MODELS
+
+
+def test_list_in_process(in_tmp, capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    check_listing(out)
+    assert "HW4 residual net from scratch on CIFAR-100" in out
+    assert "(3 seeds)" in out
+
+
+def test_list_as_a_module(tmp_path, subprocess_env):
+    proc = bench(["list"], tmp_path, subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    check_listing(proc.stdout)
+
+
+# --- dry run -----------------------------------------------------------------------------------
+
+
+def test_dry_run_of_the_paper_suite_lists_twelve_cells_with_their_recipes(in_tmp, capsys):
+    assert cli.main(["run", "--suite", "all", "--profile", "paper", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    cells = [line for line in out.splitlines() if "/paper/seed" in line]
+    assert len(cells) == 12
+    assert {line.split()[0] for line in cells} == {f"{e}/paper/seed{s}" for e in EXPERIMENTS for s in range(3)}
+    hw4 = next(line for line in cells if line.startswith("hw4-resnet-cifar100/"))
+    assert "sgd lr=0.01 " in hw4 and "mom=0.9" in hw4 and "bs=256" in hw4 and hw4.rstrip().endswith("100")
+    r2 = next(line for line in cells if line.startswith("resnet18-finetune-cifar100/"))
+    assert "adam lr=0.001" in r2 and "exp x0.95" in r2 and "224px" in r2
+    r4 = next(line for line in cells if line.startswith("resnetb-cifar10/"))
+    assert "step 20 x0.1" in r4 and "lr=0.1 " in r4
+    assert "12 cells (4 experiments x 3 seeds), profile paper" in out
+    # A dry run needs no data and touches no store.
+    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "data").exists()
+
+
+def test_dry_run_counts_seeds_and_deduplicates_experiments(in_tmp, capsys):
+    args = ["run", "resnetb-cifar10", "--suite", "cifar10", "--profile", "smoke", "--seeds", "2", "--epochs", "5", "--dry-run"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    cells = [line for line in out.splitlines() if "/smoke/seed" in line]
+    assert sorted(line.split()[0] for line in cells) == [
+        "bottleneck-cifar10/smoke/seed0", "bottleneck-cifar10/smoke/seed1",
+        "resnetb-cifar10/smoke/seed0", "resnetb-cifar10/smoke/seed1",
+    ]
+    assert all(line.rstrip().endswith(" 5") and "embedded" in line for line in cells)
+    assert "4 cells (2 experiments x 2 seeds), profile smoke" in out
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_missing_data_stops_before_training_with_advice(tmp_path, subprocess_env):
+    proc = bench(["run", "--suite", "all", "--profile", "paper"], tmp_path, subprocess_env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("bench: error:")]
+    assert len(error) == 1, proc.stderr
+    for text in ("data", "cifar-100-python.tar.gz", "--profile smoke", "--data-dir"):
+        assert text in error[0], error[0]
+    # Nothing trained and nothing tracked.
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "checkpoints").exists()
+    assert proc.stdout == ""
+
+
+BAD_INPUTS = [
+    (["run", "nope"], ["unknown experiment", "nope"]),
+    (["run", "--suite", "nope"], ["unknown suite", "nope"]),
+    (["run", "resnetb-cifar10", "--profile", "nope"], ["unknown profile", "nope"]),
+    (["run", "resnetb-cifar10", "--set", "optim.lr=-1"], ["optim.lr"]),
+    (["run", "resnetb-cifar10", "--set", "optim.nope=1"], ["optim.nope", "unknown key"]),
+    (["run", "resnetb-cifar10", "--set", "garbage"], ["--set", "garbage"]),
+    (["run", "resnetb-cifar10", "--set", "model.nope=1"], ["nope"]),
+    (["run", "resnetb-cifar10", "--seeds", "0"], ["--seeds"]),
+    (["run", "resnetb-cifar10", "--epochs", "0"], ["--epochs"]),
+    (["run"], ["--suite"]),
+]
+
+
+@pytest.mark.parametrize("args, names", BAD_INPUTS, ids=[" ".join(a[1:]) or "nothing" for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(args, names, in_tmp, capsys):
+    rc = cli.main(args)
+    out, err = capsys.readouterr()
+    assert_one_line_error(rc, err, *names)
+    assert out == ""
+    assert not (in_tmp / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_exits_2(in_tmp, capsys):
+    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", "--device", "cuda"])
+    out, err = capsys.readouterr()
+    assert_one_line_error(rc, err, "--device cuda", "CUDA")
+    assert not (in_tmp / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:abc"])
+def test_unknown_device_exits_2(device, in_tmp, capsys):
+    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", "--device", device])
+    _, err = capsys.readouterr()
+    assert_one_line_error(rc, err, device)
+
+
+def test_model_option_with_wrong_item_type_exits_2(in_tmp, capsys):
+    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", "--set", "model.widths=[4.5,8,8]"])
+    _, err = capsys.readouterr()
+    assert_one_line_error(rc, err, "model.widths")
+
+
+def test_unusable_tracking_uri_exits_2(in_tmp, capsys):
+    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", *TINY_ARGS, "--tracking-uri", "nope://store"])
+    _, err = capsys.readouterr()
+    assert_one_line_error(rc, err, "tracking store", "nope://store")
+    assert not (in_tmp / "checkpoints").exists()
+
+
+def test_bad_input_as_a_module_exits_2_without_traceback(tmp_path, subprocess_env):
+    proc = bench(["run", "resnetb-cifar10", "--set", "optim.lr=-1"], tmp_path, subprocess_env)
+    assert_one_line_error(proc.returncode, proc.stderr, "optim.lr")
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_a_run_that_does_not_finish_exits_1(in_tmp, capsys):
+    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--set", "optim.lr=1e30"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    row = next(line for line in out.splitlines() if line.startswith("resnetb-cifar10/smoke/seed0"))
+    assert row.split()[1] == "nonfinite"
+    assert "1 of 1 cells did not finish: resnetb-cifar10/smoke/seed0" in err
+    assert "Traceback" not in err
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+def test_end_to_end_run_then_skip(tmp_path, subprocess_env):
+    args = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS]
+    proc = bench(args, tmp_path, subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["cell", "status", "epochs"]
+    row = next(line for line in lines if line.startswith("resnetb-cifar10/smoke/seed0"))
+    assert row.split()[1:3] == ["finished", "1"]
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+    assert (tmp_path / "mlflow.db").is_file()
+    assert list((tmp_path / "checkpoints" / "resnetb-cifar10").glob("smoke-seed0-*/last.pt"))
+
+    again = bench(args, tmp_path, subprocess_env)
+    assert again.returncode == 0, again.stderr
+    row = next(line for line in again.stdout.splitlines() if line.startswith("resnetb-cifar10/smoke/seed0"))
+    assert row.split()[1:3] == ["skipped", "1"]
+    assert "mlflow ui" in again.stdout

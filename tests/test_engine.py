@@ -1,0 +1,409 @@
+"""The training engine: determinism, checkpoint resume, checkpoint contents, callbacks, non-finite
+losses, schedules and evaluation modes. Tiny ResNet-B on the embedded CIFAR-10 subset, on the CPU."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bench import config, data, engine
+from bench.callbacks import Callback
+from bench.config import OptimConfig, ScheduleConfig
+from bench.data import cifar
+from bench.errors import UserError
+from bench.models import create_model
+
+from conftest import TINY_SETS
+
+CPU = torch.device("cpu")
+SEED = 3
+# A cosine schedule: the lr differs every epoch and depends on the scheduler's epoch count, so a
+# resume that lost the scheduler state would show in the weights and in the lr metric.
+SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "schedule.name=cosine"]
+COSINE_LRS = [0.025 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
+TIME_METRICS = ("epoch_time_s", "images_per_s")
+METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"}
+
+
+def make_cfg(*extra: str) -> config.RunConfig:
+    return config.load("resnetb-cifar10", profile="smoke", seed=SEED, sets=[*SETS, *extra])
+
+
+@pytest.fixture(scope="module")
+def files() -> cifar.CifarFiles:
+    """Every other image of the embedded subset (500 train, 250 test): all ten classes, half the time."""
+    full = cifar.load_cifar("cifar10", None)
+    half = lambda s: cifar.Split(s.images[::2].clone(), s.labels[::2].clone())  # noqa: E731
+    return cifar.CifarFiles(half(full.train), half(full.test), full.classes, full.complete, full.location)
+
+
+def fresh(cfg: config.RunConfig, files: cifar.CifarFiles):
+    """A new model and data bundle, seeded exactly like a new process would seed them."""
+    engine.seed_everything(cfg.seed, cfg.train.deterministic)
+    bundle = data.build(cfg.data, seed=cfg.seed, device=CPU, files=files)
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options)
+    return model, bundle
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at: int | None = None, crash_at: int | None = None) -> None:
+        self.starts: list[tuple[int, int]] = []
+        self.epochs: list[tuple[int, dict[str, float]]] = []
+        self.checkpoints: list[tuple[str, Path, int]] = []
+        self.ends: list = []
+        self.stop_at, self.crash_at = stop_at, crash_at
+
+    def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
+        self.starts.append((start_epoch, epochs))
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool | None:
+        self.epochs.append((epoch, dict(metrics)))
+        if epoch == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return epoch == self.stop_at
+
+    def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
+        self.checkpoints.append((kind, Path(path), epoch))
+
+    def on_fit_end(self, result) -> None:
+        self.ends.append(result)
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+def without_time(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k not in TIME_METRICS}
+
+
+@pytest.fixture(scope="module")
+def reference(files, tmp_path_factory):
+    """One uninterrupted 4-epoch run: the baseline for determinism and resume."""
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    initial = state_of(model)
+    rec = Recorder()
+    ckdir = tmp_path_factory.mktemp("reference")
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=ckdir, callbacks=[rec], resume=True)
+    return {"cfg": cfg, "initial": initial, "final": state_of(model), "result": result, "rec": rec, "dir": ckdir}
+
+
+# --- determinism and resume --------------------------------------------------------------------
+
+
+def test_reference_run_trains_and_finishes(reference):
+    result = reference["result"]
+    assert result.status == "finished"
+    assert result.epochs_done == 4
+    assert result.checkpoint_dir == reference["dir"]
+    changed = [k for k in reference["initial"] if not torch.equal(reference["initial"][k], reference["final"][k])]
+    assert any("weight" in k for k in changed)
+    first, last = reference["rec"].epochs[0][1], reference["rec"].epochs[-1][1]
+    assert last["train_loss"] < first["train_loss"]
+
+
+def test_same_seed_gives_identical_weights_and_metrics(reference, files, tmp_path):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    assert_same_weights(state_of(model), reference["initial"])
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec])
+    assert result.status == "finished"
+    assert_same_weights(state_of(model), reference["final"])
+    assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
+    assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs]
+    assert (result.best_epoch, result.best_val_acc, result.best_test_acc) == (
+        reference["result"].best_epoch, reference["result"].best_val_acc, reference["result"].best_test_acc)
+
+
+def test_another_seed_gives_other_initial_weights(reference, files):
+    model, _ = fresh(config.load("resnetb-cifar10", profile="smoke", seed=SEED + 1, sets=SETS), files)
+    other = state_of(model)
+    assert any(not torch.equal(other[k], reference["initial"][k]) for k in other if k.endswith("weight"))
+
+
+def test_resume_after_max_epochs_matches_an_uninterrupted_run(reference, files, tmp_path):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    first = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, max_epochs=2)
+    assert first.status == "stopped"
+    assert first.epochs_done == 2
+    assert torch.load(tmp_path / engine.LAST, weights_only=True)["epoch"] == 2
+
+    # A new process: new objects, seeded again, the checkpoint directory is all that is left.
+    del model, bundle
+    model, bundle = fresh(cfg, files)
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec], resume=True)
+    assert rec.starts == [(2, 4)]
+    assert [e for e, _ in rec.epochs] == [3, 4]
+    assert result.status == "finished"
+    assert result.epochs_done == 4
+    assert_same_weights(state_of(model), reference["final"])
+    assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
+    assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs[2:]]
+    assert (result.best_epoch, result.best_val_acc, result.best_test_acc) == (
+        reference["result"].best_epoch, reference["result"].best_val_acc, reference["result"].best_test_acc)
+
+
+def test_resume_after_a_crash_between_checkpoints_matches_an_uninterrupted_run(reference, files, tmp_path):
+    """Crash after epoch 3 (last checkpoint at 2): the resumed run redoes epoch 3 exactly."""
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[Recorder(crash_at=3)])
+    assert torch.load(tmp_path / engine.LAST, weights_only=True)["epoch"] == 2
+
+    del model, bundle
+    model, bundle = fresh(cfg, files)
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec])
+    assert [e for e, _ in rec.epochs] == [3, 4]
+    assert result.status == "finished"
+    assert_same_weights(state_of(model), reference["final"])
+    assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
+
+
+def test_resume_false_ignores_an_existing_checkpoint(reference, files, tmp_path):
+    cfg = make_cfg("train.epochs=1")
+    model, bundle = fresh(cfg, files)
+    # A checkpoint of a finished 4-epoch run is there; resume=False must start from scratch.
+    for name in (engine.LAST, engine.BEST):
+        (tmp_path / name).write_bytes((reference["dir"] / name).read_bytes())
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec], resume=False)
+    assert rec.starts == [(0, 1)]
+    assert [e for e, _ in rec.epochs] == [1]
+    assert result.epochs_done == 1
+    assert torch.load(tmp_path / engine.LAST, weights_only=True)["epoch"] == 1
+
+
+# --- checkpoint files --------------------------------------------------------------------------
+
+
+def test_checkpoint_contents(reference):
+    ckdir, result, cfg = reference["dir"], reference["result"], reference["cfg"]
+    state = torch.load(ckdir / engine.LAST, map_location="cpu", weights_only=True)
+    assert {"epoch", "model", "optimizer", "scheduler", "rng", "best", "metrics", "config_hash"} <= state.keys()
+    assert state["epoch"] == 4
+    assert_same_weights(dict(state["model"]), reference["final"])
+    assert {"state", "param_groups"} <= state["optimizer"].keys()
+    assert state["optimizer"]["state"], "SGD with momentum has momentum buffers"
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(COSINE_LRS[4], abs=1e-12)
+    assert state["scheduler"]["last_epoch"] == 4
+    assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["data"], torch.Tensor)
+    assert state["config_hash"] == cfg.config_hash()
+    assert dict(state["metrics"]) == result.last_metrics
+    assert tuple(state["best"]) == (result.best_epoch, result.best_val_acc, result.best_test_acc)
+    assert sorted(p.name for p in ckdir.iterdir()) == [engine.BEST, engine.LAST]  # no .tmp left
+
+
+def test_best_checkpoint_is_chosen_on_validation_accuracy(reference):
+    ckdir, result, rec = reference["dir"], reference["result"], reference["rec"]
+    val = [m["val_acc"] for _, m in rec.epochs]
+    best_epoch = val.index(max(val)) + 1  # the first epoch reaching the maximum
+    assert result.best_epoch == best_epoch
+    assert result.best_val_acc == max(val)
+    assert result.best_test_acc == rec.epochs[best_epoch - 1][1]["test_acc"]
+    best = torch.load(ckdir / engine.BEST, map_location="cpu", weights_only=True)
+    assert best["epoch"] == best_epoch
+    # A best checkpoint whenever val_acc improved, a last one every 2 epochs and at the end.
+    improved = [e for e, _ in rec.epochs if rec.epochs[e - 1][1]["val_acc"] > max([-1.0] + val[: e - 1])]
+    assert [(k, e) for k, _, e in rec.checkpoints if k == "best"] == [("best", e) for e in improved]
+    assert [(k, e) for k, _, e in rec.checkpoints if k == "last"] == [("last", 2), ("last", 4)]
+    assert {p for _, p, _ in rec.checkpoints} == {ckdir / engine.BEST, ckdir / engine.LAST}
+
+
+def test_no_best_checkpoint_without_a_validation_split(files, tmp_path):
+    cfg = make_cfg("data.val_size=0", "train.epochs=1")
+    model, bundle = fresh(cfg, files)
+    assert bundle.val is None
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec])
+    assert result.status == "finished"
+    assert result.best_epoch is None and result.best_val_acc is None
+    assert "val_acc" not in result.last_metrics and "test_acc" in result.last_metrics
+    assert (tmp_path / engine.LAST).is_file()
+    assert not (tmp_path / engine.BEST).exists()
+    assert [k for k, _, _ in rec.checkpoints] == ["last"]
+
+
+# --- callbacks ---------------------------------------------------------------------------------
+
+
+def test_callbacks_see_every_epoch_with_its_metrics(reference):
+    rec, result = reference["rec"], reference["result"]
+    assert rec.starts == [(0, 4)]
+    assert [e for e, _ in rec.epochs] == [1, 2, 3, 4]
+    for epoch, metrics in rec.epochs:
+        assert set(metrics) == METRIC_KEYS, epoch
+        for key in ("train_acc", "val_acc", "test_acc"):
+            assert 0.0 <= metrics[key] <= 1.0, (epoch, key)
+        for key in ("train_loss", "val_loss", "test_loss"):
+            assert math.isfinite(metrics[key]) and metrics[key] > 0, (epoch, key)
+        assert metrics["epoch_time_s"] > 0 and metrics["images_per_s"] > 0
+    # lr is the rate the epoch trained with: cosine from 0.025 over the 4 epochs.
+    assert [m["lr"] for _, m in rec.epochs] == pytest.approx(COSINE_LRS[:4])
+    assert rec.ends == [result]
+    assert rec.epochs[-1][1] == result.last_metrics
+
+
+def test_a_callback_returning_true_stops_the_run(files, tmp_path):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    stopper, watcher = Recorder(stop_at=1), Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[stopper, watcher])
+    assert result.status == "stopped"
+    assert result.epochs_done == 1
+    # Every callback still sees the epoch and the end, and the stop is checkpointed for resume.
+    assert [e for e, _ in watcher.epochs] == [1]
+    assert watcher.ends == [result] and stopper.ends == [result]
+    assert torch.load(tmp_path / engine.LAST, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("how", ["huge_lr", "nan_forward"])
+def test_a_non_finite_loss_ends_the_run_as_nonfinite(how, files, tmp_path):
+    cfg = make_cfg("optim.lr=1e30") if how == "huge_lr" else make_cfg()
+    model, bundle = fresh(cfg, files)
+    if how == "nan_forward":
+        forward = model.forward
+        model.forward = lambda x: forward(x) * float("nan")
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec])
+    assert result.status == "nonfinite"
+    assert result.epochs_done == 0
+    assert not math.isfinite(result.last_metrics["train_loss"])
+    assert rec.epochs == []
+    assert rec.ends == [result]
+    assert not (tmp_path / engine.LAST).exists()
+
+
+# --- optimizers, schedules, evaluation ---------------------------------------------------------
+
+
+def lr_sequence(cfg: ScheduleConfig, epochs: int, steps: int) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = engine.build_scheduler(opt, cfg, epochs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize(
+    "cfg, epochs, expected",
+    [
+        (ScheduleConfig(name="none"), 5, [1.0] * 5),
+        (ScheduleConfig(name="step", step_size=2, gamma=0.5), 6, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]),
+        (ScheduleConfig(name="step", step_size=20, gamma=0.1), 41, [1.0] * 20 + [0.1] * 20 + [0.01]),
+        (ScheduleConfig(name="exponential", gamma=0.5), 4, [1.0, 0.5, 0.25, 0.125]),
+        (ScheduleConfig(name="cosine"), 4, [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0]),
+        (ScheduleConfig(name="cosine", eta_min=0.1), 2, [1.0, 0.55, 0.1]),
+    ],
+)
+def test_schedules(cfg, epochs, expected):
+    assert lr_sequence(cfg, epochs, len(expected)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_scheduler_state_round_trips_for_every_schedule():
+    for name in ("none", "step", "exponential", "cosine"):
+        cfg = ScheduleConfig(name=name, step_size=1, gamma=0.5)
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = engine.build_scheduler(opt, cfg, 4)
+        for _ in range(2):
+            opt.step()
+            sched.step()
+        saved = sched.state_dict()
+        opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        opt2.load_state_dict(opt.state_dict())
+        sched2 = engine.build_scheduler(opt2, cfg, 4)
+        sched2.load_state_dict(saved)
+        opt.step(), sched.step(), opt2.step(), sched2.step()
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"], name
+
+
+def test_build_optimizer():
+    frozen, free = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    frozen.requires_grad_(False)
+    sgd = engine.build_optimizer([frozen, free], OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True))
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.1, 0.9, 1e-4, True)
+    assert len(group["params"]) == 1 and group["params"][0] is free
+    adam = engine.build_optimizer([free], OptimConfig(name="adam", lr=1e-3, weight_decay=1e-5))
+    assert isinstance(adam, torch.optim.Adam)
+    assert (adam.param_groups[0]["lr"], adam.param_groups[0]["weight_decay"]) == (1e-3, 1e-5)
+
+
+def test_evaluate_matches_a_plain_loop_and_eval_mode_differs_from_train_mode(files):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    # Running statistics unlike any batch's: BatchNorm in train mode ignores them, in eval mode uses them.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(0.5)
+            m.running_var.fill_(4.0)
+    eval_loss, eval_acc = engine.evaluate(model, bundle.test, "eval")
+    assert model.training is False
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    train_loss, train_acc = engine.evaluate(model, bundle.test, "train")
+    assert model.training is True
+    assert train_loss != pytest.approx(eval_loss, rel=1e-3)
+
+    # The same numbers from a plain loop over the test images in eval mode.
+    model.load_state_dict({**model.state_dict(), **running})
+    model.eval()
+    with torch.no_grad():
+        x = ((files.test.images.float() / 255) - bundle.test.mean) / bundle.test.std
+        logits = model(x)
+    assert bundle.test.num_images == len(files.test) == 250
+    assert eval_acc == pytest.approx((logits.argmax(1) == files.test.labels).float().mean().item())
+    assert eval_loss == pytest.approx(nn.functional.cross_entropy(logits, files.test.labels).item(), rel=1e-5)
+    assert engine.evaluate(model, bundle.test, "eval") == pytest.approx((eval_loss, eval_acc))
+
+
+def test_train_one_epoch_sees_every_training_image(files):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    opt = engine.build_optimizer(model.parameters(), cfg.optim)
+    loss, acc, seen = engine.train_one_epoch(model, bundle.train, opt)
+    assert seen == bundle.train.num_images == len(files.train) - cfg.data.val_size
+    assert math.isfinite(loss) and 0.0 <= acc <= 1.0
+
+
+def test_resolve_device():
+    assert engine.resolve_device("cpu") == CPU
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            engine.resolve_device("cuda")
+        with pytest.raises(UserError):
+            engine.resolve_device("cuda:1")
+        if not torch.backends.mps.is_available():
+            assert engine.resolve_device("auto") == CPU
+    assert engine.device_name(CPU) == "cpu"
+
+
+def test_importing_the_engine_does_not_import_mlflow_or_optuna():
+    code = (
+        "import sys, bench.engine\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'optuna') or m == 'bench.tracking')\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

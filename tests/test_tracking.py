@@ -1,0 +1,208 @@
+"""MLflow tracking through bench.suite: one run per cell with params, tags, per-epoch metrics and
+artifacts; finished cells are skipped, unfinished ones continue under the same run id."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torchvision
+from mlflow.tracking import MlflowClient
+
+from bench import engine, suite
+from bench.tracking import DEFAULT_URI, Tracker, resolve_uri, ui_command
+
+from conftest import TINY_SETS
+
+CPU = torch.device("cpu")
+EXPERIMENT = "resnetb-cifar10"
+SETS = [*TINY_SETS, "train.epochs=2"]
+METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"]
+
+
+def plan(*extra: str) -> list[suite.Cell]:
+    return suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=[*SETS, *extra])
+
+
+def run(cells, root, uri):
+    return suite.run_cells(cells, tracker=Tracker(uri), device=CPU, data_dir=None, checkpoint_root=root / "ck")
+
+
+def runs_of(client: MlflowClient, name: str = EXPERIMENT):
+    exp = client.get_experiment_by_name(name)
+    assert exp is not None, f"no MLflow experiment {name}"
+    return client.search_runs([exp.experiment_id])
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """One tiny 2-epoch cell run through bench.suite into a fresh SQLite store."""
+    root = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        cells = plan()
+        outcomes = run(cells, root, uri)
+    return SimpleNamespace(root=root, uri=uri, cells=cells, cfg=cells[0].cfg, outcomes=outcomes, client=MlflowClient(uri))
+
+
+def test_one_finished_run_with_a_readable_name(first):
+    [outcome] = first.outcomes
+    assert outcome.status == "finished"
+    assert outcome.epochs == 2
+    [mlrun] = runs_of(first.client)
+    assert mlrun.info.run_id == outcome.run_id
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.info.run_name == "resnetb-cifar10-smoke-seed0"
+    assert (first.root / "mlflow.db").is_file()
+
+
+def test_params_are_the_whole_flat_config(first):
+    [mlrun] = runs_of(first.client)
+    params = mlrun.data.params
+    flat = first.cfg.flat()
+    assert set(params) == set(flat)
+    assert params["optim.lr"] == "0.025"
+    assert params["optim.name"] == "sgd"
+    assert params["train.epochs"] == "2"
+    assert params["data.source"] == "embedded"
+    assert json.loads(params["model.widths"]) == [4, 8, 8]
+    assert json.loads(params["data.mean"]) == [0.4914, 0.4822, 0.4465]
+    assert params["seed"] == "0"
+    assert params["experiment"] == EXPERIMENT
+
+
+def test_tags_identify_the_cell_and_the_environment(first):
+    [mlrun] = runs_of(first.client)
+    tags = mlrun.data.tags
+    assert tags["bench.experiment"] == EXPERIMENT
+    assert tags["bench.profile"] == "smoke"
+    assert tags["bench.seed"] == "0"
+    assert tags["bench.config_hash"] == first.cfg.config_hash()
+    assert tags["bench.torch"] == torch.__version__
+    assert tags["bench.torchvision"] == torchvision.__version__
+    assert tags["bench.device"] == "cpu"
+    assert tags["bench.status"] == "finished"
+    assert tags["bench.epochs_done"] == "2"
+    assert "embedded" in tags["bench.data_source"]
+    assert (tags["bench.data_train"], tags["bench.data_val"], tags["bench.data_test"]) == ("900", "100", "500")
+
+
+def test_metrics_at_every_epoch(first):
+    [outcome] = first.outcomes
+    client, run_id = first.client, outcome.run_id
+    for key in METRICS:
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+        assert all(math.isfinite(m.value) for m in history), key
+    for key in ("train_acc", "val_acc", "test_acc"):
+        assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(run_id, key)), key
+    last_test = max(client.get_metric_history(run_id, "test_acc"), key=lambda m: m.step)
+    assert last_test.value == pytest.approx(outcome.final_test_acc)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["lr"] == pytest.approx(0.025)
+    assert metrics["best_test_acc"] == pytest.approx(outcome.best_test_acc)
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val_acc")}
+    assert metrics["best_val_acc"] == pytest.approx(max(val.values()))
+
+
+def test_artifacts_config_and_checkpoints(first, tmp_path):
+    [outcome] = first.outcomes
+    client, run_id = first.client, outcome.run_id
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.json", "checkpoints"} <= top
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/final.pt", "checkpoints/best.pt"}
+    cfg_file = client.download_artifacts(run_id, "config.json", str(tmp_path))
+    with open(cfg_file) as f:
+        assert json.load(f) == first.cfg.model_dump(mode="json")
+    final = torch.load(client.download_artifacts(run_id, "checkpoints/final.pt", str(tmp_path)), weights_only=True)
+    assert final["epoch"] == 2
+    assert final["config_hash"] == first.cfg.config_hash()
+    best = torch.load(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)), weights_only=True)
+    assert best["epoch"] == int(client.get_run(run_id).data.tags["bench.best_epoch"])
+    local = first.cells[0].checkpoint_dir(first.root / "ck")
+    assert (local / engine.LAST).is_file() and (local / engine.BEST).is_file()
+
+
+def test_a_finished_cell_is_skipped(first, monkeypatch):
+    monkeypatch.chdir(first.root)
+    [outcome] = first.outcomes
+    [again] = run(plan(), first.root, first.uri)
+    assert again.status == "skipped"
+    assert again.run_id == outcome.run_id
+    assert again.epochs == 2
+    assert again.final_test_acc == pytest.approx(outcome.final_test_acc)
+    assert again.best_test_acc == pytest.approx(outcome.best_test_acc)
+    [mlrun] = runs_of(first.client)
+    assert mlrun.info.status == "FINISHED"
+    assert steps(first.client, outcome.run_id, "train_loss") == [1, 2]
+    assert "skipped" in suite.summary_table([again])
+
+
+def test_an_unfinished_cell_continues_in_the_same_run(in_tmp, monkeypatch):
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    # The first attempt ends after epoch 1 of 2 (as if interrupted): the run is left FAILED.
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
+        [partial] = run(plan(), in_tmp, uri)
+    assert partial.status == "stopped"
+    assert partial.epochs == 1
+    [mlrun] = runs_of(client)
+    assert mlrun.info.status == "FAILED"
+    assert mlrun.data.tags["bench.status"] == "stopped"
+    assert steps(client, partial.run_id, "train_loss") == [1]
+
+    # The second attempt picks up the same run and trains epoch 2 only.
+    [done] = run(plan(), in_tmp, uri)
+    assert done.status == "finished"
+    assert done.epochs == 2
+    assert done.run_id == partial.run_id
+    [mlrun] = runs_of(client)
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.tags["bench.status"] == "finished"
+    assert mlrun.data.tags["bench.epochs_done"] == "2"
+    for key in ("train_loss", "test_acc", "lr"):
+        assert steps(client, done.run_id, key) == [1, 2], key
+
+    # A run marked FAILED after it finished: picked up again, nothing left to train, FINISHED.
+    client.set_terminated(done.run_id, "FAILED")
+    [again] = run(plan(), in_tmp, uri)
+    assert again.run_id == done.run_id
+    assert again.status == "finished"
+    [mlrun] = runs_of(client)
+    assert mlrun.info.status == "FINISHED"
+    assert steps(client, done.run_id, "train_loss") == [1, 2]
+
+    # Another config (here another epoch count) is another cell: a new run beside the first.
+    [other] = run(plan("train.epochs=1"), in_tmp, uri)
+    assert other.status == "finished"
+    assert other.run_id != done.run_id
+    runs = runs_of(client)
+    assert len(runs) == 2
+    assert len({r.data.tags["bench.config_hash"] for r in runs}) == 2
+
+
+def test_resolve_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == DEFAULT_URI == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert resolve_uri(None) == "sqlite:///from-env.db"
+    assert resolve_uri("sqlite:///from-arg.db") == "sqlite:///from-arg.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert resolve_uri(None) == DEFAULT_URI
+
+
+def test_ui_command():
+    assert ui_command("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    assert ui_command("http://localhost:5000") == "open http://localhost:5000"
