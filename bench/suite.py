@@ -7,6 +7,7 @@ cell before the first one trains.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from bench import config, data, engine
 from bench.callbacks import ConsoleProgress
@@ -131,10 +133,6 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
 
 def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path) -> list[CellOutcome]:
     """Run the cells one after another; a failed cell is recorded and the next one goes on."""
-    import sys
-
-    from tqdm import tqdm
-
     for name in dict.fromkeys(c.experiment for c in cells):
         tracker.experiment_id(name)  # the store is reachable and every experiment exists first
     outcomes = []
@@ -155,6 +153,14 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
     return outcomes
 
 
+def _table(rows: list[tuple[str, ...]], rule: bool) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def summary_table(outcomes: list[CellOutcome]) -> str:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.4f}"
@@ -164,10 +170,7 @@ def summary_table(outcomes: list[CellOutcome]) -> str:
         (o.cell.name, o.status, str(o.epochs), pct(o.final_test_acc), pct(o.best_test_acc), f"{o.seconds:.0f} s")
         for o in outcomes
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _table(rows, rule=True)
 
 
 def dry_run_table(cells: list[Cell]) -> str:
@@ -180,5 +183,4 @@ def dry_run_table(cells: list[Cell]) -> str:
             f"step {s.step_size} x{s.gamma:g}" if s.name == "step" else f"exp x{s.gamma:g}")
         data_s = f"{d.dataset} {d.source} bs={d.batch_size} val={d.val_size} {d.image_size}px"
         rows.append((c.name, cfg.model.name, data_s, optim, sched, str(cfg.train.epochs)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+    return _table(rows, rule=False)
