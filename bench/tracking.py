@@ -59,13 +59,17 @@ def environment_tags(device_name: str) -> dict[str, str]:
     return tags
 
 
+def _unusable(uri: str, exc: Exception) -> UserError:
+    return UserError(f"tracking store {uri} is not usable: {str(exc).strip().splitlines()[0]}")
+
+
 class Tracker:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         try:
             self.client = MlflowClient(tracking_uri=uri)
         except Exception as exc:  # mlflow raises many types for an unsupported or malformed URI
-            raise UserError(f"tracking store {uri} is not usable: {str(exc).strip().splitlines()[0]}") from None
+            raise _unusable(uri, exc) from None
 
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created on first use; also proves the store is reachable."""
@@ -73,7 +77,7 @@ class Tracker:
             exp = self.client.get_experiment_by_name(name)
             return exp.experiment_id if exp else self.client.create_experiment(name)
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
-            raise UserError(f"tracking store {self.uri} is not usable: {str(exc).strip().splitlines()[0]}") from None
+            raise _unusable(self.uri, exc) from None
 
     def find_cell_run(self, experiment_id: str, cell_tags: dict[str, str]):
         """The newest run of this cell, or None."""
