@@ -117,6 +117,10 @@ class RunConfig(Section):
     def flat(self) -> dict[str, Any]:
         return flatten(self.model_dump(mode="json"))
 
+    def params(self) -> dict[str, str]:
+        """The flat config as MLflow params: lists and tables as JSON, the rest as str()."""
+        return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in sorted(self.flat().items())}
+
     def config_hash(self) -> str:
         """Identifies the resolved config, seed excluded: the seeds of one config share it."""
         flat = {k: v for k, v in self.flat().items() if k != "seed"}

@@ -7,6 +7,7 @@ stop (requested by a callback, or a non-finite loss) is a returned status, not a
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ def resolve_device(name: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({os.cpu_count()} cores)"
     return device.type
 
 

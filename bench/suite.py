@@ -107,7 +107,7 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
-    tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source}
+    tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
     tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
     if existing is not None:
         run_id = existing.info.run_id

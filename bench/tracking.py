@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -51,7 +53,13 @@ def git_commit() -> str | None:
 
 
 def environment_tags(device_name: str) -> dict[str, str]:
-    tags = {"bench.torch": torch.__version__, "bench.torchvision": torchvision.__version__, "bench.device": device_name}
+    tags = {
+        "bench.python": platform.python_version(),
+        "bench.torch": torch.__version__,
+        "bench.torchvision": torchvision.__version__,
+        "bench.numpy": np.__version__,
+        "bench.device": device_name,
+    }
     commit = git_commit()
     if commit:
         tags["bench.git_commit"] = commit
@@ -63,11 +71,20 @@ def _unusable(uri: str, exc: Exception) -> UserError:
     return UserError(f"tracking store {uri} is not usable: {str(exc).strip().splitlines()[0]}")
 
 
+def _absolute(uri: str) -> str:
+    """sqlite:///relative.db made absolute: MLflow caches one store per URI string in a process,
+    so a relative path would keep pointing at the directory where it was first opened."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 class Tracker:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         try:
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = MlflowClient(tracking_uri=_absolute(uri))
         except Exception as exc:  # mlflow raises many types for an unsupported or malformed URI
             raise _unusable(uri, exc) from None
 
@@ -94,6 +111,32 @@ class Tracker:
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
+    def read_runs(self, experiment: str) -> list[dict[str, Any]]:
+        """Every run of an experiment as plain data: info, params, tags and each metric's history
+        as (step, value) pairs in step order. An experiment that does not exist has no runs."""
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                return []
+            runs = self.client.search_runs([exp.experiment_id], max_results=50000)
+            return [
+                {
+                    "run_id": r.info.run_id,
+                    "run_name": r.info.run_name,
+                    "status": r.info.status,
+                    "start_time": r.info.start_time,
+                    "params": dict(r.data.params),
+                    "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+                    "history": {
+                        key: sorted((m.step, m.value) for m in self.client.get_metric_history(r.info.run_id, key))
+                        for key in sorted(r.data.metrics)
+                    },
+                }
+                for r in runs
+            ]
+        except Exception as exc:  # mlflow raises many types for a bad or unreachable store
+            raise _unusable(self.uri, exc) from None
+
 
 class MlflowRun(Callback):
     """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints."""
@@ -104,7 +147,7 @@ class MlflowRun(Callback):
         self.checkpoints: dict[str, Path] = {}
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
-        params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in sorted(self.cfg.flat().items())]
+        params = [Param(k, v) for k, v in self.cfg.params().items()]
         tags = [RunTag(k, v) for k, v in self.extra_tags.items()]
         # MLflow caps one batch at 100 params; the resolved config is about 40 keys.
         for i in range(0, len(params), 100):

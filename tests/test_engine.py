@@ -4,6 +4,7 @@ losses, schedules and evaluation modes. Tiny ResNet-B on the embedded CIFAR-10 s
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -395,7 +396,7 @@ def test_resolve_device():
             engine.resolve_device("cuda:1")
         if not torch.backends.mps.is_available():
             assert engine.resolve_device("auto") == CPU
-    assert engine.device_name(CPU) == "cpu"
+    assert engine.device_name(CPU) == f"cpu ({os.cpu_count()} cores)"
 
 
 def test_importing_the_engine_does_not_import_mlflow_or_optuna():

@@ -6,8 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import platform
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -90,11 +93,13 @@ def test_tags_identify_the_cell_and_the_environment(first):
     assert tags["bench.config_hash"] == first.cfg.config_hash()
     assert tags["bench.torch"] == torch.__version__
     assert tags["bench.torchvision"] == torchvision.__version__
-    assert tags["bench.device"] == "cpu"
+    assert tags["bench.device"] == f"cpu ({os.cpu_count()} cores)"
+    assert tags["bench.python"] == platform.python_version() and tags["bench.numpy"] == np.__version__
     assert tags["bench.status"] == "finished"
     assert tags["bench.epochs_done"] == "2"
     assert "embedded" in tags["bench.data_source"]
     assert (tags["bench.data_train"], tags["bench.data_val"], tags["bench.data_test"]) == ("900", "100", "500")
+    assert tags["bench.data_complete"] == "false"  # the embedded subset
 
 
 def test_metrics_at_every_epoch(first):

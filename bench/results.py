@@ -1,0 +1,67 @@
+"""MLflow -> tidy pandas DataFrames: one row per run, and one row per (run, metric, epoch).
+
+The report reads these frames and nothing else, so it can be tested with frames built by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+# Tags written by `bench run` (bench.<name>) that become columns of the runs frame.
+TAG_COLUMNS = (
+    "experiment", "profile", "seed", "config_hash", "status", "epochs_done", "best_epoch", "best_split",
+    "device", "git_commit", "python", "torch", "torchvision", "numpy",
+    "data_source", "data_complete", "data_train", "data_val", "data_test",
+)
+INT_COLUMNS = ("seed", "epochs_done", "best_epoch", "data_train", "data_val", "data_test")
+RUN_KEYS = ["experiment", "profile", "seed", "config_hash", "run_id"]
+SUMMARY_METRICS = ("best_val_acc", "best_test_acc")  # logged once, at the best epoch
+
+
+@dataclass
+class Results:
+    runs: pd.DataFrame  # run_id, run_name, mlflow_status, start_time, the TAG_COLUMNS, final_<metric>, best_*, params by dotted key
+    metrics: pd.DataFrame  # experiment, profile, seed, config_hash, run_id, metric, epoch, value
+
+
+def frames(records: list[dict]) -> Results:
+    """Build the two frames from run records as `tracking.Tracker.read_runs` returns them."""
+    run_rows, metric_rows = [], []
+    for rec in records:
+        tags = rec["tags"]
+        row = {"run_id": rec["run_id"], "run_name": rec["run_name"], "mlflow_status": rec["status"], "start_time": rec["start_time"]}
+        row.update({col: tags.get(f"bench.{col}") for col in TAG_COLUMNS})
+        for metric, history in rec["history"].items():
+            if not history:
+                continue
+            if metric in SUMMARY_METRICS:
+                row[metric] = history[-1][1]
+                continue
+            row[f"final_{metric}"] = history[-1][1]
+            metric_rows += [(metric, int(step), float(value)) + (rec["run_id"],) for step, value in history]
+        row.update(rec["params"])
+        run_rows.append(row)
+    runs = pd.DataFrame(run_rows, columns=_run_columns(run_rows))
+    for col in INT_COLUMNS:
+        runs[col] = pd.to_numeric(runs[col], errors="coerce").astype("Int64")
+    runs = runs.sort_values(["experiment", "profile", "seed", "start_time", "run_id"], kind="stable", ignore_index=True)
+    metrics = pd.DataFrame(metric_rows, columns=["metric", "epoch", "value", "run_id"])
+    metrics = metrics.merge(runs[RUN_KEYS], on="run_id", how="left")[RUN_KEYS + ["metric", "epoch", "value"]]
+    metrics = metrics.sort_values(RUN_KEYS + ["metric", "epoch"], kind="stable", ignore_index=True)
+    return Results(runs=runs, metrics=metrics)
+
+
+def _run_columns(rows: list[dict]) -> list[str]:
+    fixed = ["run_id", "run_name", "mlflow_status", "start_time", *TAG_COLUMNS]
+    extra = sorted({k for r in rows for k in r} - set(fixed))
+    return fixed + extra
+
+
+def load(tracking_uri: str, experiments: list[str]) -> Results:
+    """Every run of the named experiments in the tracking store."""
+    from bench.tracking import Tracker
+
+    tracker = Tracker(tracking_uri)
+    return frames([rec for name in experiments for rec in tracker.read_runs(name)])
