@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
     r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes, train nothing")
+
+    rep = sub.add_parser("report", help="markdown and figures: the suite's runs beside the reported ones")
+    rep.add_argument("--suite", default="all", help="the suite to report on (default all)")
+    rep.add_argument("--profile", help="the profile whose runs to report (default: paper if it has finished runs, else the profile with the most)")
+    rep.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    rep.add_argument("--out", type=Path, help="output directory (default reports/<suite>/)")
     return p
 
 
@@ -84,7 +90,30 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run}
+def cmd_report(args) -> int:
+    from bench import report, results
+    from bench.tracking import resolve_uri
+
+    names = config.suite_experiments(args.suite)
+    if args.profile and args.profile not in config.list_profiles():
+        raise UserError(f"unknown profile {args.profile!r}; known: {', '.join(config.list_profiles())}")
+    uri = resolve_uri(args.tracking_uri)
+    found = results.load(uri, names)
+    if found.runs.empty:
+        raise UserError(f"no runs of suite {args.suite!r} in {uri}; train them first: bench run --suite {args.suite}")
+    summary = report.summarize(found, names, suite=args.suite, profile=args.profile)
+    out = args.out or Path("reports") / args.suite
+    try:
+        path = report.write(summary, out)
+    except OSError as exc:
+        raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    for row in summary.rows:
+        print(f"  {row.experiment:30s} {row.final.n} seeds  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
+    print(f"Report: {path}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

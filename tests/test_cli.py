@@ -3,6 +3,7 @@ its exit codes: 0 ok, 1 a run failed, 2 a usage or input error with one line and
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -215,3 +216,44 @@ def test_end_to_end_run_then_skip(tmp_path, subprocess_env):
     row = next(line for line in again.stdout.splitlines() if line.startswith("resnetb-cifar10/smoke/seed0"))
     assert row.split()[1:3] == ["skipped", "1"]
     assert "mlflow ui" in again.stdout
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def test_run_then_report_writes_markdown_and_figures_that_resolve(in_tmp, subprocess_env, capsys):
+    run = ["run", "--suite", "cifar10", "--profile", "smoke", "--seeds", "2", "--epochs", "2", *TINY_ARGS]
+    assert cli.main(run) == 0
+    proc = bench(["report", "--suite", "cifar10"], in_tmp, subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Report: reports/cifar10/README.md" in proc.stdout
+    assert "2 seeds  not comparable (subset of CIFAR)" in proc.stdout
+    out = in_tmp / "reports" / "cifar10"
+    text = (out / "README.md").read_text()
+    assert "# Report: suite `cifar10`, profile `smoke`" in text
+    for name in ("bottleneck-cifar10", "resnetb-cifar10"):
+        row = next(l for l in text.splitlines() if l.startswith("| R") and name in l)
+        assert row.count(" % ") >= 3 and "| 2 |" in row  # reported figures, the suite's mean, 2 seeds
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (out / link).is_file(), link
+    assert "Welch's t =" in text
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["report", "--suite", "cifar10", "--profile", "smoke"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    capsys.readouterr()
+    (in_tmp / "a-file").write_text("")
+    rc = cli.main(["report", "--suite", "cifar10", "--out", str(in_tmp / "a-file" / "report")])
+    assert_one_line_error(rc, capsys.readouterr().err, "a-file", "cannot write")
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["report", "--suite", "nope"], ["nope", "all"]),
+        (["report", "--profile", "nope"], ["nope", "smoke"]),
+        (["report"], ["no runs", "bench run --suite all"]),
+        (["report", "--tracking-uri", "nope://store"], ["nope://store"]),
+    ],
+)
+def test_report_bad_input_exits_2(args, names, in_tmp, capsys):
+    assert_one_line_error(cli.main(args), capsys.readouterr().err, *names)

@@ -1,0 +1,104 @@
+"""The report's figures (seaborn on matplotlib's Agg canvas, no pyplot state).
+
+Each reported curve is a line with markers; the suite's seeds are their mean with a 95 % t band,
+the same interval as the report's tables. Figures are drawn in matplotlib's default style (not the
+user's matplotlibrc) and saved without a software or date stamp, so the same runs give the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from bench import stats
+
+LABELS = {"test_acc": "test accuracy", "train_loss": "training loss"}
+FILES = {"test_acc": "test_acc.png", "train_loss": "train_loss.png", "comparison": "bottleneck_vs_resnet_b.png"}
+REPORTED_STYLE = {"color": "0.15", "marker": "o", "markersize": 3, "linewidth": 1}
+DPI = 100
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+
+
+def _suite_line(ax, ours: pd.DataFrame, label: str, color: str) -> None:
+    sns.lineplot(data=ours, x="epoch", y="value", estimator="mean", errorbar=stats.t_band, ax=ax, label=label, color=color)
+
+
+def _clip(ax, metric: str) -> None:
+    """Keep the axis inside what the metric can take: a wide band of a few seeds would otherwise
+    stretch it below zero (or above one for an accuracy)."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 1.0) if metric.endswith("_acc") else high)
+
+
+def _seeds(ours: pd.DataFrame) -> int:
+    return ours.run_id.nunique()
+
+
+def metric_figure(summary, metric: str, path: Path) -> None:
+    rows = summary.rows
+    ncols = 2 if len(rows) > 1 else 1
+    nrows = max(1, math.ceil(len(rows) / ncols))
+    fig = Figure(figsize=(6 * ncols, 3.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, row in zip(axes, rows):
+        theirs = summary.curves[(summary.curves.experiment == row.experiment) & (summary.curves.metric == metric)]
+        ours = summary.metrics[(summary.metrics.experiment == row.experiment) & (summary.metrics.metric == metric)]
+        if len(theirs):
+            ax.plot(theirs.epoch, theirs.value, label="reported", **REPORTED_STYLE)
+        if len(ours):
+            _suite_line(ax, ours, f"suite, {summary.profile} ({_seeds(ours)} seeds)", "C0")
+        else:
+            ax.text(0.5, 0.5, "no suite runs", transform=ax.transAxes, ha="center", va="center")
+        ax.set_title(f"{row.reported.label}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(LABELS[metric])
+        _clip(ax, metric)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    for ax in axes[len(rows):]:
+        ax.set_visible(False)
+    _save(fig, path)
+
+
+def comparison_figure(summary, path: Path) -> None:
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for (name, label), color in zip((("bottleneck-cifar10", "bottleneck"), ("resnetb-cifar10", "ResNet-B")), ("C0", "C1")):
+        theirs = summary.curves[(summary.curves.experiment == name) & (summary.curves.metric == "test_acc")]
+        ours = summary.metrics[(summary.metrics.experiment == name) & (summary.metrics.metric == "test_acc")]
+        if len(ours):
+            _suite_line(ax, ours, f"{label}, suite ({_seeds(ours)} seeds)", color)
+        if len(theirs):
+            ax.plot(theirs.epoch, theirs.value, label=f"{label}, reported", color=color, marker="o", markersize=4, linestyle="--", linewidth=1)
+    w = summary.comparison
+    test = f"Welch's t-test on the final accuracy: p = {w.p:.4f}" if w else "Welch's t-test needs two seeds of each"
+    ax.set_title(f"Bottleneck against ResNet-B on CIFAR-10\n{test}", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    _clip(ax, "test_acc")
+    ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def draw_all(summary, out_dir: Path) -> dict[str, str]:
+    """Draw every figure into `out_dir`; returns {figure key: file name relative to out_dir}."""
+    written = {}
+    # matplotlib's defaults (not the user's matplotlibrc) and seaborn's theme, undone afterwards.
+    with matplotlib.style.context("default"), sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
+        for metric in ("test_acc", "train_loss"):
+            metric_figure(summary, metric, out_dir / FILES[metric])
+            written[metric] = FILES[metric]
+        names = {r.experiment for r in summary.rows}
+        if {"bottleneck-cifar10", "resnetb-cifar10"} <= names:
+            comparison_figure(summary, out_dir / FILES["comparison"])
+            written["comparison"] = FILES["comparison"]
+    return written

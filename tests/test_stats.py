@@ -1,0 +1,86 @@
+"""Means, intervals, Welch's test and verdicts against scipy and by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from bench import stats
+
+
+def test_mean_ci_matches_scipy_t_interval():
+    x = [0.61, 0.64, 0.62, 0.66]
+    ci = stats.mean_ci(x)
+    low, high = sps.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=sps.sem(x))
+    assert ci.n == 4
+    assert ci.mean == pytest.approx(np.mean(x))
+    assert (ci.low, ci.high) == pytest.approx((low, high))
+    assert ci.sd == pytest.approx(np.std(x, ddof=1))
+
+
+def test_mean_ci_of_two_values_by_hand():
+    # t(0.975, 1) = 12.7062; sd of (0.5, 0.7) = 0.141421; half width = 12.7062 * 0.141421 / sqrt(2) = 1.27062
+    ci = stats.mean_ci([0.5, 0.7])
+    assert ci.mean == pytest.approx(0.6)
+    assert ci.half_width == pytest.approx(1.270620, rel=1e-5)
+
+
+def test_mean_ci_with_one_or_no_values_has_no_interval():
+    one = stats.mean_ci([0.3])
+    assert (one.n, one.mean) == (1, 0.3) and math.isnan(one.low) and math.isnan(one.high)
+    assert stats.mean_ci([]).n == 0 and math.isnan(stats.mean_ci([]).mean)
+    assert stats.t_band([0.3]) == (0.3, 0.3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=12))
+def test_interval_contains_the_mean_and_matches_scipy(values):
+    ci = stats.mean_ci(values)
+    assert ci.low <= ci.mean + 1e-12 and ci.mean <= ci.high + 1e-12
+    if np.std(values) > 1e-9:
+        low, high = sps.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sps.sem(values))
+        assert (ci.low, ci.high) == pytest.approx((low, high), abs=1e-9)
+
+
+def test_welch_matches_scipy_unequal_variances():
+    a, b = [0.60, 0.62, 0.61, 0.65], [0.66, 0.70, 0.69]
+    w = stats.welch(a, b)
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert (w.t, w.p) == pytest.approx((ref.statistic, ref.pvalue))
+    # Welch-Satterthwaite degrees of freedom by hand.
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    assert w.df == pytest.approx(df)
+    assert (w.n_a, w.n_b) == (4, 3) and w.mean_b == pytest.approx(np.mean(b))
+
+
+def test_welch_needs_two_values_a_side():
+    assert stats.welch([0.5], [0.6, 0.7]) is None
+    assert stats.welch([0.5, 0.6], []) is None
+
+
+@pytest.mark.parametrize(
+    "reported, values, expected",
+    [
+        (0.6331, [0.62, 0.63, 0.64], "reproduced"),  # inside the interval
+        (0.6331, [0.60, 0.605, 0.61], "below"),  # interval ends at 0.6174; + 1 pt = 0.6274 < 0.6331
+        (0.50, [0.60, 0.605, 0.61], "above"),
+        (0.6331, [0.6240], "reproduced"),  # one seed: 0.91 pt away, within the 1-pt tolerance
+        (0.6331, [0.6220], "below"),  # one seed: 1.11 pt below
+        (0.6331, [0.6440], "above"),
+        (0.6331, [], "no runs"),
+    ],
+)
+def test_verdicts(reported, values, expected):
+    assert stats.verdict(reported, stats.mean_ci(values)) == expected
+
+
+def test_verdict_tolerance_widens_the_interval():
+    ci = stats.mean_ci([0.60, 0.605, 0.61])  # [0.5926, 0.6174]
+    assert stats.verdict(0.625, ci) == "reproduced"  # 0.76 pt above the interval
+    assert stats.verdict(0.625, ci, tolerance=0.0) == "below"
