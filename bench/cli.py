@@ -10,6 +10,8 @@ from pathlib import Path
 from bench import config
 from bench.errors import UserError
 
+DEFAULT_OPTUNA = "sqlite:///optuna.db"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description="Re-run, compare and tune four published CIFAR ResNet runs.")
@@ -30,6 +32,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
     r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes, train nothing")
+
+    t = sub.add_parser("tune", help="search lr, weight decay and batch size with Optuna, pruned, tracked in MLflow")
+    t.add_argument("experiment", metavar="EXPERIMENT", help="the experiment to tune (see `bench list`)")
+    t.add_argument("--profile", default="paper", help="paper (default) or smoke")
+    t.add_argument("--trials", type=int, default=20, help="run until the study has N finished (complete or pruned) trials (default 20)")
+    t.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
+    t.add_argument("--storage", help=f"Optuna storage URL (default $BENCH_OPTUNA_STORAGE or {DEFAULT_OPTUNA})")
+    t.add_argument("--study", help="study name (default <experiment>-<profile>)")
+    t.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median", help="default median")
+    t.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="default tpe")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training (default 0)")
+    t.add_argument("--epochs", type=int, help="override train.epochs for every trial")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial (repeatable)")
+    t.add_argument("--heartbeat", type=int, default=60, help="seconds between trial heartbeats; a trial silent for twice that is failed and retried (default 60)")
+    t.add_argument("--best", action="store_true", help="print the best trial and the `bench run` command that trains it, then exit")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
+    t.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    t.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="scratch checkpoints of running trials (default ./checkpoints)")
 
     rep = sub.add_parser("report", help="markdown and figures: the suite's runs beside the reported ones")
     rep.add_argument("--suite", default="all", help="the suite to report on (default all)")
@@ -90,6 +111,67 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import os
+
+    from bench import engine, suite, tuning
+    from bench.tracking import Tracker, resolve_uri, ui_command
+
+    for value, flag in ((args.trials, "--trials"), (args.epochs, "--epochs"), (args.heartbeat, "--heartbeat")):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    base = config.load(args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs)
+    space = tuning.search_space(args.experiment, base)
+    url = args.storage or os.environ.get("BENCH_OPTUNA_STORAGE") or DEFAULT_OPTUNA
+    name = args.study or f"{args.experiment}-{args.profile}"
+    store = tuning.storage(url, args.heartbeat)
+    study = tuning.open_study(
+        store, name, sampler_=tuning.sampler(args.sampler, args.seed),
+        pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
+    )
+    if args.best:
+        return _print_best(study, args, tuning)
+    uri = resolve_uri(args.tracking_uri)
+    tracker = Tracker(uri)
+    exp_id = tracker.experiment_id(args.experiment)
+    device = engine.resolve_device(args.device)
+    cell = suite.Cell(args.profile, base)
+    suite.preflight([cell], args.data_dir)
+    parent = tuning.ParentRun(tracker, exp_id, study, space, profile=args.profile, storage_url=url)
+    ctx = tuning.TrialContext(
+        experiment=args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs, space=space,
+        device=device, files=suite.files_for(base, args.data_dir), checkpoint_root=args.checkpoint_dir / "tune",
+        tracker=tracker, experiment_id=exp_id, parent_run_id=parent.run_id,
+    )
+    done = tuning.finished(study)
+    print(f"study {name} in {tuning.redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
+    if done < args.trials:
+        import optuna
+
+        stop = optuna.study.MaxTrialsCallback(args.trials, states=tuning.FINISHED)
+        study.optimize(
+            lambda trial: tuning.objective(trial, ctx), timeout=args.timeout, gc_after_trial=True,
+            callbacks=[parent, tuning.print_trial(args.trials), stop],
+        )
+    parent.end(study)
+    print(f"{tuning.finished(study)} finished trials in study {name}")
+    print(f"See the study: optuna-dashboard {tuning.redact(url)}   and the runs: {ui_command(uri)}")
+    return _print_best(study, args, tuning)
+
+
+def _print_best(study, args, tuning) -> int:
+    try:
+        best = study.best_trial
+    except ValueError:
+        print(f"study {study.study_name} has no complete trial yet")
+        return 0
+    print(f"best trial {best.number}: val_acc {best.value:.4f}")
+    for k, v in sorted(best.params.items()):
+        print(f"  {k} = {v}")
+    print(tuning.best_command(args.experiment, args.profile, best.params, fixed=args.sets, epochs=args.epochs))
+    return 0
+
+
 def cmd_report(args) -> int:
     from bench import report, results
     from bench.tracking import resolve_uri
@@ -113,7 +195,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "report": cmd_report}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,7 +200,7 @@ def validate(tree: dict[str, Any], where: str) -> RunConfig:
 
 # --- experiments, profiles and suites on disk ---------------------------------------------------
 
-DESCRIPTIVE_KEYS = ("title", "about")  # an experiment file's prose: not part of the run config
+DESCRIPTIVE_KEYS = ("title", "about", "search")  # an experiment file's prose and search space: not run config
 
 
 def list_experiments() -> list[str]:

@@ -54,7 +54,7 @@ def choose_profile(runs: pd.DataFrame, requested: str | None) -> str:
     most finished runs (ties by name)."""
     if requested:
         return requested
-    done = runs[runs.mlflow_status == "FINISHED"]
+    done = runs[(runs.mlflow_status == "FINISHED") & (runs.kind == "cell")]
     if (done.profile == "paper").any() or done.empty:
         return "paper"
     counts = done.groupby("profile").size()
@@ -64,7 +64,7 @@ def choose_profile(runs: pd.DataFrame, requested: str | None) -> str:
 def select(runs: pd.DataFrame, experiment: str, profile: str) -> tuple[pd.DataFrame, dict[str, int]]:
     """The finished runs of one experiment and profile with the config most of them share (ties:
     the most recently started), and how many runs were left out and why."""
-    mine = runs[runs.experiment == experiment]
+    mine = runs[(runs.kind == "cell") & (runs.experiment == experiment)]
     excluded: dict[str, int] = {}
     other = int((mine.profile != profile).sum())
     if other:

@@ -11,7 +11,7 @@ import pandas as pd
 
 # Tags written by `bench run` (bench.<name>) that become columns of the runs frame.
 TAG_COLUMNS = (
-    "experiment", "profile", "seed", "config_hash", "status", "epochs_done", "best_epoch", "best_split",
+    "kind", "experiment", "profile", "seed", "config_hash", "status", "epochs_done", "best_epoch", "best_split",
     "device", "git_commit", "python", "torch", "torchvision", "numpy",
     "data_source", "data_complete", "data_train", "data_val", "data_test",
 )
@@ -33,6 +33,7 @@ def frames(records: list[dict]) -> Results:
         tags = rec["tags"]
         row = {"run_id": rec["run_id"], "run_name": rec["run_name"], "mlflow_status": rec["status"], "start_time": rec["start_time"]}
         row.update({col: tags.get(f"bench.{col}") for col in TAG_COLUMNS})
+        row["kind"] = row["kind"] or "cell"  # suite cells; tuning writes "study" and "trial" runs
         for metric, history in rec["history"].items():
             if not history:
                 continue

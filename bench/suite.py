@@ -85,6 +85,10 @@ def _files(dataset: str, root: Path | None) -> cifar.CifarFiles:
     return cifar.load_cifar(dataset, root)
 
 
+def files_for(cfg: config.RunConfig, data_dir: Path | None) -> cifar.CifarFiles:
+    return _files(cfg.data.dataset, data_root(cfg, data_dir))
+
+
 def preflight(cells: list[Cell], data_dir: Path | None) -> None:
     """Load each dataset and build each model once: missing data or weights stop before training."""
     for cfg in {c.cfg.data.dataset + str(data_root(c.cfg, data_dir)): c.cfg for c in cells}.values():

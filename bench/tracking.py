@@ -141,9 +141,10 @@ class Tracker:
 class MlflowRun(Callback):
     """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints."""
 
-    def __init__(self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *, log_checkpoints: bool = True) -> None:
         self.client, self.run_id, self.cfg = tracker.client, run_id, cfg
         self.extra_tags = extra_tags or {}
+        self.log_checkpoints = log_checkpoints  # tuning trials keep their metrics, not their weights
         self.checkpoints: dict[str, Path] = {}
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
@@ -165,13 +166,20 @@ class MlflowRun(Callback):
             cfg_path = Path(tmp) / "config.json"
             cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
             self.client.log_artifact(self.run_id, str(cfg_path))
-            ckpt_dir = Path(tmp) / "checkpoints"
-            ckpt_dir.mkdir()
-            sources = {"final.pt": result.checkpoint_dir / "last.pt", "best.pt": result.checkpoint_dir / "best.pt"}
-            for name, src in sources.items():
-                if src.is_file():
-                    shutil.copyfile(src, ckpt_dir / name)
-            self.client.log_artifacts(self.run_id, str(ckpt_dir), artifact_path="checkpoints")
+            if self.log_checkpoints:
+                self._log_checkpoints(result, Path(tmp))
+        self._log_summary(result)
+
+    def _log_checkpoints(self, result, tmp: Path) -> None:
+        ckpt_dir = tmp / "checkpoints"
+        ckpt_dir.mkdir()
+        sources = {"final.pt": result.checkpoint_dir / "last.pt", "best.pt": result.checkpoint_dir / "best.pt"}
+        for name, src in sources.items():
+            if src.is_file():
+                shutil.copyfile(src, ckpt_dir / name)
+        self.client.log_artifacts(self.run_id, str(ckpt_dir), artifact_path="checkpoints")
+
+    def _log_summary(self, result) -> None:
         summary: dict[str, Any] = {"bench.status": result.status, "bench.epochs_done": str(result.epochs_done)}
         if result.best_epoch is not None:
             summary.update({"bench.best_epoch": str(result.best_epoch), "bench.best_split": "val"})
@@ -180,4 +188,3 @@ class MlflowRun(Callback):
             ts, step = int(time.time() * 1000), result.best_epoch
             best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in best.items()])
-

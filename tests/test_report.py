@@ -180,3 +180,12 @@ def test_the_report_modules_do_not_import_mlflow():
     code = "import sys, bench.report, bench.figures, bench.stats; print('mlflow' in sys.modules, 'optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_tuning_runs_are_not_counted_as_seeds():
+    trial = record("resnetb-cifar10", 0, [0.9], start=9)
+    trial["tags"]["bench.kind"] = "trial"
+    res = results.frames([record("resnetb-cifar10", 0, [0.5]), trial])
+    assert list(res.runs.kind) == ["cell", "trial"]
+    picked, _ = report.select(res.runs, "resnetb-cifar10", "paper")
+    assert list(picked.final_test_acc) == [0.5]

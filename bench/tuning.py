@@ -1,0 +1,311 @@
+"""Optuna: the search space, the objective, pruning, storage with heartbeats, MLflow parent/child runs.
+
+A study is one (experiment, profile) search. Each trial trains the experiment with the trial's
+values at the dotted config paths it samples (`optim.lr`, ...), reports validation accuracy every
+epoch to the pruner and returns the best validation accuracy; the test set never steers the search.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from bench import config, data, engine
+from bench.callbacks import Callback, ConsoleProgress
+from bench.errors import UserError
+from bench.models import create_model
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVE = "val_acc"
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# --- the search space ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # a dotted config path
+    kind: str  # float, int or categorical
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def describe(self) -> str:
+        if self.kind == "categorical":
+            return f"categorical {list(self.choices)}"
+        return f"{self.kind} [{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+
+
+def _default_space(cfg: config.RunConfig) -> dict[str, dict[str, Any]]:
+    """A decade either side of the recipe's lr and weight decay; half and double its batch."""
+    lr, wd, batch = cfg.optim.lr, cfg.optim.weight_decay, cfg.data.batch_size
+    return {
+        "optim.lr": {"type": "float", "low": lr / 10, "high": lr * 10, "log": True},
+        "optim.weight_decay": {"type": "float", "low": max(wd, 1e-7) / 10, "high": max(wd, 1e-7) * 10, "log": True},
+        "data.batch_size": {"type": "categorical", "choices": [batch // 2, batch, batch * 2]},
+    }
+
+
+def search_space(experiment: str, cfg: config.RunConfig) -> list[Param]:
+    """The experiment file's [search] table (dotted path -> distribution), else the default.
+
+    A categorical space always holds the recipe's own value, so the reported recipe can be the
+    first trial.
+    """
+    table = config.read_experiment(experiment).get("search") or _default_space(cfg)
+    flat = cfg.flat()
+    where = f"{experiment}: [search]"
+    params = []
+    for name, spec in sorted(table.items()):
+        if name not in flat or name == "seed":
+            raise UserError(f"{where}: {name!r} is not a config key (see `bench run {experiment} --dry-run`)")
+        kind = spec.get("type")
+        if kind == "categorical":
+            choices = list(spec.get("choices") or [])
+            if not choices:
+                raise UserError(f"{where}: {name}: a categorical needs choices = [...]")
+            if flat[name] not in choices:
+                choices.append(flat[name])
+            params.append(Param(name, kind, choices=tuple(sorted(choices))))
+        elif kind in ("float", "int"):
+            low, high = spec.get("low"), spec.get("high")
+            if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or not low < high:
+                raise UserError(f"{where}: {name}: needs numbers low < high, got low={low!r} high={high!r}")
+            if spec.get("log") and low <= 0:
+                raise UserError(f"{where}: {name}: a log scale needs low > 0, got {low!r}")
+            params.append(Param(name, kind, float(low), float(high), bool(spec.get("log", False))))
+        else:
+            raise UserError(f"{where}: {name}: type must be float, int or categorical, got {kind!r}")
+    return params
+
+
+def recipe_values(space: list[Param], cfg: config.RunConfig) -> dict[str, Any]:
+    """The recipe's own values of the searched keys, clipped into the space: the first trial."""
+    flat = cfg.flat()
+    values = {}
+    for p in space:
+        v = flat[p.name]
+        values[p.name] = v if p.kind == "categorical" else min(max(v, p.low), p.high)
+    return values
+
+
+def as_sets(values: dict[str, Any]) -> list[str]:
+    """Trial values as `--set` assignments (TOML values), in key order."""
+    return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sorted(values.items())]
+
+
+# --- storage, sampler, pruner, study ---------------------------------------------------------------
+
+
+def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats: a trial whose process died is failed once its heartbeat is
+    older than twice the interval, and re-queued with the same parameters."""
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we want
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry,
+                engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
+            )
+    except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
+        raise UserError(f"Optuna storage {redact(url)} is not usable: {str(exc).strip().splitlines()[0]}") from None
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: nothing to hide that we can parse
+        return url
+
+
+def sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed) if name == "random" else optuna.samplers.TPESampler(seed=seed)
+
+
+def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # After four finished trials, stop a trial whose validation accuracy at an epoch is below
+        # the median of the earlier trials at that epoch.
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(store, name: str, *, sampler_, pruner_, first_trial: dict[str, Any]) -> optuna.Study:
+    """Create the study or load it; a new study gets the reported recipe as its first trial."""
+    study = optuna.create_study(study_name=name, storage=store, sampler=sampler_, pruner=pruner_, direction="maximize", load_if_exists=True)
+    if not study.trials and not study.user_attrs.get("bench.recipe_enqueued"):
+        study.set_user_attr("bench.recipe_enqueued", True)
+        study.enqueue_trial(first_trial, user_attrs={"bench.recipe": True})
+    return study
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# --- one trial ---------------------------------------------------------------------------------
+
+
+class Pruning(Callback):
+    """Reports validation accuracy each epoch; asks the engine to stop when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:
+        self.trial.report(metrics[OBJECTIVE], epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch
+            return True
+        return False
+
+
+@dataclass
+class TrialContext:
+    experiment: str
+    profile: str
+    seed: int
+    sets: list[str]
+    epochs: int | None
+    space: list[Param]
+    device: Any
+    files: Any  # cifar.CifarFiles, read once for every trial
+    checkpoint_root: Path
+    tracker: Any  # tracking.Tracker
+    experiment_id: str
+    parent_run_id: str
+
+
+def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
+    from bench.tracking import MlflowRun, environment_tags
+
+    values = {p.name: p.suggest(trial) for p in ctx.space}
+    cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
+    engine.seed_everything(cfg.seed, cfg.train.deterministic)
+    bundle = data.build(cfg.data, seed=cfg.seed, device=ctx.device, files=ctx.files)
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(ctx.device)
+    study = trial.study.study_name
+    # No cell tags (bench.experiment, .profile, .seed, .config_hash): `bench run` must never take a
+    # trial's run for a suite cell's, nor `bench report` count it among the seeds.
+    tags = {"mlflow.parentRunId": ctx.parent_run_id, "optuna.study": study, "optuna.trial": str(trial.number), "bench.kind": "trial"}
+    run_id = ctx.tracker.start_run(ctx.experiment_id, f"{study}-trial{trial.number}", tags)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    env = {**environment_tags(engine.device_name(ctx.device)), "bench.data_source": bundle.source}
+    pruning = Pruning(trial)
+    callbacks = [MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False), pruning, ConsoleProgress(f"trial {trial.number}")]
+    ckpt = ctx.checkpoint_root / study / f"trial{trial.number}"
+    state = "FAIL"
+    try:
+        result = engine.fit(model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False)
+        if result.status == "nonfinite":
+            trial.set_user_attr("bench.failure", "nonfinite_loss")
+            return math.nan  # optuna records a nan objective as a failed trial and goes on
+        if pruning.pruned_at is not None:
+            state = "PRUNED"
+            raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
+        state = "COMPLETE"
+        return float(result.best_val_acc)
+    finally:
+        ctx.tracker.client.set_tag(run_id, "optuna.state", state)
+        ctx.tracker.end_run(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+# --- the study's MLflow parent run ------------------------------------------------------------------
+
+
+class ParentRun:
+    """One MLflow run per study: the search space as params, the best value and params as it goes."""
+
+    def __init__(self, tracker, experiment_id: str, study: optuna.Study, space: list[Param], *, profile: str, storage_url: str) -> None:
+        self.tracker, self.client = tracker, tracker.client
+        name = study.study_name
+        found = tracker.client.search_runs(
+            [experiment_id], filter_string=f"tags.`optuna.study` = '{name}' and tags.`bench.kind` = 'study'", max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            tracker.reopen_run(self.run_id)
+        else:
+            tags = {"optuna.study": name, "bench.kind": "study", "bench.tuned_profile": profile, "optuna.storage": redact(storage_url)}
+            self.run_id = tracker.start_run(experiment_id, name, tags)
+            for p in space:
+                self.client.log_param(self.run_id, f"search.{p.name}", p.describe())
+
+    def close_dead_trials(self, study: optuna.Study) -> None:
+        """A trial whose process died leaves its MLflow run RUNNING; once its heartbeat has failed
+        it in Optuna, mark the run FAILED too."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if run_id and self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_tag(run_id, "optuna.state", "FAIL")
+                self.tracker.end_run(run_id, "FAILED")
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.close_dead_trials(study)
+        try:
+            best = study.best_trial
+        except ValueError:  # no complete trial yet
+            return
+        self.client.log_metric(self.run_id, "best_val_acc", best.value, step=trial.number)
+        self.client.set_tag(self.run_id, "optuna.best_trial", str(best.number))
+        for k, v in best.params.items():
+            self.client.set_tag(self.run_id, f"best.{k}", str(v))
+        self.client.log_metric(self.run_id, "finished_trials", finished(study), step=trial.number)
+
+    def end(self, study: optuna.Study) -> None:
+        self.close_dead_trials(study)
+        self.tracker.end_run(self.run_id, "FINISHED")
+
+
+def best_command(experiment: str, profile: str, params: dict[str, Any], *, fixed: list[str] = (), epochs: int | None = None, seeds: int = 3) -> str:
+    """The `bench run` command that trains the trial's values (with the study's fixed overrides)."""
+    parts = ["bench", "run", experiment, "--profile", profile, "--seeds", str(seeds)]
+    if epochs is not None:
+        parts += ["--epochs", str(epochs)]
+    for s in [*fixed, *as_sets(params)]:
+        parts += ["--set", shlex.quote(s)]
+    return " ".join(parts)
+
+
+def trial_line(trial: optuna.trial.FrozenTrial, done: int, total: int) -> str:
+    values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items()))
+    result = f"val_acc {trial.value:.4f}" if trial.value is not None and not math.isnan(trial.value) else ""
+    last = max(trial.intermediate_values) if trial.intermediate_values else 0
+    state = {"COMPLETE": result, "PRUNED": f"pruned after epoch {last}", "FAIL": "failed"}.get(trial.state.name, trial.state.name)
+    return f"trial {trial.number} [{done}/{total}] {values}: {state}"
+
+
+def print_trial(total: int):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        print(trial_line(trial, finished(study), total), file=sys.stderr, flush=True)
+
+    return callback

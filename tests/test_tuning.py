@@ -1,0 +1,243 @@
+"""Tuning: the search space, the recipe as trial 0, pruning, MLflow parent and child runs, a
+study continued after SIGKILL, and optuna-dashboard reading the study."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bench import cli, config, tuning
+from bench.errors import UserError
+
+from conftest import TINY_SETS
+
+TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
+TUNE = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "2", *TINY_ARGS]
+
+
+def _smoke(experiment="resnetb-cifar10"):
+    return config.load(experiment, profile="smoke", seed=0)
+
+
+# --- search space -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", ["hw4-resnet-cifar100", "resnet18-finetune-cifar100", "bottleneck-cifar10", "resnetb-cifar10"])
+def test_every_experiment_searches_lr_and_wd_log_uniform_and_batch_categorical(experiment):
+    cfg = config.load(experiment, profile="paper")
+    space = {p.name: p for p in tuning.search_space(experiment, cfg)}
+    assert sorted(space) == ["data.batch_size", "optim.lr", "optim.weight_decay"]
+    for key in ("optim.lr", "optim.weight_decay"):
+        p = space[key]
+        assert (p.kind, p.log) == ("float", True) and p.low < cfg.flat()[key] < p.high
+    assert space["data.batch_size"].kind == "categorical" and cfg.data.batch_size in space["data.batch_size"].choices
+
+
+def test_the_recipe_is_the_first_trial_and_its_batch_is_a_choice():
+    cfg = _smoke()
+    space = tuning.search_space("resnetb-cifar10", cfg)
+    assert tuning.recipe_values(space, cfg) == {"data.batch_size": 32, "optim.lr": 0.025, "optim.weight_decay": 5e-4}
+    assert 32 in next(p for p in space if p.name == "data.batch_size").choices
+
+
+def _experiments_with_search(tmp_path, monkeypatch, search: str) -> None:
+    root = tmp_path / "experiments"
+    shutil.copytree(config.experiments_dir(), root)
+    path = root / "resnetb-cifar10.toml"
+    text = path.read_text()
+    path.write_text(text[: text.index("[search]")] + search)
+    monkeypatch.setenv("BENCH_EXPERIMENTS", str(root))
+
+
+def test_without_a_search_table_the_default_brackets_the_recipe(tmp_path, monkeypatch):
+    _experiments_with_search(tmp_path, monkeypatch, "")
+    space = {p.name: p for p in tuning.search_space("resnetb-cifar10", _smoke())}
+    assert (space["optim.lr"].low, space["optim.lr"].high) == pytest.approx((0.0025, 0.25))
+    assert space["data.batch_size"].choices == (16, 32, 64)
+
+
+@pytest.mark.parametrize(
+    "search, words",
+    [
+        ('[search]\n"optim.nope" = { type = "float", low = 1, high = 2 }\n', ["optim.nope", "not a config key"]),
+        ('[search]\n"optim.lr" = { type = "float", low = 2, high = 1 }\n', ["optim.lr", "low < high"]),
+        ('[search]\n"optim.lr" = { type = "float", low = 0, high = 1, log = true }\n', ["optim.lr", "low > 0"]),
+        ('[search]\n"optim.lr" = { type = "normal" }\n', ["optim.lr", "float, int or categorical"]),
+        ('[search]\n"data.batch_size" = { type = "categorical" }\n', ["data.batch_size", "choices"]),
+    ],
+)
+def test_bad_search_spaces_name_the_key(search, words, tmp_path, monkeypatch):
+    _experiments_with_search(tmp_path, monkeypatch, search)
+    with pytest.raises(UserError) as err:
+        tuning.search_space("resnetb-cifar10", _smoke())
+    assert all(w in str(err.value) for w in words)
+
+
+def test_trial_values_round_trip_through_set_and_the_best_command():
+    values = {"optim.lr": 0.0123, "data.batch_size": 64, "optim.weight_decay": 1e-4}
+    cfg = config.load("resnetb-cifar10", profile="smoke", sets=tuning.as_sets(values))
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.optim.weight_decay) == (0.0123, 64, 1e-4)
+    cmd = tuning.best_command("resnetb-cifar10", "smoke", values, fixed=["model.widths=[4,8,8]"], epochs=2)
+    assert cmd == ("bench run resnetb-cifar10 --profile smoke --seeds 3 --epochs 2 --set 'model.widths=[4,8,8]' "
+                   "--set data.batch_size=64 --set optim.lr=0.0123 --set optim.weight_decay=0.0001")
+
+
+def test_storage_urls_are_shown_without_passwords():
+    assert tuning.redact("postgresql://bench:s3cret@db:5432/optuna") == "postgresql://bench:***@db:5432/optuna"
+    assert tuning.redact("sqlite:///optuna.db") == "sqlite:///optuna.db"
+
+
+def test_pruning_callback_reports_val_acc_and_asks_the_engine_to_stop():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
+    trial = study.ask()
+    cb = tuning.Pruning(trial)
+    assert cb.on_epoch_end(1, {"val_acc": 0.7}) is False
+    assert cb.on_epoch_end(2, {"val_acc": 0.3}) is True and cb.pruned_at == 2
+    assert trial.storage.get_trial(trial._trial_id).intermediate_values == {1: 0.7, 2: 0.3}
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def _children(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("resnetb-cifar10")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bench.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("bench.kind") == "trial"]
+    return parents, children
+
+
+def test_tune_runs_a_study_tracked_as_one_parent_with_a_child_per_trial(in_tmp, capsys):
+    assert cli.main([*TUNE, "--trials", "3"]) == 0
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
+    trials = study.get_trials(states=tuning.FINISHED)
+    assert len(trials) == 3
+    assert trials[0].params == {"data.batch_size": 32, "optim.lr": 0.025, "optim.weight_decay": 5e-4}  # the recipe
+    assert all(len(t.intermediate_values) >= 1 for t in trials)  # every epoch reported to the pruner
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    parents, children = _children(uri)
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.data.params["search.optim.lr"] == "float [0.01, 0.5] log"
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best.optim.lr"] == str(study.best_params["optim.lr"])
+    assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [0, 1, 2]
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert c.data.tags["optuna.study"] == "resnetb-cifar10-smoke"
+        assert c.data.tags["optuna.state"] in ("COMPLETE", "PRUNED")
+        t = study.trials[int(c.data.tags["optuna.trial"])]
+        assert c.data.params["optim.lr"] == str(t.params["optim.lr"])  # the same dotted names
+        assert "bench.config_hash" not in c.data.tags  # never mistaken for a suite cell
+    out = capsys.readouterr().out
+    assert "3 finished trials in study resnetb-cifar10-smoke" in out and "bench run resnetb-cifar10 --profile smoke" in out
+
+    # The same command with more trials continues the same study under the same parent run.
+    assert cli.main([*TUNE, "--trials", "4"]) == 0
+    assert len(study.get_trials(states=tuning.FINISHED)) == 4
+    parents, children = _children(uri)
+    assert len(parents) == 1 and len(children) == 4 and parents[0].info.status == "FINISHED"
+    capsys.readouterr()
+    assert cli.main([*TUNE, "--trials", "4", "--best"]) == 0
+    assert f"best trial {study.best_trial.number}: val_acc {study.best_value:.4f}" in capsys.readouterr().out
+
+
+def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_path, subprocess_env):
+    args = [sys.executable, "-m", "bench", *TUNE, "--trials", "3", "--heartbeat", "1", "--sampler", "random"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
+        except Exception:  # not created yet
+            continue
+        running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and t.number == 1]
+        if running and running[0].intermediate_values:  # in the middle of trial 1, after its first epoch
+            proc.kill()
+            killed = running[0]
+    proc.wait(timeout=30)
+    assert killed is not None, proc.stderr.read()
+    time.sleep(3)  # past the grace period of two heartbeats
+
+    again = subprocess.run(args, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
+    assert len(study.get_trials(states=tuning.FINISHED)) == 3
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state in tuning.FINISHED
+    _, children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    by_trial = {}
+    for c in children:
+        by_trial.setdefault(c.data.tags["optuna.trial"], []).append(c)
+    assert all(len(v) == 1 for v in by_trial.values())  # each trial exactly one child run
+    dead = by_trial["1"][0]
+    assert (dead.info.status, dead.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_optuna_dashboard_serves_the_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = _smoke()
+    space = tuning.search_space("resnetb-cifar10", cfg)
+    tuning.open_study(tuning.storage(storage, 60), "resnetb-cifar10-smoke", sampler_=tuning.sampler("tpe", 0),
+                      pruner_=tuning.pruner("median", 3), first_trial=tuning.recipe_values(space, cfg))
+    port = _free_port()
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen([str(exe), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        body = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                    body = json.load(resp)
+                break
+            except OSError:
+                time.sleep(0.25)
+        assert body is not None, "optuna-dashboard did not answer"
+        names = [s["study_name"] for s in body["study_summaries"]]
+        assert names == ["resnetb-cifar10-smoke"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.returncode is not None
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["tune", "nope"], ["nope"]),
+        ([*TUNE, "--trials", "0"], ["--trials"]),
+        ([*TUNE, "--storage", "nope://x"], ["Optuna storage", "nope://x"]),
+        ([*TUNE, "--storage", "postgresql://u:s3cret@127.0.0.1:9/db"], ["Optuna storage", "u:***@"]),
+        ([*TUNE, "--set", "optim.lr=-1"], ["optim.lr"]),
+    ],
+)
+def test_tune_bad_input_exits_2_with_one_line(args, words, in_tmp, capsys):
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    assert "s3cret" not in err
