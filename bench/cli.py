@@ -146,13 +146,7 @@ def cmd_tune(args) -> int:
     done = tuning.finished(study)
     print(f"study {name} in {tuning.redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
     if done < args.trials:
-        import optuna
-
-        stop = optuna.study.MaxTrialsCallback(args.trials, states=tuning.FINISHED)
-        study.optimize(
-            lambda trial: tuning.objective(trial, ctx), timeout=args.timeout, gc_after_trial=True,
-            callbacks=[parent, tuning.print_trial(args.trials), stop],
-        )
+        tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent)
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
     print(f"See the study: optuna-dashboard {tuning.redact(url)}   and the runs: {ui_command(uri)}")

@@ -286,6 +286,14 @@ class ParentRun:
         self.tracker.end_run(self.run_id, "FINISHED")
 
 
+def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun) -> None:
+    """Run trials until the study has `trials` finished ones (or `timeout` seconds have passed)."""
+    study.optimize(
+        lambda trial: objective(trial, ctx), timeout=timeout, gc_after_trial=True,
+        callbacks=[parent, print_trial(trials), optuna.study.MaxTrialsCallback(trials, states=FINISHED)],
+    )
+
+
 def best_command(experiment: str, profile: str, params: dict[str, Any], *, fixed: list[str] = (), epochs: int | None = None, seeds: int = 3) -> str:
     """The `bench run` command that trains the trial's values (with the study's fixed overrides)."""
     parts = ["bench", "run", experiment, "--profile", profile, "--seeds", str(seeds)]
