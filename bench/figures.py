@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from bench import stats
+from bench import report, stats
 
 LABELS = {"test_acc": "test accuracy", "train_loss": "training loss"}
 FILES = {"test_acc": "test_acc.png", "train_loss": "train_loss.png", "comparison": "bottleneck_vs_resnet_b.png"}
@@ -72,7 +72,7 @@ def metric_figure(summary, metric: str, path: Path) -> None:
 def comparison_figure(summary, path: Path) -> None:
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
-    for (name, label), color in zip((("bottleneck-cifar10", "bottleneck"), ("resnetb-cifar10", "ResNet-B")), ("C0", "C1")):
+    for name, label, color in zip(report.BOTTLENECK_PAIR, ("bottleneck", "ResNet-B"), ("C0", "C1")):
         theirs = summary.curves[(summary.curves.experiment == name) & (summary.curves.metric == "test_acc")]
         ours = summary.metrics[(summary.metrics.experiment == name) & (summary.metrics.metric == "test_acc")]
         if len(ours):
@@ -98,7 +98,7 @@ def draw_all(summary, out_dir: Path) -> dict[str, str]:
             metric_figure(summary, metric, out_dir / FILES[metric])
             written[metric] = FILES[metric]
         names = {r.experiment for r in summary.rows}
-        if {"bottleneck-cifar10", "resnetb-cifar10"} <= names:
+        if set(report.BOTTLENECK_PAIR) <= names:
             comparison_figure(summary, out_dir / FILES["comparison"])
             written["comparison"] = FILES["comparison"]
     return written

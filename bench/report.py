@@ -97,6 +97,11 @@ def recipe_diff(runs: pd.DataFrame, recipe: dict[str, str]) -> list[str]:
     return sorted(k for k, v in recipe.items() if k not in runs.columns or str(first[k]) != v)
 
 
+def _values(runs: pd.DataFrame, column: str) -> pd.Series:
+    """One value per run of a column that runs without that metric lack entirely."""
+    return runs[column].dropna() if column in runs else pd.Series(dtype=float)
+
+
 def _complete_data(runs: pd.DataFrame) -> bool:
     if runs.data_complete.notna().all():
         return bool((runs.data_complete == "true").all())
@@ -126,8 +131,8 @@ def summarize(
         picked, excluded = select(results.runs, name, profile)
         recipe = recipes[name] if recipes is not None else paper_recipe(name)
         diff = recipe_diff(picked, recipe)
-        final = stats.mean_ci(picked.get("final_test_acc", pd.Series(dtype=float)).dropna())
-        best = stats.mean_ci(picked.get("best_test_acc", pd.Series(dtype=float)).dropna())
+        final = stats.mean_ci(_values(picked, "final_test_acc"))
+        best = stats.mean_ci(_values(picked, "best_test_acc"))
         figures = reference.headline(curves, reported[name])
         if picked.empty:
             why = "no finished runs"
@@ -147,7 +152,7 @@ def summarize(
     by_name = {r.experiment: r for r in rows}
     comparison = None
     if all(n in by_name for n in BOTTLENECK_PAIR):
-        a, b = (by_name[n].runs.get("final_test_acc", pd.Series(dtype=float)).dropna() for n in BOTTLENECK_PAIR)
+        a, b = (_values(by_name[n].runs, "final_test_acc") for n in BOTTLENECK_PAIR)
         comparison = stats.welch(a, b)
     selected = pd.concat([r.runs.run_id for r in rows]) if rows else pd.Series(dtype=str)
     metrics = results.metrics[results.metrics.run_id.isin(selected)]
