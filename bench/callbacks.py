@@ -46,7 +46,9 @@ class ConsoleProgress(Callback):
             print(f"{self.label}: resuming after epoch {start_epoch}/{epochs}", file=self.stream, flush=True)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        shown = f"loss {metrics['train_loss']:.3f} test_acc {metrics['test_acc']:.3f}"
+        shown = f"loss {metrics['train_loss']:.3f}" + "".join(
+            f" {k} {metrics[k]:.3f}" for k in ("val_acc", "test_acc") if k in metrics
+        )
         if self.bar is not None:
             self.bar.set_postfix_str(shown)
             self.bar.update(1)

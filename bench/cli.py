@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from bench import config
-from bench.errors import UserError
+from bench.errors import UserError, reason, unusable
+from bench.urls import redact
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--profile", help="the profile whose runs to report (default: paper if it has finished runs, else the profile with the most)")
     rep.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     rep.add_argument("--out", type=Path, help="output directory (default reports/<suite>/)")
+    rep.add_argument("--storage", help="Optuna storage whose studies of the suite's experiments make the tuning section "
+                     f"(default $BENCH_OPTUNA_STORAGE, else {DEFAULT_OPTUNA} when ./optuna.db exists; none: no tuning section)")
     return p
 
 
@@ -128,6 +131,7 @@ def cmd_tune(args) -> int:
     study = tuning.open_study(
         store, name, sampler_=tuning.sampler(args.sampler, args.seed),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
+        experiment=args.experiment, profile=args.profile,
     )
     if args.best:
         return _print_best(study, args, tuning)
@@ -144,12 +148,12 @@ def cmd_tune(args) -> int:
         tracker=tracker, experiment_id=exp_id, parent_run_id=parent.run_id,
     )
     done = tuning.finished(study)
-    print(f"study {name} in {tuning.redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
+    print(f"study {name} in {redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
     if done < args.trials:
         tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent)
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
-    print(f"See the study: optuna-dashboard {tuning.redact(url)}   and the runs: {ui_command(uri)}")
+    print(f"See the study: optuna-dashboard {redact(url)}   and the runs: {ui_command(uri)}")
     return _print_best(study, args, tuning)
 
 
@@ -173,6 +177,7 @@ def cmd_report(args) -> int:
     names = config.suite_experiments(args.suite)
     if args.profile and args.profile not in config.list_profiles():
         raise UserError(f"unknown profile {args.profile!r}; known: {', '.join(config.list_profiles())}")
+    studies = _studies(args.storage, names)
     uri = resolve_uri(args.tracking_uri)
     found = results.load(uri, names)
     if found.runs.empty:
@@ -180,13 +185,35 @@ def cmd_report(args) -> int:
     summary = report.summarize(found, names, suite=args.suite, profile=args.profile)
     out = args.out or Path("reports") / args.suite
     try:
-        path = report.write(summary, out)
+        path = report.write(summary, out, studies)
     except OSError as exc:
         raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     for row in summary.rows:
         print(f"  {row.experiment:30s} {row.final.n} seeds  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
+    if studies is not None and studies.handles:
+        print(f"  tuning: {', '.join(sorted(studies.handles))}")
     print(f"Report: {path}")
     return 0
+
+
+def _studies(storage: str | None, experiments: list[str]):
+    """The tuning studies for the report, or None when there is no storage to read."""
+    import os
+
+    from bench import results
+
+    url = storage or os.environ.get("BENCH_OPTUNA_STORAGE")
+    if url is None and Path("optuna.db").is_file():
+        url = DEFAULT_OPTUNA
+    if url is None or url == "none":
+        return None
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise UserError(f"no Optuna storage at {url}: pass --storage with the URL `bench tune` used, or --storage none")
+    try:
+        return results.load_studies(url, experiments)
+    except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
+        hint = " (not an Optuna database: pass the --storage that `bench tune` used)" if "no such table" in reason(exc) else ""
+        raise unusable("Optuna storage", url, exc, hint) from None
 
 
 COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report}

@@ -157,12 +157,14 @@ def fit(
     callbacks: Sequence[Callback] = (),
     resume: bool = True,
     max_epochs: int | None = None,
+    evaluate_test: bool = True,
 ) -> FitResult:
     """Train `model` (already on the data's device) on `data` (a DataBundle) with `cfg` (RunConfig).
 
     Resumes from `checkpoint_dir/last.pt` when it exists. `max_epochs` stops early after that
     many epochs in total (for tests of interrupted runs); the run's schedule still spans
-    cfg.train.epochs.
+    cfg.train.epochs. `evaluate_test=False` leaves the test set alone (tuning trials: the search
+    must not see it, and it saves an evaluation pass per epoch).
     """
     epochs = cfg.train.epochs
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -216,13 +218,14 @@ def fit(
         metrics = {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
         if data.val is not None:
             metrics["val_loss"], metrics["val_acc"] = evaluate(model, data.val, cfg.eval.mode, fmt)
-        metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval.mode, fmt)
+        if evaluate_test:
+            metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval.mode, fmt)
         metrics["epoch_time_s"] = time.perf_counter() - started
         metrics["images_per_s"] = seen / train_time
         result.epochs_done, result.last_metrics = epoch, metrics
         # The best checkpoint is chosen on validation accuracy, never on test accuracy.
         if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
-            result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics["test_acc"]
+            result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
             save(best_path, "best", epoch)
         stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
         if epoch % cfg.train.checkpoint_every == 0 or epoch == epochs or stop or epoch == stop_after:

@@ -66,3 +66,60 @@ def load(tracking_uri: str, experiments: list[str]) -> Results:
 
     tracker = Tracker(tracking_uri)
     return frames([rec for name in experiments for rec in tracker.read_runs(name)])
+
+
+# --- Optuna studies ------------------------------------------------------------------------------
+
+TRIAL_COLUMNS = ["study", "experiment", "profile", "number", "state", "value", "epochs", "duration_s", "recipe", "mlflow_run_id"]
+
+
+@dataclass
+class Studies:
+    trials: pd.DataFrame  # TRIAL_COLUMNS, then the trial's params by dotted key
+    handles: dict  # study name -> optuna.Study, for optuna's own plots
+
+
+def study_owner(name: str, user_attrs: dict, experiments: list[str]) -> tuple[str, str] | None:
+    """(experiment, profile) of a study: its bench.* attributes, else its name `<experiment>-<profile>`."""
+    if "bench.experiment" in user_attrs:
+        return user_attrs["bench.experiment"], user_attrs.get("bench.profile", "")
+    for experiment in sorted(experiments, key=len, reverse=True):
+        if name.startswith(experiment + "-"):
+            return experiment, name[len(experiment) + 1:]
+    return None
+
+
+def trial_frame(study: str, experiment: str, profile: str, trials: list) -> pd.DataFrame:
+    """One row per trial (optuna FrozenTrials) of one study."""
+    rows = []
+    for t in trials:
+        row = {
+            "study": study, "experiment": experiment, "profile": profile, "number": t.number, "state": t.state.name,
+            "value": t.value, "epochs": len(t.intermediate_values),
+            "duration_s": t.duration.total_seconds() if t.duration is not None else None,
+            "recipe": bool(t.user_attrs.get("bench.recipe", False)), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+        }
+        row.update(t.params)
+        rows.append(row)
+    extra = sorted({k for r in rows for k in r} - set(TRIAL_COLUMNS))
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS + extra)
+
+
+def load_studies(storage_url: str, experiments: list[str]) -> Studies:
+    """Every Optuna study in the storage that tunes one of the named experiments, sorted by name."""
+    import optuna
+
+    store = optuna.storages.RDBStorage(storage_url, skip_table_creation=True)  # read only: never make tables
+    frames, handles = [], {}
+    for s in sorted(optuna.get_all_study_summaries(store, include_best_trial=False), key=lambda s: s.study_name):
+        owner = study_owner(s.study_name, s.user_attrs, experiments)
+        if owner is None or owner[0] not in experiments:
+            continue
+        study = optuna.load_study(study_name=s.study_name, storage=store)
+        handles[s.study_name] = study
+        frames.append(trial_frame(s.study_name, *owner, study.get_trials(deepcopy=False)))
+    if not frames:
+        return Studies(trials=pd.DataFrame(columns=TRIAL_COLUMNS), handles={})
+    trials = pd.concat(frames, ignore_index=True)
+    trials = trials[TRIAL_COLUMNS + sorted(set(trials.columns) - set(TRIAL_COLUMNS))]
+    return Studies(trials=trials, handles=handles)

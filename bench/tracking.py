@@ -25,7 +25,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from bench.callbacks import Callback
-from bench.errors import UserError
+from bench.errors import unusable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")
@@ -67,10 +67,6 @@ def environment_tags(device_name: str) -> dict[str, str]:
     return tags
 
 
-def _unusable(uri: str, exc: Exception) -> UserError:
-    return UserError(f"tracking store {uri} is not usable: {str(exc).strip().splitlines()[0]}")
-
-
 def _absolute(uri: str) -> str:
     """sqlite:///relative.db made absolute: MLflow caches one store per URI string in a process,
     so a relative path would keep pointing at the directory where it was first opened."""
@@ -86,7 +82,7 @@ class Tracker:
         try:
             self.client = MlflowClient(tracking_uri=_absolute(uri))
         except Exception as exc:  # mlflow raises many types for an unsupported or malformed URI
-            raise _unusable(uri, exc) from None
+            raise unusable("tracking store", uri, exc) from None
 
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created on first use; also proves the store is reachable."""
@@ -94,7 +90,7 @@ class Tracker:
             exp = self.client.get_experiment_by_name(name)
             return exp.experiment_id if exp else self.client.create_experiment(name)
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
-            raise _unusable(self.uri, exc) from None
+            raise unusable("tracking store", self.uri, exc) from None
 
     def find_cell_run(self, experiment_id: str, cell_tags: dict[str, str]):
         """The newest run of this cell, or None."""
@@ -135,7 +131,7 @@ class Tracker:
                 for r in runs
             ]
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
-            raise _unusable(self.uri, exc) from None
+            raise unusable("tracking store", self.uri, exc) from None
 
 
 class MlflowRun(Callback):
@@ -187,4 +183,4 @@ class MlflowRun(Callback):
         if result.best_epoch is not None:
             ts, step = int(time.time() * 1000), result.best_epoch
             best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in best.items()])
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in best.items() if v is not None])

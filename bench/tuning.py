@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 
 from bench import config, data, engine
 from bench.callbacks import Callback, ConsoleProgress
-from bench.errors import UserError
+from bench.errors import UserError, unusable
 from bench.models import create_model
+from bench.urls import redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_acc"
@@ -129,17 +130,7 @@ def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
                 engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
             )
     except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
-        raise UserError(f"Optuna storage {redact(url)} is not usable: {str(exc).strip().splitlines()[0]}") from None
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a database URL: nothing to hide that we can parse
-        return url
+        raise unusable("Optuna storage", url, exc) from None
 
 
 def sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -156,9 +147,15 @@ def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(store, name: str, *, sampler_, pruner_, first_trial: dict[str, Any]) -> optuna.Study:
-    """Create the study or load it; a new study gets the reported recipe as its first trial."""
+def open_study(store, name: str, *, sampler_, pruner_, first_trial: dict[str, Any], experiment: str, profile: str) -> optuna.Study:
+    """Create the study or load it; a new study gets the reported recipe as its first trial.
+
+    The study records its experiment and profile (user attributes), so that `bench report` finds
+    it whatever its name."""
     study = optuna.create_study(study_name=name, storage=store, sampler=sampler_, pruner=pruner_, direction="maximize", load_if_exists=True)
+    for key, value in (("bench.experiment", experiment), ("bench.profile", profile)):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
     if not study.trials and not study.user_attrs.get("bench.recipe_enqueued"):
         study.set_user_attr("bench.recipe_enqueued", True)
         study.enqueue_trial(first_trial, user_attrs={"bench.recipe": True})
@@ -223,7 +220,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
     ckpt = ctx.checkpoint_root / study / f"trial{trial.number}"
     state = "FAIL"
     try:
-        result = engine.fit(model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False)
+        result = engine.fit(model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False, evaluate_test=False)
         if result.status == "nonfinite":
             trial.set_user_attr("bench.failure", "nonfinite_loss")
             return math.nan  # optuna records a nan objective as a failed trial and goes on

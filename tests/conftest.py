@@ -28,12 +28,13 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("BENCH_EXPERIMENTS", raising=False)
+    monkeypatch.delenv("BENCH_OPTUNA_STORAGE", raising=False)
     return tmp_path
 
 
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
     """Environment for `python -m bench` children: one thread, no inherited tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")}
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return env

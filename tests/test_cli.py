@@ -240,7 +240,22 @@ def test_run_then_report_writes_markdown_and_figures_that_resolve(in_tmp, subpro
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert cli.main(["report", "--suite", "cifar10", "--profile", "smoke"]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+    # A study in ./optuna.db (where `bench tune` keeps them) adds the tuning section; --storage none leaves it out.
+    from test_report_studies import make_study
+
+    make_study("sqlite:///optuna.db", "resnetb-cifar10-smoke")
     capsys.readouterr()
+    assert cli.main(["report", "--suite", "cifar10"]) == 0
+    assert "tuning: resnetb-cifar10-smoke" in capsys.readouterr().out
+    text = (out / "README.md").read_text()
+    assert "### Study `resnetb-cifar10-smoke`: resnetb-cifar10, profile `smoke`" in text
+    assert "(tuning_resnetb-cifar10-smoke_history.png)" in text and (out / "tuning_resnetb-cifar10-smoke_history.png").is_file()
+    assert cli.main(["report", "--suite", "cifar10", "--storage", "none"]) == 0
+    assert "## Tuning" not in (out / "README.md").read_text()
+    capsys.readouterr()
+    rc = cli.main(["report", "--suite", "cifar10", "--storage", "sqlite:///mlflow.db"])  # MLflow's, not Optuna's
+    assert_one_line_error(rc, capsys.readouterr().err, "sqlite:///mlflow.db", "not an Optuna database")
     (in_tmp / "a-file").write_text("")
     rc = cli.main(["report", "--suite", "cifar10", "--out", str(in_tmp / "a-file" / "report")])
     assert_one_line_error(rc, capsys.readouterr().err, "a-file", "cannot write")
@@ -253,7 +268,12 @@ def test_run_then_report_writes_markdown_and_figures_that_resolve(in_tmp, subpro
         (["report", "--profile", "nope"], ["nope", "smoke"]),
         (["report"], ["no runs", "bench run --suite all"]),
         (["report", "--tracking-uri", "nope://store"], ["nope://store"]),
+        (["report", "--storage", "sqlite:///missing.db"], ["missing.db", "--storage"]),
+        (["report", "--storage", "postgresql://bench:s3cret@127.0.0.1:1/optuna"], ["bench:***@127.0.0.1:1", "not usable"]),
     ],
 )
 def test_report_bad_input_exits_2(args, names, in_tmp, capsys):
-    assert_one_line_error(cli.main(args), capsys.readouterr().err, *names)
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, *names)
+    assert "s3cret" not in err

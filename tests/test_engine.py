@@ -242,6 +242,15 @@ def test_no_best_checkpoint_without_a_validation_split(files, tmp_path):
     assert [k for k, _, _ in rec.checkpoints] == ["last"]
 
 
+def test_without_the_test_split_the_run_never_evaluates_it(files, tmp_path):
+    cfg = make_cfg("train.epochs=1")
+    model, bundle = fresh(cfg, files)
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec], evaluate_test=False)
+    assert result.status == "finished" and result.best_val_acc is not None and result.best_test_acc is None
+    assert [set(m) for _, m in rec.epochs] == [METRIC_KEYS - {"test_loss", "test_acc"}]
+
+
 # --- callbacks ---------------------------------------------------------------------------------
 
 

@@ -177,7 +177,7 @@ def test_the_report_modules_do_not_import_mlflow():
     import subprocess
     import sys
 
-    code = "import sys, bench.report, bench.figures, bench.stats; print('mlflow' in sys.modules, 'optuna' in sys.modules)"
+    code = "import sys, bench.report, bench.report.figures, bench.stats; print('mlflow' in sys.modules, 'optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
