@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
+    r.add_argument("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): N processes or machines with 1/N .. N/N run every cell once")
     r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes, train nothing")
 
     t = sub.add_parser("tune", help="search lr, weight decay and batch size with Optuna, pruned, tracked in MLflow")
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="override train.epochs for every trial")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial (repeatable)")
     t.add_argument("--heartbeat", type=int, default=60, help="seconds between trial heartbeats; a trial silent for twice that is failed and retried (default 60)")
+    t.add_argument("--workers", type=int, help="worker processes sharing the study (default: one per visible GPU, else 1); "
+                   "0 only creates the study and its MLflow parent run, for workers started elsewhere")
+    t.add_argument("--worker-of", help=argparse.SUPPRESS)  # the parent run's id: set in worker processes
+    t.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     t.add_argument("--best", action="store_true", help="print the best trial and the `bench run` command that trains it, then exit")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     t.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
@@ -95,9 +100,12 @@ def cmd_run(args) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
     seeds = args.seeds or config.profile_seeds(args.profile)
     cells = suite.plan(list(dict.fromkeys(names)), profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs)
+    total = len(cells)
+    cells = suite.shard(cells, args.shard)
     if args.dry_run:
         print(suite.dry_run_table(cells))
-        print(f"{len(cells)} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}")
+        which = f", shard {args.shard}: {len(cells)} of {total} cells" if args.shard else ""
+        print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}{which}")
         return 0
     device = engine.resolve_device(args.device)
     suite.preflight(cells, args.data_dir)
@@ -117,19 +125,19 @@ def cmd_run(args) -> int:
 def cmd_tune(args) -> int:
     import os
 
-    from bench import engine, suite, tuning
+    from bench import engine, suite, tuning, workers
     from bench.tracking import Tracker, resolve_uri, ui_command
 
-    for value, flag in ((args.trials, "--trials"), (args.epochs, "--epochs"), (args.heartbeat, "--heartbeat")):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    for value, flag, least in ((args.trials, "--trials", 1), (args.epochs, "--epochs", 1), (args.heartbeat, "--heartbeat", 1), (args.workers, "--workers", 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     base = config.load(args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs)
     space = tuning.search_space(args.experiment, base)
     url = args.storage or os.environ.get("BENCH_OPTUNA_STORAGE") or DEFAULT_OPTUNA
     name = args.study or f"{args.experiment}-{args.profile}"
     store = tuning.storage(url, args.heartbeat)
     study = tuning.open_study(
-        store, name, sampler_=tuning.sampler(args.sampler, args.seed),
+        store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, args.worker_index, store, name)),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
         experiment=args.experiment, profile=args.profile,
     )
@@ -138,23 +146,54 @@ def cmd_tune(args) -> int:
     uri = resolve_uri(args.tracking_uri)
     tracker = Tracker(uri)
     exp_id = tracker.experiment_id(args.experiment)
-    device = engine.resolve_device(args.device)
-    cell = suite.Cell(args.profile, base)
-    suite.preflight([cell], args.data_dir)
-    parent = tuning.ParentRun(tracker, exp_id, study, space, profile=args.profile, storage_url=url)
-    ctx = tuning.TrialContext(
-        experiment=args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs, space=space,
-        device=device, files=suite.files_for(base, args.data_dir), checkpoint_root=args.checkpoint_dir / "tune",
-        tracker=tracker, experiment_id=exp_id, parent_run_id=parent.run_id,
-    )
+    engine.resolve_device(args.device)  # a device that is not there stops here, before any worker starts
+    suite.preflight([suite.Cell(args.profile, base)], args.data_dir)
+    if args.worker_of:
+        parent = tuning.ParentRun.attach(tracker, exp_id, args.worker_of)
+    else:
+        parent = tuning.ParentRun(tracker, exp_id, study, space, profile=args.profile, storage_url=url)
+    count = 1 if args.worker_of else args.workers if args.workers is not None else workers.default_count(args.device)
     done = tuning.finished(study)
     print(f"study {name} in {redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
-    if done < args.trials:
-        tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent)
+    if count == 0:
+        print(f"study {name} and its MLflow parent run {parent.run_id} are ready; start workers with the same command")
+        return 0
+    if count > 1:
+        codes = workers.run_all([_worker_args(args, url, uri, name, parent.run_id, i) for i in range(count)], workers.thread_env(count))
+        failed = [c for c in codes if c != 0]
+        if failed:
+            print(f"{len(failed)} of {count} workers exited with an error ({', '.join(map(str, failed))})", file=sys.stderr)
+    elif done < args.trials:
+        ctx = tuning.TrialContext(
+            experiment=args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs, space=space,
+            device=engine.resolve_device(args.device), files=suite.files_for(base, args.data_dir),
+            checkpoint_root=args.checkpoint_dir / "tune", tracker=tracker, experiment_id=exp_id, parent_run_id=parent.run_id,
+        )
+        tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent, poll_s=min(5.0, args.heartbeat))
+    if args.worker_of:
+        return 0  # the process that started the workers reports and closes the parent run
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
     print(f"See the study: optuna-dashboard {redact(url)}   and the runs: {ui_command(uri)}")
-    return _print_best(study, args, tuning)
+    _print_best(study, args, tuning)
+    return 0 if tuning.finished(study) >= args.trials or args.timeout else 1
+
+
+def _worker_args(args, url: str, uri: str, study: str, parent_run_id: str, index: int) -> list[str]:
+    """The `bench tune` arguments of worker `index`: this command's, with its own device."""
+    from bench import workers
+
+    argv = ["tune", args.experiment, "--profile", args.profile, "--trials", str(args.trials), "--storage", url,
+            "--study", study, "--pruner", args.pruner, "--sampler", args.sampler, "--seed", str(args.seed),
+            "--heartbeat", str(args.heartbeat), "--device", workers.device_for(args.device, index),
+            "--tracking-uri", uri, "--checkpoint-dir", str(args.checkpoint_dir),
+            "--worker-of", parent_run_id, "--worker-index", str(index)]
+    for flag, value in (("--timeout", args.timeout), ("--epochs", args.epochs), ("--data-dir", args.data_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for s in args.sets:
+        argv += ["--set", s]
+    return argv
 
 
 def _print_best(study, args, tuning) -> int:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from bench import config, data, engine
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
+from bench.errors import UserError
 from bench.models import create_model
 from bench.tracking import MlflowRun, Tracker, environment_tags
 
@@ -76,6 +77,25 @@ def plan(experiments: list[str], *, profile: str, seeds: int, sets: list[str] = 
     ]
 
 
+def shard(cells: list[Cell], spec: str | None) -> list[Cell]:
+    """The cells of shard I of N ("I/N", 1 <= I <= N): every N-th cell from the I-th, so N
+    processes or machines given 1/N .. N/N cover every cell exactly once."""
+    if spec is None:
+        return cells
+    index, count = parse_shard(spec)
+    return cells[index - 1 :: count]
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must be I/N, e.g. 1/4, got {spec!r}") from None
+    if not 1 <= index <= count:
+        raise UserError(f"--shard I/N needs 1 <= I <= N, got {spec!r}")
+    return index, count
+
+
 def data_root(cfg: config.RunConfig, data_dir: Path | None) -> Path | None:
     return None if cfg.data.source == "embedded" else Path(data_dir or "data")
 
@@ -116,6 +136,9 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
     if existing is not None:
         run_id = existing.info.run_id
         tracker.reopen_run(run_id)
+        ckdir = cell.checkpoint_dir(checkpoint_root)
+        if not (ckdir / engine.LAST).is_file() and tracker.fetch_checkpoints(run_id, ckdir):
+            log.info("%s: resuming from the checkpoint in MLflow run %s", cell.name, run_id)
     else:
         run_id = tracker.start_run(exp_id, cell.run_name, cell.tags)
     callbacks = [MlflowRun(tracker, run_id, cfg, tags), ConsoleProgress(label)]

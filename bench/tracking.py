@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 import torchvision
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from bench.callbacks import Callback
 from bench.errors import unusable
@@ -88,7 +88,15 @@ class Tracker:
         """The experiment's id, created on first use; also proves the store is reachable."""
         try:
             exp = self.client.get_experiment_by_name(name)
-            return exp.experiment_id if exp else self.client.create_experiment(name)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except MlflowException:  # another process created it first: use theirs
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                return exp.experiment_id
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
             raise unusable("tracking store", self.uri, exc) from None
 
@@ -99,13 +107,30 @@ class Tracker:
         return runs[0] if runs else None
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
-        return self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        """A new run in the experiment with this id (never the active or default experiment)."""
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        if run.info.experiment_id != experiment_id:
+            raise RuntimeError(f"MLflow put run {run.info.run_id} in experiment {run.info.experiment_id}, not {experiment_id}")
+        return run.info.run_id
 
     def reopen_run(self, run_id: str) -> None:
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
+
+    def fetch_checkpoints(self, run_id: str, checkpoint_dir: Path) -> bool:
+        """Download the run's checkpoints (last.pt, best.pt) into `checkpoint_dir`, to resume a run
+        that another machine started. False when the run has none yet."""
+        names = {Path(a.path).name for a in self.client.list_artifacts(run_id, CHECKPOINTS)}
+        if "last.pt" not in names:
+            return False
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=checkpoint_dir) as tmp:
+            for name in sorted(names & {"last.pt", "best.pt"}):
+                local = self.client.download_artifacts(run_id, f"{CHECKPOINTS}/{name}", tmp)
+                os.replace(local, checkpoint_dir / name)
+        return True
 
     def read_runs(self, experiment: str) -> list[dict[str, Any]]:
         """Every run of an experiment as plain data: info, params, tags and each metric's history
@@ -134,6 +159,9 @@ class Tracker:
             raise unusable("tracking store", self.uri, exc) from None
 
 
+CHECKPOINTS = "checkpoints"  # the run's latest last.pt and best.pt: its final weights, or where to resume
+
+
 class MlflowRun(Callback):
     """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints."""
 
@@ -141,7 +169,7 @@ class MlflowRun(Callback):
         self.client, self.run_id, self.cfg = tracker.client, run_id, cfg
         self.extra_tags = extra_tags or {}
         self.log_checkpoints = log_checkpoints  # tuning trials keep their metrics, not their weights
-        self.checkpoints: dict[str, Path] = {}
+        self._best: Path | None = None  # a best checkpoint written since the last upload
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
         params = [Param(k, v) for k, v in self.cfg.params().items()]
@@ -155,25 +183,24 @@ class MlflowRun(Callback):
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()])
 
     def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
-        self.checkpoints[kind] = path
+        """Each "last" checkpoint (with the best one, when it changed since) replaces the run's
+        artifacts checkpoints/last.pt and best.pt: the run can be resumed on another machine, and
+        once it ends they are its final and best weights."""
+        if kind == "best":
+            self._best = path
+        if not self.log_checkpoints or kind != "last":
+            return
+        self.client.log_artifact(self.run_id, str(path), artifact_path=CHECKPOINTS)
+        if self._best is not None:
+            self.client.log_artifact(self.run_id, str(self._best), artifact_path=CHECKPOINTS)
+            self._best = None
 
     def on_fit_end(self, result) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg_path = Path(tmp) / "config.json"
             cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
             self.client.log_artifact(self.run_id, str(cfg_path))
-            if self.log_checkpoints:
-                self._log_checkpoints(result, Path(tmp))
         self._log_summary(result)
-
-    def _log_checkpoints(self, result, tmp: Path) -> None:
-        ckpt_dir = tmp / "checkpoints"
-        ckpt_dir.mkdir()
-        sources = {"final.pt": result.checkpoint_dir / "last.pt", "best.pt": result.checkpoint_dir / "best.pt"}
-        for name, src in sources.items():
-            if src.is_file():
-                shutil.copyfile(src, ckpt_dir / name)
-        self.client.log_artifacts(self.run_id, str(ckpt_dir), artifact_path="checkpoints")
 
     def _log_summary(self, result) -> None:
         summary: dict[str, Any] = {"bench.status": result.status, "bench.epochs_done": str(result.epochs_done)}

@@ -12,6 +12,7 @@ import math
 import shlex
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,20 @@ def sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed) if name == "random" else optuna.samplers.TPESampler(seed=seed)
 
 
+def sampler_seed(seed: int, worker_index: int, store, study_name: str) -> int | None:
+    """The sampler's seed: `seed` for a lone process, so a study run alone is repeatable;
+    seed + i for worker i of `--workers`; and a fresh one for a process that joins a study other
+    processes are running (on other machines), so that it does not repeat their values."""
+    if worker_index:
+        return seed + worker_index
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:  # a new study
+        return seed
+    busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return None if busy else seed
+
+
 def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
         # After four finished trials, stop a trial whose validation accuracy at an epoch is below
@@ -200,9 +215,12 @@ class TrialContext:
     parent_run_id: str
 
 
-def objective(trial: optuna.Trial, ctx: TrialContext) -> float:
+def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) -> float:
     from bench.tracking import MlflowRun, environment_tags
 
+    if limit is not None and _surplus(trial, limit):
+        trial.set_user_attr("bench.surplus", True)
+        raise Surplus(f"trial {trial.number}: the study already has {limit} trials")
     values = {p.name: p.suggest(trial) for p in ctx.space}
     cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
@@ -257,6 +275,20 @@ class ParentRun:
             for p in space:
                 self.client.log_param(self.run_id, f"search.{p.name}", p.describe())
 
+    @classmethod
+    def attach(cls, tracker, experiment_id: str, run_id: str) -> "ParentRun":
+        """The parent run another process created (a worker's view of it), checked to be a study's
+        parent run in this experiment."""
+        try:
+            run = tracker.client.get_run(run_id)
+        except Exception as exc:  # mlflow raises for an unknown id
+            raise UserError(f"no MLflow run {run_id} in {tracker.uri}: {str(exc).splitlines()[0]}") from None
+        if run.info.experiment_id != experiment_id or run.data.tags.get("bench.kind") != "study":
+            raise UserError(f"MLflow run {run_id} is not a study's parent run in experiment {experiment_id}")
+        self = cls.__new__(cls)
+        self.tracker, self.client, self.run_id = tracker, tracker.client, run_id
+        return self
+
     def close_dead_trials(self, study: optuna.Study) -> None:
         """A trial whose process died leaves its MLflow run RUNNING; once its heartbeat has failed
         it in Optuna, mark the run FAILED too."""
@@ -283,12 +315,46 @@ class ParentRun:
         self.tracker.end_run(self.run_id, "FINISHED")
 
 
-def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun) -> None:
-    """Run trials until the study has `trials` finished ones (or `timeout` seconds have passed)."""
-    study.optimize(
-        lambda trial: objective(trial, ctx), timeout=timeout, gc_after_trial=True,
-        callbacks=[parent, print_trial(trials), optuna.study.MaxTrialsCallback(trials, states=FINISHED)],
-    )
+class Surplus(Exception):
+    """A trial asked for after the study's last slot was taken by another worker."""
+
+
+def _surplus(trial: optuna.Trial, limit: int) -> bool:
+    """True when `limit` trials that are finished or running were asked for before this one."""
+    alive = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    return sum(t.number < trial.number for t in alive) >= limit
+
+
+def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun, poll_s: float) -> None:
+    """Run trials until the study has `trials` finished ones (or `timeout` seconds have passed).
+
+    Safe with many workers on one study, on one machine or many: a worker starts a trial only while
+    finished and running trials are fewer than `trials`. When the rest are running elsewhere it
+    waits, every `poll_s`, for them to finish or for their heartbeat to go stale: a dead worker's
+    trial is then failed and re-queued with its parameters, and the next free worker runs it. Two
+    workers that take the last slot at the same instant are told apart by trial number; the later
+    trial ends FAIL at once with the user attribute bench.surplus, before it trains or logs."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    report = print_trial(trials)
+    waiting = False
+    while deadline is None or time.monotonic() < deadline:
+        optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        done = sum(s in FINISHED for s in states)
+        running = states.count(TrialState.RUNNING)
+        if done >= trials:
+            return
+        if done + running >= trials:
+            if not waiting:
+                print(f"waiting for {running} running trial(s) to finish (or to be failed by their heartbeat)", file=sys.stderr, flush=True)
+            waiting = True
+            time.sleep(poll_s)
+            continue
+        waiting = False
+        study.optimize(
+            lambda trial: objective(trial, ctx, limit=trials), n_trials=1, gc_after_trial=True,
+            callbacks=[parent, report], catch=(Surplus,),
+        )
 
 
 def best_command(experiment: str, profile: str, params: dict[str, Any], *, fixed: list[str] = (), epochs: int | None = None, seeds: int = 3) -> str:
@@ -305,7 +371,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, done: int, total: int) -> str:
     values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items()))
     result = f"val_acc {trial.value:.4f}" if trial.value is not None and not math.isnan(trial.value) else ""
     last = max(trial.intermediate_values) if trial.intermediate_values else 0
-    state = {"COMPLETE": result, "PRUNED": f"pruned after epoch {last}", "FAIL": "failed"}.get(trial.state.name, trial.state.name)
+    failed = "not run: the study was full" if trial.user_attrs.get("bench.surplus") else "failed"
+    state = {"COMPLETE": result, "PRUNED": f"pruned after epoch {last}", "FAIL": failed}.get(trial.state.name, trial.state.name)
     return f"trial {trial.number} [{done}/{total}] {values}: {state}"
 
 

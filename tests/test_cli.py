@@ -105,6 +105,24 @@ def test_dry_run_counts_seeds_and_deduplicates_experiments(in_tmp, capsys):
     assert "4 cells (2 experiments x 2 seeds), profile smoke" in out
 
 
+def test_shards_cover_every_cell_exactly_once(in_tmp, capsys):
+    base = ["run", "--suite", "all", "--profile", "paper", "--dry-run"]
+    assert cli.main(base) == 0
+    everything = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "/paper/seed" in line]
+    for n in (1, 2, 3, 5, 12, 13):
+        shards = []
+        for i in range(1, n + 1):
+            assert cli.main([*base, "--shard", f"{i}/{n}"]) == 0
+            out = capsys.readouterr().out
+            shards.append([line.split()[0] for line in out.splitlines() if "/paper/seed" in line])
+            assert f"shard {i}/{n}: {len(shards[-1])} of 12 cells" in out
+        assert sorted(c for shard in shards for c in shard) == sorted(everything)  # each cell once
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+        # The same split every time.
+        assert cli.main([*base, "--shard", f"1/{n}"]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if "/paper/seed" in line] == shards[0]
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -133,6 +151,10 @@ BAD_INPUTS = [
     (["run", "resnetb-cifar10", "--seeds", "0"], ["--seeds"]),
     (["run", "resnetb-cifar10", "--epochs", "0"], ["--epochs"]),
     (["run"], ["--suite"]),
+    (["run", "--suite", "all", "--shard", "3/2"], ["--shard", "3/2"]),
+    (["run", "--suite", "all", "--shard", "0/2"], ["--shard", "0/2"]),
+    (["run", "--suite", "all", "--shard", "half"], ["--shard", "I/N"]),
+    (["tune", "resnetb-cifar10", "--workers", "-1"], ["--workers"]),
 ]
 
 

@@ -125,11 +125,11 @@ def test_artifacts_config_and_checkpoints(first, tmp_path):
     client, run_id = first.client, outcome.run_id
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "checkpoints"} <= top
-    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/final.pt", "checkpoints/best.pt"}
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt", "checkpoints/best.pt"}
     cfg_file = client.download_artifacts(run_id, "config.json", str(tmp_path))
     with open(cfg_file) as f:
         assert json.load(f) == first.cfg.model_dump(mode="json")
-    final = torch.load(client.download_artifacts(run_id, "checkpoints/final.pt", str(tmp_path)), weights_only=True)
+    final = torch.load(client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path)), weights_only=True)
     assert final["epoch"] == 2
     assert final["config_hash"] == first.cfg.config_hash()
     best = torch.load(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)), weights_only=True)

@@ -1,0 +1,161 @@
+"""Throwaway servers for integration tests: a PostgreSQL cluster and an MLflow tracking server.
+
+Both listen on 127.0.0.1 only, on free ports, and stop by themselves: each has a watchdog
+process that stops it when the test process is gone, even after a SIGKILL of pytest.
+PostgreSQL runs as an unprivileged user (initdb refuses root): `nobody` when the tests run as root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+WATCHDOG = """
+import os, signal, subprocess, sys, time
+parent, user, command = int(sys.argv[1]), sys.argv[2] or None, sys.argv[3:]
+while True:
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(1)
+if command[0] == "killpg":  # killpg PGID WORD: the group, if a member's command line still holds WORD
+    pgid, word = int(command[1]), command[2]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            same = os.getpgid(int(pid)) == pgid
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except (OSError, ProcessLookupError):
+            continue
+        if same and word in cmdline:
+            os.killpg(pgid, signal.SIGTERM)
+            break
+else:
+    subprocess.run(command, user=user, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pg_bindir() -> Path | None:
+    """PostgreSQL's server binaries: $BENCH_PG_BIN, pg_ctl on PATH, /usr/lib/postgresql/*/bin,
+    or the pgserver wheel that .ci/run installs on machines without a server."""
+    candidates = [os.environ.get("BENCH_PG_BIN")]
+    if shutil.which("pg_ctl"):
+        candidates.append(str(Path(os.path.realpath(shutil.which("pg_ctl"))).parent))
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    try:
+        import pgserver
+
+        candidates.append(str(Path(pgserver.__file__).parent / "pginstall" / "bin"))
+    except ImportError:
+        pass
+    for c in candidates:
+        if c and (Path(c) / "initdb").is_file() and (Path(c) / "pg_ctl").is_file():
+            return Path(c)
+    return None
+
+
+def _watch(command: list[str], user: str | None = None) -> None:
+    """Run `command` (as `user`) once this process is gone: a detached watchdog."""
+    subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), user or "", *command], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Postgres:
+    """initdb + pg_ctl start on 127.0.0.1:<free port>; databases made with `create`."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+        self.data = self.root / "data"
+        self.user = "nobody" if os.geteuid() == 0 else None
+        os.chmod(self.root, 0o755)
+        if self.user:
+            shutil.chown(self.root, self.user)
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self.user, cwd=self.root,
+                              capture_output=True, text=True, check=check, timeout=120)
+
+    def start(self) -> "Postgres":
+        self._run("initdb", "-D", str(self.data), "-U", "bench", "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        stop = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
+        _watch(stop, self.user)
+        return self
+
+    def create(self, database: str) -> str:
+        """A new database; returns its SQLAlchemy URL (psycopg 3 driver)."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "bench", database)
+        return f"postgresql+psycopg://bench@127.0.0.1:{self.port}/{database}"
+
+    def running(self) -> bool:
+        return listening(self.port)
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1:<free port> with a database backend and served artifacts."""
+
+    def __init__(self, backend_uri: str, artifacts: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).with_name("mlflow")
+        self.log = open(artifacts.parent / "mlflow-server.log", "w")
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts.as_uri(),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        _watch(["killpg", str(self.proc.pid), "mlflow"])
+
+    def wait_ready(self, timeout: float = 180) -> "MlflowServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server did not answer on {self.url} within {timeout} s")
+
+    def running(self) -> bool:
+        return self.proc.poll() is None or listening(self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()

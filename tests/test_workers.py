@@ -1,0 +1,37 @@
+"""Worker processes of `bench tune --workers K`: devices, CPU threads, sampler seeds."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from bench import tuning, workers
+
+
+@pytest.mark.parametrize("device, gpus, expected", [
+    ("auto", 2, ["cuda:0", "cuda:1", "cuda:0"]),
+    ("cuda", 3, ["cuda:0", "cuda:1", "cuda:2"]),
+    ("auto", 0, ["auto", "auto", "auto"]),
+    ("cpu", 2, ["cpu", "cpu", "cpu"]),
+    ("cuda:1", 2, ["cuda:1", "cuda:1", "cuda:1"]),
+])
+def test_workers_take_the_gpus_in_turn(device, gpus, expected, monkeypatch):
+    monkeypatch.setattr(workers, "visible_gpus", lambda: gpus)
+    assert [workers.device_for(device, i) for i in range(3)] == expected
+    assert workers.default_count(device) == (max(1, gpus) if device in ("auto", "cuda") else 1)
+
+
+def test_workers_share_the_cpu_threads(monkeypatch):
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    assert workers.thread_env(3)["OMP_NUM_THREADS"] == "5"
+    assert workers.thread_env(32)["OMP_NUM_THREADS"] == "1"
+
+
+def test_sampler_seeds_repeat_alone_and_differ_between_workers(tmp_path):
+    store = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert tuning.sampler_seed(7, 0, store, "s") == 7  # a new study
+    study = optuna.create_study(study_name="s", storage=store)
+    assert tuning.sampler_seed(7, 0, store, "s") == 7  # nobody else at work: repeatable
+    assert tuning.sampler_seed(7, 2, store, "s") == 9  # worker 2 of --workers
+    study.ask()  # a trial running in another process
+    assert tuning.sampler_seed(7, 0, store, "s") is None  # a process that joins: its own stream
