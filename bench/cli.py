@@ -159,7 +159,9 @@ def cmd_tune(args) -> int:
         print(f"study {name} and its MLflow parent run {parent.run_id} are ready; start workers with the same command")
         return 0
     if count > 1:
-        codes = workers.run_all([_worker_args(args, url, uri, name, parent.run_id, i) for i in range(count)], workers.thread_env(count))
+        # The URLs go by environment, not argv: `ps` would show a password to every user.
+        env = {**workers.thread_env(count), "BENCH_OPTUNA_STORAGE": url, "MLFLOW_TRACKING_URI": uri}
+        codes = workers.run_all([_worker_args(args, name, parent.run_id, i) for i in range(count)], env)
         failed = [c for c in codes if c != 0]
         if failed:
             print(f"{len(failed)} of {count} workers exited with an error ({', '.join(map(str, failed))})", file=sys.stderr)
@@ -179,14 +181,15 @@ def cmd_tune(args) -> int:
     return 0 if tuning.finished(study) >= args.trials or args.timeout else 1
 
 
-def _worker_args(args, url: str, uri: str, study: str, parent_run_id: str, index: int) -> list[str]:
-    """The `bench tune` arguments of worker `index`: this command's, with its own device."""
+def _worker_args(args, study: str, parent_run_id: str, index: int) -> list[str]:
+    """The `bench tune` arguments of worker `index`: this command's, with its own device (the
+    storage and tracking URLs go in the environment)."""
     from bench import workers
 
-    argv = ["tune", args.experiment, "--profile", args.profile, "--trials", str(args.trials), "--storage", url,
+    argv = ["tune", args.experiment, "--profile", args.profile, "--trials", str(args.trials),
             "--study", study, "--pruner", args.pruner, "--sampler", args.sampler, "--seed", str(args.seed),
             "--heartbeat", str(args.heartbeat), "--device", workers.device_for(args.device, index),
-            "--tracking-uri", uri, "--checkpoint-dir", str(args.checkpoint_dir),
+            "--checkpoint-dir", str(args.checkpoint_dir),
             "--worker-of", parent_run_id, "--worker-index", str(index)]
     for flag, value in (("--timeout", args.timeout), ("--epochs", args.epochs), ("--data-dir", args.data_dir)):
         if value is not None:

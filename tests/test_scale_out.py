@@ -179,3 +179,15 @@ def test_a_cell_killed_on_one_machine_resumes_on_another_from_the_server(servers
     assert runs[0].info.status == "FINISHED" and runs[0].data.tags["bench.epochs_done"] == "5"
     steps = [m.step for m in MlflowClient(servers["tracking"]).get_metric_history(runs[0].info.run_id, "train_loss")]
     assert set(steps) == {1, 2, 3, 4, 5}
+
+
+def test_the_report_reads_runs_from_the_server_and_studies_from_postgres(servers, tmp_path, subprocess_env):
+    """After the tests above: cells of the cifar10 suite on the server, studies in PostgreSQL."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "report", "--suite", "cifar10", "--tracking-uri", servers["tracking"],
+         "--storage", servers["storage"]], cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "reports" / "cifar10" / "README.md").read_text()
+    studies = sorted(s.study_name for s in optuna.get_all_study_summaries(servers["storage"]))
+    assert studies and all(f"### Study `{name}`: resnetb-cifar10" in text for name in studies)
+    assert "| 2 |" in text  # the two seeds of each experiment from the shards
