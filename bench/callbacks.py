@@ -21,6 +21,9 @@ class Callback:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool | None:
         """Called after each epoch (1-based) with its metrics; return True to stop the run."""
 
+    def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
+        """Called every `train.log_every_steps` training steps (global step, 1-based) when set."""
+
     def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
         """Called after a checkpoint of `kind` ("last" or "best") was written."""
 

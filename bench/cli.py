@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, help="output directory (default reports/<suite>/)")
     rep.add_argument("--storage", help="Optuna storage whose studies of the suite's experiments make the tuning section "
                      f"(default $BENCH_OPTUNA_STORAGE, else {DEFAULT_OPTUNA} when ./optuna.db exists; none: no tuning section)")
+
+    pf = sub.add_parser("perf", help="throughput of the data pipeline, the engine and tracking against plain PyTorch")
+    pf.add_argument("--model", dest="models", action="append", metavar="NAME", help="a model to measure (repeatable; default all four)")
+    pf.add_argument("--quick", action="store_true", help="fewer images and epochs, one measurement per side: a first look")
+    pf.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    pf.add_argument("--profile", default="smoke", help="the profile whose batch sizes, image sizes and checkpoint interval to use (default smoke)")
+    pf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     return p
 
 
@@ -258,7 +266,36 @@ def _studies(storage: str | None, experiments: list[str]):
         raise unusable("Optuna storage", url, exc, hint) from None
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report}
+def cmd_perf(args) -> int:
+    import json
+
+    from bench import engine, perf
+    from bench.models import list_models
+
+    models = args.models or list_models()
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        raise UserError(f"--model {unknown[0]}: no such model; choose from {', '.join(list_models())}")
+    config.read_profile(args.profile)
+    if args.json is not None:
+        _check_writable(args.json)
+    device = engine.resolve_device(args.device)
+    results = perf.run(models, profile=args.profile, device=device, quick=args.quick, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(perf.table(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before hours of measuring, not after: the file's directory must exist and take files."""
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--json {path}: {folder} is not a writable directory")
+
+
+COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report, "perf": cmd_perf}
 
 
 def main(argv: list[str] | None = None) -> int:

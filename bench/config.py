@@ -94,6 +94,12 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(default=10, gt=0)
     deterministic: bool = True
     channels_last: bool = True  # memory format only: faster convolutions, same model
+    # bfloat16 autocast on CUDA devices that support it; float32 on the CPU and MPS.
+    amp: bool = True
+    # torch.compile the model; compilation is done before the first epoch and not timed.
+    compile: bool = False
+    # 0: per-epoch metrics only; N: also train_step_loss, the mean loss of every N steps.
+    log_every_steps: int = Field(default=0, ge=0)
 
 
 class EvalConfig(Section):

@@ -6,13 +6,14 @@ stop (requested by a callback, or a non-finite loss) is a returned status, not a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -94,44 +95,118 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch
     return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 
+@dataclass(frozen=True)
+class Step:
+    """How a batch goes through the model: memory format and autocast dtype (None: float32)."""
+
+    memory_format: torch.memory_format = torch.contiguous_format
+    autocast_dtype: torch.dtype | None = None
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.autocast_dtype is None:
+            return model(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return model(x)
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bfloat16 where the device runs it fast (CUDA with bf16 support); None (float32) elsewhere:
+    the CPU's bfloat16 is emulated on most machines, slower than float32."""
+    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the work's end, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def train_one_epoch(
-    model: nn.Module, batches, optimizer: torch.optim.Optimizer, memory_format: torch.memory_format = torch.contiguous_format
+    model: nn.Module, batches, optimizer: torch.optim.Optimizer, step: Step = Step(),
+    log_every: int = 0, on_log: Callable[[int, float], None] | None = None,
 ) -> tuple[float, float, int]:
     """Mean loss and accuracy over the epoch's training batches, and the image count.
 
-    Sums stay on the device: one host sync per epoch.
+    Sums stay on the device: one host sync per epoch, and one per `log_every` steps when
+    `on_log(step_in_epoch, mean_loss_since_last_log)` is given.
     """
     model.train()
-    loss_sum = torch.zeros((), device=batches.labels.device)
-    correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
+    device = batches.labels.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    window = torch.zeros((), device=device)
     seen = 0
-    for x, y in batches:
-        logits = model(x.contiguous(memory_format=memory_format))
+    for i, (x, y) in enumerate(batches, 1):
+        logits = step.forward(model, x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(y)
+        loss = loss.detach().float()
+        loss_sum += loss * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
+        if on_log is not None and log_every:
+            window += loss
+            if i % log_every == 0:
+                on_log(i, window.item() / log_every)
+                window.zero_()
     return loss_sum.item() / seen, correct.item() / seen, seen
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, batches, mode: str = "eval", memory_format: torch.memory_format = torch.contiguous_format
-) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches, mode: str = "eval", step: Step = Step()) -> tuple[float, float]:
     """Mean loss and accuracy. mode "train" keeps BatchNorm batch statistics and dropout on,
     as the R1 author's code did (it never called model.eval())."""
     model.train(mode == "train")
     loss_sum = torch.zeros((), device=batches.labels.device)
     correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
     for x, y in batches:
-        logits = model(x.contiguous(memory_format=memory_format))
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        logits = step.forward(model, x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     n = batches.num_images
     return loss_sum.item() / n, correct.item() / n
+
+
+def compile_and_warm_up(model: nn.Module, data, optimizer: torch.optim.Optimizer, step: Step, eval_mode: str) -> tuple[nn.Module, float]:
+    """torch.compile the model and compile every batch shape the run will see, on zeros, so that
+    compilation stays out of the epochs' timings. The model's weights, buffers, gradients and
+    the random state are restored afterwards: the run trains exactly as if uncompiled."""
+    compiled = torch.compile(model)
+    started = time.perf_counter()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    device = data.train.labels.device
+
+    def shapes(batches) -> set[int]:
+        n, b = batches.num_images, batches.batch_size
+        return {min(b, n)} | ({n % b} if n % b else set())
+
+    x_shape = (data.train.images.shape[1], data.train.image_size, data.train.image_size)
+    for n in shapes(data.train):
+        x = torch.zeros((n, *x_shape), device=device)
+        y = torch.zeros(n, dtype=torch.long, device=device)
+        model.train()
+        F.cross_entropy(step.forward(compiled, x), y).backward()
+    evals = [b for b in (data.val, data.test) if b is not None]
+    with torch.no_grad():
+        for n in set().union(*(shapes(b) for b in evals)):
+            model.train(eval_mode == "train")
+            step.forward(compiled, torch.zeros((n, *x_shape), device=device))
+    optimizer.zero_grad(set_to_none=True)
+    model.load_state_dict(saved)
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    synchronize(device)
+    return compiled, time.perf_counter() - started
 
 
 def _rng_state(data_gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -167,8 +242,12 @@ def fit(
     must not see it, and it saves an evaluation pass per epoch).
     """
     epochs = cfg.train.epochs
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
+    device = data.train.labels.device
+    step = Step(
+        torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
+        autocast_dtype(device, cfg.train.amp),
+    )
+    model.to(memory_format=step.memory_format)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, epochs)
     result = FitResult(status="finished", epochs_done=0, checkpoint_dir=Path(checkpoint_dir))
@@ -200,28 +279,40 @@ def fit(
         for cb in callbacks:
             cb.on_checkpoint(kind, path, epoch)
 
+    forward, compile_time = model, None
+    stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
+    if cfg.train.compile and result.epochs_done < stop_after:
+        forward, compile_time = compile_and_warm_up(model, data, optimizer, step, cfg.eval.mode)
     for cb in callbacks:
         cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
-    stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
+    steps_per_epoch = len(data.train)
     for epoch in range(result.epochs_done + 1, stop_after + 1):
+
+        def on_log(i: int, loss: float, first: int = (epoch - 1) * steps_per_epoch) -> None:
+            for cb in callbacks:
+                cb.on_train_steps(first + i, {"train_step_loss": loss})
+
+        synchronize(device)
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, seen = train_one_epoch(model, data.train, optimizer, fmt)
-        train_time = time.perf_counter() - started
+        train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log)
+        train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
         scheduler.step()
         if not math.isfinite(train_loss):
             result.status = "nonfinite"
             result.last_metrics = {"train_loss": train_loss}
             break
         if cfg.eval.remeasure_train_acc:
-            _, train_acc = evaluate(model, data.train, cfg.eval.mode, fmt)
+            _, train_acc = evaluate(forward, data.train, cfg.eval.mode, step)
         metrics = {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
         if data.val is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(model, data.val, cfg.eval.mode, fmt)
+            metrics["val_loss"], metrics["val_acc"] = evaluate(forward, data.val, cfg.eval.mode, step)
         if evaluate_test:
-            metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval.mode, fmt)
+            metrics["test_loss"], metrics["test_acc"] = evaluate(forward, data.test, cfg.eval.mode, step)
         metrics["epoch_time_s"] = time.perf_counter() - started
         metrics["images_per_s"] = seen / train_time
+        if compile_time is not None:
+            metrics["compile_time_s"], compile_time = compile_time, None
         result.epochs_done, result.last_metrics = epoch, metrics
         # The best checkpoint is chosen on validation accuracy, never on test accuracy.
         if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):

@@ -14,8 +14,9 @@ import platform
 import subprocess
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -76,13 +77,49 @@ def _absolute(uri: str) -> str:
     return uri
 
 
+class Writer:
+    """MLflow calls for one run, made in order on a background thread, so that training never
+    waits for the store. `flush()` waits for every call queued so far and raises the first error."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-writer")
+        self._pending: list[Future] = []
+
+    def submit(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        self._pending.append(self._pool.submit(call, *args, **kwargs))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class Tracker:
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self._writers: dict[str, Writer] = {}
         try:
             self.client = MlflowClient(tracking_uri=_absolute(uri))
         except Exception as exc:  # mlflow raises many types for an unsupported or malformed URI
             raise unusable("tracking store", uri, exc) from None
+
+    def writer(self, run_id: str) -> Writer:
+        """The run's background writer; `end_run` drains it before the run ends."""
+        if run_id not in self._writers:
+            self._writers[run_id] = Writer()
+        return self._writers[run_id]
+
+    def logged_steps(self, run_id: str, key: str) -> int:
+        """The highest step logged for metric `key` in the run (0 if none): a resumed run logs only
+        the steps after it, so no step appears twice."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def experiment_id(self, name: str) -> str:
         """The experiment's id, created on first use; also proves the store is reachable."""
@@ -117,7 +154,12 @@ class Tracker:
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
     def end_run(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status)
+        writer = self._writers.pop(run_id, None)
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            self.client.set_terminated(run_id, status)
 
     def fetch_checkpoints(self, run_id: str, checkpoint_dir: Path) -> bool:
         """Download the run's checkpoints (last.pt, best.pt) into `checkpoint_dir`, to resume a run
@@ -163,51 +205,83 @@ CHECKPOINTS = "checkpoints"  # the run's latest last.pt and best.pt: its final w
 
 
 class MlflowRun(Callback):
-    """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints."""
+    """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints.
+
+    Every call goes through the run's background `Writer`: one batched call per epoch, queued, so
+    the step never waits for the store. The queue is drained at each checkpoint (what the store
+    holds is then at least as new as the checkpoint before it) and when the run ends. A resumed
+    run logs only the epochs and steps after those already in the store, so no step is logged twice.
+    """
 
     def __init__(self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *, log_checkpoints: bool = True) -> None:
-        self.client, self.run_id, self.cfg = tracker.client, run_id, cfg
+        self.tracker, self.client, self.run_id, self.cfg = tracker, tracker.client, run_id, cfg
+        self.writer = tracker.writer(run_id)
         self.extra_tags = extra_tags or {}
         self.log_checkpoints = log_checkpoints  # tuning trials keep their metrics, not their weights
         self._best: Path | None = None  # a best checkpoint written since the last upload
+        self._logged_epoch = self._logged_step = 0
+        self._steps: list[Metric] = []  # train_step_loss values, sent with the epoch's batch
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
+        if start_epoch:
+            self._logged_epoch = self.tracker.logged_steps(self.run_id, "train_loss")
+            self._logged_step = self.tracker.logged_steps(self.run_id, "train_step_loss")
         params = [Param(k, v) for k, v in self.cfg.params().items()]
         tags = [RunTag(k, v) for k, v in self.extra_tags.items()]
         # MLflow caps one batch at 100 params; the resolved config is about 40 keys.
         for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
+            self.writer.submit(self.client.log_batch, self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
+
+    def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
+        if step > self._logged_step:
+            ts = int(time.time() * 1000)
+            self._steps += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()])
+        batch = self._steps + ([Metric(k, float(v), ts, epoch) for k, v in metrics.items()] if epoch > self._logged_epoch else [])
+        self._steps = []
+        # MLflow caps one batch at 1000 metrics.
+        for i in range(0, len(batch), 1000):
+            self.writer.submit(self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
 
     def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
         """Each "last" checkpoint (with the best one, when it changed since) replaces the run's
         artifacts checkpoints/last.pt and best.pt: the run can be resumed on another machine, and
-        once it ends they are its final and best weights."""
+        once it ends they are its final and best weights. The upload runs in the background; the
+        metrics logged before it are flushed first."""
         if kind == "best":
             self._best = path
-        if not self.log_checkpoints or kind != "last":
+        if kind != "last":
             return
-        self.client.log_artifact(self.run_id, str(path), artifact_path=CHECKPOINTS)
+        self.writer.flush()
+        if not self.log_checkpoints:
+            return
+        self.writer.submit(self.client.log_artifact, self.run_id, str(path), artifact_path=CHECKPOINTS)
         if self._best is not None:
-            self.client.log_artifact(self.run_id, str(self._best), artifact_path=CHECKPOINTS)
+            self.writer.submit(self.client.log_artifact, self.run_id, str(self._best), artifact_path=CHECKPOINTS)
             self._best = None
 
     def on_fit_end(self, result) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg_path = Path(tmp) / "config.json"
-            cfg_path.write_text(json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-            self.client.log_artifact(self.run_id, str(cfg_path))
+        config_json = json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+        self.writer.submit(_log_text, self.client, self.run_id, config_json, "config.json")
         self._log_summary(result)
+        self.writer.flush()
 
     def _log_summary(self, result) -> None:
         summary: dict[str, Any] = {"bench.status": result.status, "bench.epochs_done": str(result.epochs_done)}
         if result.best_epoch is not None:
             summary.update({"bench.best_epoch": str(result.best_epoch), "bench.best_split": "val"})
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
+        self.writer.submit(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
         if result.best_epoch is not None:
             ts, step = int(time.time() * 1000), result.best_epoch
             best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in best.items() if v is not None])
+            metrics = [Metric(k, float(v), ts, step) for k, v in best.items() if v is not None]
+            self.writer.submit(self.client.log_batch, self.run_id, metrics=metrics)
+
+
+def _log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        client.log_artifact(run_id, str(path))

@@ -6,9 +6,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import torchvision
-from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop
 
 from bench.config import DataConfig
 from bench.data import build, split_validation
@@ -304,6 +305,35 @@ def test_random_crop_flip_offsets_are_uniform_and_flips_are_half():
     for top in range(2 * padding + 1):
         assert {p[2] for p in params if p[0] == top} == {False, True}
 
+
+
+def test_random_crop_flip_draws_offsets_and_flips_as_torchvision_does():
+    """A two-sample chi-square test on (top, left, flip): ours against torchvision's per-sample
+    RandomCrop(padding) + RandomHorizontalFlip on the same image."""
+    padding, n = 2, 4000
+    image = (torch.arange(16) + 1).to(torch.uint8).view(1, 4, 4)
+    ours = _identify_crops(random_crop_flip(image.expand(n, 1, 4, 4).clone(), padding, _gen(11)), image, padding)
+    torch.manual_seed(11)
+    reference = Compose([RandomCrop(4, padding=padding), RandomHorizontalFlip()])
+    theirs = _identify_crops(torch.stack([reference(image) for _ in range(n)]), image, padding)
+    cells = sorted(set(ours) | set(theirs))
+    table = [[Counter(ours)[c] for c in cells], [Counter(theirs)[c] for c in cells]]
+    assert len(cells) == (2 * padding + 1) ** 2 * 2
+    assert scipy.stats.chi2_contingency(table).pvalue > 0.001
+
+
+def test_resized_crop_areas_and_aspects_follow_torchvision_two_sample():
+    n, size = 3000, 32
+    boxes = resized_crop_boxes(n, size, size, _gen(12), torch.device("cpu"))
+    torch.manual_seed(12)
+    img = torch.zeros(3, size, size)
+    tv = torch.tensor([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float)
+    for ours, theirs in (
+        (boxes[:, 2] * boxes[:, 3], tv[:, 2] * tv[:, 3]),  # area
+        (boxes[:, 3] / boxes[:, 2], tv[:, 3] / tv[:, 2]),  # aspect
+        (boxes[:, 0], tv[:, 0]),  # where: top
+    ):
+        assert scipy.stats.ks_2samp(ours.numpy(), theirs.numpy()).pvalue > 0.001
 
 def test_random_crop_flip_without_padding_only_flips():
     image = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8, generator=_gen(5))

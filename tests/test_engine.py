@@ -417,3 +417,74 @@ def test_importing_the_engine_does_not_import_mlflow_or_optuna():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# --- the step: autocast, compile, per-step metrics ---------------------------------------------
+
+
+def test_amp_is_bfloat16_only_where_the_device_runs_it_fast():
+    assert engine.autocast_dtype(CPU, amp=True) is None
+    assert engine.autocast_dtype(CPU, amp=False) is None
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert engine.autocast_dtype(torch.device("cuda"), amp=True) is torch.bfloat16
+
+
+def test_a_bfloat16_step_trains_and_reports_float_metrics(files):
+    cfg = make_cfg("train.epochs=1")
+    model, bundle = fresh(cfg, files)
+    step = engine.Step(torch.channels_last, torch.bfloat16)
+    x, _ = next(iter(bundle.test))
+    assert step.forward(model, x).dtype is torch.bfloat16
+    opt = engine.build_optimizer(model.parameters(), cfg.optim)
+    loss, acc, seen = engine.train_one_epoch(model, bundle.train, opt, step)
+    assert math.isfinite(loss) and 0 <= acc <= 1 and seen == bundle.train.num_images
+    eval_loss, eval_acc = engine.evaluate(model, bundle.test, "eval", step)
+    assert math.isfinite(eval_loss) and 0 <= eval_acc <= 1
+
+
+class StepLog(Callback):
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
+        self.logged.append((step, metrics))
+
+
+def test_log_every_steps_reports_the_mean_loss_at_global_steps(files, tmp_path):
+    cfg = make_cfg("train.epochs=2", "train.log_every_steps=4")
+    model, bundle = fresh(cfg, files)
+    log = StepLog()
+    engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[log])
+    per_epoch = len(bundle.train)
+    expected = [e * per_epoch + i for e in range(2) for i in range(4, per_epoch + 1, 4)]
+    assert [s for s, _ in log.logged] == expected
+    assert all(set(m) == {"train_step_loss"} and m["train_step_loss"] > 0 for _, m in log.logged)
+
+
+def test_log_every_steps_does_not_change_training(reference, files, tmp_path):
+    cfg = make_cfg("train.log_every_steps=3")
+    model, bundle = fresh(cfg, files)
+    engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path)
+    assert_same_weights(state_of(model), reference["final"])
+
+
+def test_compile_warms_up_untimed_and_trains_like_the_eager_model(files, tmp_path):
+    eager_cfg = make_cfg("train.epochs=2")
+    model, bundle = fresh(eager_cfg, files)
+    eager_rec = Recorder()
+    engine.fit(model, bundle, eager_cfg, checkpoint_dir=tmp_path / "eager", callbacks=[eager_rec])
+    cfg = make_cfg("train.epochs=2", "train.compile=true")
+    model, bundle = fresh(cfg, files)
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "compiled", callbacks=[rec])
+    assert result.status == "finished"
+    assert rec.epochs[0][1]["compile_time_s"] > 0
+    assert "compile_time_s" not in rec.epochs[1][1]
+    # The warm-up left weights, buffers and random state alone: the compiled run follows the
+    # eager one (compiled kernels may round differently, so closely, not bit for bit).
+    for (_, eager), (_, compiled) in zip(eager_rec.epochs, rec.epochs):
+        assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+        assert compiled["val_acc"] == pytest.approx(eager["val_acc"], abs=0.02)
+    # The checkpoint holds the plain model's weights, loadable without torch.compile.
+    saved = torch.load(tmp_path / "compiled" / engine.LAST, weights_only=True)["model"]
+    assert saved.keys() == model.state_dict().keys()

@@ -17,7 +17,7 @@ import torchvision
 from mlflow.tracking import MlflowClient
 
 from bench import engine, suite
-from bench.tracking import DEFAULT_URI, Tracker, resolve_uri, ui_command
+from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, Writer, resolve_uri, ui_command
 
 from conftest import TINY_SETS
 
@@ -211,3 +211,54 @@ def test_resolve_uri_precedence(monkeypatch):
 def test_ui_command():
     assert ui_command("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
     assert ui_command("http://localhost:5000") == "open http://localhost:5000"
+
+
+def test_a_resumed_run_logs_no_epoch_or_step_twice(in_tmp):
+    """Killed after logging epoch 3 with its last checkpoint at epoch 2: the resumed fit recomputes
+    epoch 3, and the store keeps the first value of each step."""
+    tracker = Tracker(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    run_id = tracker.start_run(tracker.experiment_id(EXPERIMENT), "resumed", {})
+    cfg = plan()[0].cfg
+    first = MlflowRun(tracker, run_id, cfg)
+    first.on_fit_start(start_epoch=0, epochs=4)
+    for epoch in (1, 2, 3):
+        first.on_train_steps(2 * epoch, {"train_step_loss": float(epoch)})
+        first.on_epoch_end(epoch, {"train_loss": float(epoch)})
+    tracker.end_run(run_id, "KILLED")
+
+    again = MlflowRun(tracker, run_id, cfg)
+    again.on_fit_start(start_epoch=2, epochs=4)
+    for epoch in (3, 4):
+        again.on_train_steps(2 * epoch, {"train_step_loss": 10.0 * epoch})
+        again.on_epoch_end(epoch, {"train_loss": 10.0 * epoch})
+    tracker.end_run(run_id, "FINISHED")
+    history = {m.step: m.value for m in tracker.client.get_metric_history(run_id, "train_loss")}
+    assert steps(tracker.client, run_id, "train_loss") == [1, 2, 3, 4]
+    assert history == {1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0}
+    assert steps(tracker.client, run_id, "train_step_loss") == [2, 4, 6, 8]
+
+
+def test_per_step_metrics_are_logged_at_global_steps(in_tmp):
+    [outcome] = run(plan("train.log_every_steps=5"), in_tmp, f"sqlite:///{in_tmp / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    per_epoch = -(-(1000 - 100) // 32)  # 900 training images in batches of 32
+    logged = steps(client, outcome.run_id, "train_step_loss")
+    assert logged == [e * per_epoch + i for e in range(2) for i in range(5, per_epoch + 1, 5)]
+
+
+def test_the_writer_keeps_order_and_raises_a_failed_call_at_flush():
+    writer = Writer()
+    seen: list[int] = []
+    for i in range(5):
+        writer.submit(seen.append, i)
+    writer.flush()
+    assert seen == [0, 1, 2, 3, 4]
+
+    def fail() -> None:
+        raise RuntimeError("store down")
+
+    writer.submit(fail)
+    writer.submit(seen.append, 5)
+    with pytest.raises(RuntimeError, match="store down"):
+        writer.close()
+    assert seen[-1] == 5

@@ -22,13 +22,10 @@ def random_crop_flip(images: Tensor, padding: int, gen: torch.Generator) -> Tens
     top = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=dev)
     left = torch.randint(0, 2 * padding + 1, (n,), generator=gen, device=dev)
     flip = torch.rand(n, generator=gen, device=dev) < 0.5
-    rows = top[:, None] + torch.arange(h, device=dev)
-    cols = left[:, None] + torch.arange(w, device=dev)
-    # A flipped image reads its columns right to left.
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=dev)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2)
+    # Every H x W window of every image as a view (no copy); each image then takes its own one.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    out = windows[torch.arange(n, device=dev), :, top, left]
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
 def resized_crop_boxes(

@@ -1,0 +1,333 @@
+"""`bench perf`: what the suite's harness costs beside the model's own compute, per model.
+
+For each model, on the current device, in one process:
+- data pipeline: the suite's batched on-device augmentation against torchvision's per-sample PIL
+  transforms (same augmentations) in a DataLoader on every core, at 32 px and, for the
+  fine-tune, at 224 px;
+- training: the engine with full MLflow tracking (a temporary SQLite store: params, per-epoch
+  metrics, checkpoints) against a bare PyTorch loop over pre-made batches in memory, with the same
+  model, optimizer, batch, memory format and autocast;
+- tracking: the time spent in the MLflow callback, per epoch and as a share of the epoch;
+- FLOP/s achieved in training against a matrix-multiply probe of the device.
+
+The images are the embedded CIFAR subset (throughput does not depend on which images they are).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
+
+from bench import config, data, engine
+from bench.callbacks import Callback
+from bench.data import cifar
+from bench.models import create_model
+
+# CIFAR's official split sizes, for the FLOPs of a full paper run.
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to measure: the full run by default, a quick look with --quick."""
+
+    pipeline_images: int  # images per pipeline measurement
+    train_images: int  # images per training epoch (at most the embedded subset's 1000)
+    epochs: int  # epochs per training measurement
+    repeats: int  # training measurements per side; the best of each side counts
+
+
+FULL = Budget(pipeline_images=8192, train_images=1000, epochs=3, repeats=2)
+QUICK = Budget(pipeline_images=2048, train_images=512, epochs=2, repeats=1)
+
+
+def models_and_experiments() -> dict[str, str]:
+    """Model name -> the experiment that trains it (one reported run per model)."""
+    return {config.load(e, profile="paper").model.name: e for e in config.list_experiments()}
+
+
+# --- data pipeline -------------------------------------------------------------------------------
+
+
+def _tiled(split: cifar.Split, n: int) -> cifar.Split:
+    reps = -(-n // len(split))
+    return cifar.Split(split.images.repeat(reps, 1, 1, 1)[:n], split.labels.repeat(reps)[:n])
+
+
+def suite_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) -> float:
+    """Images/s of the suite's training batches (augmented, normalized, on the device)."""
+    on_device = cifar.Split(split.images.to(device), split.labels.to(device))
+    gen = torch.Generator(device=device).manual_seed(0)
+    mean = torch.tensor(cfg_data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg_data.std, device=device).view(1, 3, 1, 1)
+    batches = data.Batches(
+        on_device, batch_size=cfg_data.batch_size, mean=mean, std=std, image_size=cfg_data.image_size,
+        augment=cfg_data.augment, padding=cfg_data.crop_padding, shuffle=True, gen=gen,
+    )
+    next(iter(batches))  # kernels and allocator warm
+    engine.synchronize(device)
+    started = time.perf_counter()
+    for x, _ in batches:
+        pass
+    engine.synchronize(device)
+    return batches.num_images / (time.perf_counter() - started)
+
+
+class _PilImages(Dataset):
+    def __init__(self, split: cifar.Split, transform: Callable) -> None:
+        self.images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in split.images]
+        self.labels = split.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def reference_transform(cfg_data) -> Callable:
+    """torchvision's per-sample reference transforms for the recipe's augmentation."""
+    if cfg_data.augment == "resized_crop_flip":
+        crop = T.RandomResizedCrop(cfg_data.image_size)
+    else:
+        crop = T.RandomCrop(32, padding=cfg_data.crop_padding)
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg_data.mean, cfg_data.std)])
+
+
+def reference_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) -> float:
+    """Images/s of torchvision's PIL pipeline in a DataLoader with a worker per core, delivered
+    to the device as the training loop would get them."""
+    loader = DataLoader(
+        _PilImages(split, reference_transform(cfg_data)), batch_size=cfg_data.batch_size, shuffle=True,
+        num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda", persistent_workers=True,
+    )
+    for _ in loader:  # workers started and warm: the first epoch is not timed
+        pass
+    started = time.perf_counter()
+    for x, _ in loader:
+        x.to(device, non_blocking=True)
+    engine.synchronize(device)
+    rate = len(split) / (time.perf_counter() - started)
+    del loader
+    return rate
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class _Timed(Callback):
+    """Forwards every hook to `inner` and adds up the seconds spent in it."""
+
+    def __init__(self, inner: Callback) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def _time(self, hook: str, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return getattr(self.inner, hook)(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def on_fit_start(self, **kwargs) -> None:
+        self._time("on_fit_start", **kwargs)
+
+    def on_epoch_end(self, epoch, metrics):
+        return self._time("on_epoch_end", epoch, metrics)
+
+    def on_train_steps(self, step, metrics) -> None:
+        self._time("on_train_steps", step, metrics)
+
+    def on_checkpoint(self, kind, path, epoch) -> None:
+        self._time("on_checkpoint", kind, path, epoch)
+
+    def on_fit_end(self, result) -> None:
+        self._time("on_fit_end", result)
+
+
+def perf_config(experiment: str, profile: str, budget: Budget) -> config.RunConfig:
+    """The recipe under the profile, trained on every embedded image for `budget.epochs`, with no
+    evaluation passes: what is timed is training and the harness around it."""
+    sets = ["data.source=embedded", "data.val_size=0", "eval.remeasure_train_acc=false"]
+    return config.load(experiment, profile=profile, sets=sets, epochs=budget.epochs)
+
+
+def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, workdir: Path) -> tuple[float, float]:
+    """(images/s, tracking seconds) of engine.fit with MLflow tracking to a fresh SQLite store."""
+    from bench.tracking import MlflowRun, Tracker
+
+    engine.seed_everything(cfg.seed, cfg.train.deterministic)
+    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
+    tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
+    run_id = tracker.start_run(tracker.experiment_id(cfg.experiment), "perf", {})
+    timed = _Timed(MlflowRun(tracker, run_id, cfg))
+    engine.synchronize(device)
+    started = time.perf_counter()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / "checkpoints", callbacks=[timed], resume=False, evaluate_test=False)
+    tracker.end_run(run_id, "FINISHED")
+    seconds = time.perf_counter() - started
+    assert result.status == "finished", result.status
+    return result.epochs_done * bundle.train.num_images / seconds, timed.seconds
+
+
+def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device) -> float:
+    """Images/s of a minimal loop: same model, optimizer, batch, memory format and autocast, over
+    batches made once and held in memory; no augmentation, metrics, checkpoints or tracking."""
+    engine.seed_everything(cfg.seed, cfg.train.deterministic)
+    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
+    batches = [(x.clone(), y.clone()) for x, y in bundle.train]
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
+    step = engine.Step(
+        torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
+        engine.autocast_dtype(device, cfg.train.amp),
+    )
+    model.to(memory_format=step.memory_format).train()
+    optimizer = engine.build_optimizer(model.parameters(), cfg.optim)
+    engine.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(cfg.train.epochs):
+        for x, y in batches:
+            loss = F.cross_entropy(step.forward(model, x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    engine.synchronize(device)
+    return cfg.train.epochs * bundle.train.num_images / (time.perf_counter() - started)
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------
+
+
+def step_flops(cfg: config.RunConfig, device: torch.device, image_size: int | None = None, batch: int = 2) -> tuple[float, float]:
+    """(training FLOPs, forward-only FLOPs) per image of the model at its image size."""
+    size = image_size or cfg.data.image_size
+    # FLOPs do not depend on the weights: no pretrained ones to fetch.
+    options = {**cfg.model.options, **({"weights": "none"} if "weights" in cfg.model.options else {})}
+    model = create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **options).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    model.train()
+    with FlopCounterMode(display=False) as train:
+        F.cross_entropy(model(x), y).backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as forward:
+        model(x)
+    return train.get_total_flops() / batch, forward.get_total_flops() / batch
+
+
+def matmul_probe(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix multiply: what the device can do at best, in practice."""
+    n = 4096 if device.type != "cpu" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        engine.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        engine.synchronize(device)
+        best = min(best, (time.perf_counter() - started) / 4)
+    return 2 * n**3 / best
+
+
+def paper_flops(experiment: str, device: torch.device) -> float:
+    """FLOPs of one seed of the reported run: training steps plus its evaluation passes."""
+    cfg = config.load(experiment, profile="paper")
+    train_per_image, forward_per_image = step_flops(cfg, device)
+    train_images = CIFAR_TRAIN - cfg.data.val_size
+    eval_images = cfg.data.val_size + CIFAR_TEST + (train_images if cfg.eval.remeasure_train_acc else 0)
+    return cfg.train.epochs * (train_images * train_per_image + eval_images * forward_per_image)
+
+
+# --- the whole measurement ------------------------------------------------------------------------
+
+
+def measure_model(
+    model_name: str, experiment: str, *, profile: str, device: torch.device, budget: Budget,
+    probe_flops: float, say: Callable[[str], None],
+) -> dict[str, Any]:
+    cfg = perf_config(experiment, profile, budget)
+    embedded = cifar.load_cifar(cfg.data.dataset, None)
+    files = cifar.CifarFiles(_tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False, embedded.location)
+    out: dict[str, Any] = {"experiment": experiment, "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size}
+
+    images = _tiled(embedded.train, budget.pipeline_images)
+    # Every model gets the 32-px crop-and-flip path; the fine-tune also its own 224-px path.
+    pipelines = {"": cfg.data.model_copy(update={"augment": "crop_flip", "image_size": 32})}
+    if cfg.data.augment == "resized_crop_flip":
+        pipelines["_224"] = cfg.data.model_copy(update={"image_size": 224})
+    for suffix, cfg_data in pipelines.items():
+        suite_rate = suite_pipeline_rate(images, cfg_data, device)
+        reference_rate = reference_pipeline_rate(images, cfg_data, device)
+        out.update({f"pipeline_images_per_s{suffix}": suite_rate, f"pipeline_reference_images_per_s{suffix}": reference_rate,
+                    f"pipeline_ratio{suffix}": suite_rate / reference_rate})
+        say(f"{model_name}: data pipeline at {cfg_data.image_size} px {suite_rate:,.0f} images/s against "
+            f"torchvision's {reference_rate:,.0f} (x{suite_rate / reference_rate:.1f})")
+
+    bare_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), files, device)  # warm
+    suite_rates, bare_rates, tracking = [], [], []
+    for _ in range(budget.repeats):
+        bare_rates.append(bare_training(cfg, files, device))
+        with tempfile.TemporaryDirectory() as tmp:
+            rate, tracking_s = suite_training(cfg, files, device, Path(tmp))
+        suite_rates.append(rate)
+        tracking.append(tracking_s)
+    best = max(range(budget.repeats), key=lambda i: suite_rates[i])
+    suite_rate, bare_rate = suite_rates[best], max(bare_rates)
+    epoch_s = files.train.labels.numel() / suite_rate
+    tracking_epoch_s = tracking[best] / cfg.train.epochs
+    train_flops, _ = step_flops(cfg, device)
+    out.update({
+        "engine_images_per_s": suite_rate, "bare_images_per_s": bare_rate, "engine_ratio": suite_rate / bare_rate,
+        "epoch_s": epoch_s, "tracking_ms_per_epoch": 1000 * tracking_epoch_s, "tracking_share": tracking_epoch_s / epoch_s,
+        "train_flops_per_image": train_flops, "achieved_flops_per_s": train_flops * suite_rate,
+        "flops_utilization": train_flops * suite_rate / probe_flops, "paper_flops_per_seed": paper_flops(experiment, device),
+    })
+    say(f"{model_name}: training {suite_rate:,.1f} images/s against a bare loop's {bare_rate:,.1f} "
+        f"(x{suite_rate / bare_rate:.3f}), tracking {1000 * tracking_epoch_s:.1f} ms per epoch")
+    return out
+
+
+def run(models: list[str], *, profile: str, device: torch.device, quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    budget = QUICK if quick else FULL
+    experiments = models_and_experiments()
+    dtype = engine.autocast_dtype(device, config.load(experiments[models[0]], profile=profile).train.amp) or torch.float32
+    probe = matmul_probe(device, dtype)
+    say(f"{engine.device_name(device)}: matrix multiply {probe / 1e9:,.1f} GFLOP/s ({str(dtype).removeprefix('torch.')})")
+    results: dict[str, Any] = {
+        "device": {"name": engine.device_name(device), "type": device.type, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "matmul_flops_per_s": probe, "matmul_dtype": str(dtype).removeprefix("torch."),
+                   "profile": profile, "quick": quick},
+    }
+    for name in models:
+        results[name] = measure_model(name, experiments[name], profile=profile, device=device, budget=budget, probe_flops=probe, say=say)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = [("model", "pipeline x", "224 px x", "train img/s", "bare img/s", "engine x", "tracking ms/epoch", "tracking %", "GFLOP/s", "util %")]
+    for name, r in results.items():
+        if name == "device":
+            continue
+        rows.append((
+            name, f"{r['pipeline_ratio']:.1f}", f"{r['pipeline_ratio_224']:.2f}" if "pipeline_ratio_224" in r else "-",
+            f"{r['engine_images_per_s']:,.1f}", f"{r['bare_images_per_s']:,.1f}", f"{r['engine_ratio']:.3f}",
+            f"{r['tracking_ms_per_epoch']:.1f}", f"{100 * r['tracking_share']:.2f}",
+            f"{r['achieved_flops_per_s'] / 1e9:,.1f}", f"{100 * r['flops_utilization']:.1f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
