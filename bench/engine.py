@@ -36,6 +36,7 @@ class FitResult:
     best_val_acc: float | None = None
     best_test_acc: float | None = None
     checkpoint_dir: Path | None = None
+    nonfinite_epoch: int | None = None  # the epoch whose loss was NaN or Inf
 
 
 def resolve_device(name: str) -> torch.device:
@@ -299,7 +300,8 @@ def fit(
         train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
         scheduler.step()
         if not math.isfinite(train_loss):
-            result.status = "nonfinite"
+            # Ends here, before any evaluation or checkpoint: NaN weights are never saved.
+            result.status, result.nonfinite_epoch = "nonfinite", epoch
             result.last_metrics = {"train_loss": train_loss}
             break
         if cfg.eval.remeasure_train_acc:

@@ -272,6 +272,8 @@ class MlflowRun(Callback):
         summary: dict[str, Any] = {"bench.status": result.status, "bench.epochs_done": str(result.epochs_done)}
         if result.best_epoch is not None:
             summary.update({"bench.best_epoch": str(result.best_epoch), "bench.best_split": "val"})
+        if result.status == "nonfinite":
+            summary.update({"bench.failure": "nonfinite_loss", "bench.failure_epoch": str(result.nonfinite_epoch)})
         self.writer.submit(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
         if result.best_epoch is not None:
             ts, step = int(time.time() * 1000), result.best_epoch

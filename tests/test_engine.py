@@ -294,7 +294,7 @@ def test_a_non_finite_loss_ends_the_run_as_nonfinite(how, files, tmp_path):
     rec = Recorder()
     result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec])
     assert result.status == "nonfinite"
-    assert result.epochs_done == 0
+    assert result.epochs_done == 0 and result.nonfinite_epoch == 1
     assert not math.isfinite(result.last_metrics["train_loss"])
     assert rec.epochs == []
     assert rec.ends == [result]

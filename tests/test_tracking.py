@@ -262,3 +262,19 @@ def test_the_writer_keeps_order_and_raises_a_failed_call_at_flush():
     with pytest.raises(RuntimeError, match="store down"):
         writer.close()
     assert seen[-1] == 5
+
+
+def test_a_nonfinite_loss_fails_its_run_with_the_epoch_and_the_suite_goes_on(in_tmp):
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    exploding = suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=[*SETS, "optim.lr=1e30"])
+    healthy = suite.plan(["bottleneck-cifar10"], profile="smoke", seeds=1, sets=SETS)
+    outcomes = run([*exploding, *healthy], in_tmp, uri)
+    assert [o.status for o in outcomes] == ["nonfinite", "finished"]
+    client = MlflowClient(uri)
+    [failed] = runs_of(client)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["bench.failure"] == "nonfinite_loss"
+    assert failed.data.tags["bench.failure_epoch"] == "1"
+    assert "train_loss" not in failed.data.metrics  # nothing of the non-finite epoch is logged
+    [finished] = runs_of(client, "bottleneck-cifar10")
+    assert finished.info.status == "FINISHED" and "bench.failure" not in finished.data.tags
