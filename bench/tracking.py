@@ -275,7 +275,9 @@ class MlflowRun(Callback):
         if result.status == "nonfinite":
             summary.update({"bench.failure": "nonfinite_loss", "bench.failure_epoch": str(result.nonfinite_epoch)})
         self.writer.submit(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
-        if result.best_epoch is not None:
+        # A run killed after its last epoch is resumed with nothing left to train: its best
+        # metrics may already be in the store at the same step.
+        if result.best_epoch is not None and self.tracker.logged_steps(self.run_id, "best_val_acc") != result.best_epoch:
             ts, step = int(time.time() * 1000), result.best_epoch
             best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
             metrics = [Metric(k, float(v), ts, step) for k, v in best.items() if v is not None]
