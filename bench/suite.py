@@ -20,7 +20,7 @@ from tqdm import tqdm
 from bench import config, data, engine
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
-from bench.errors import UserError
+from bench.errors import UserError, reason
 from bench.models import create_model
 from bench.tracking import MlflowRun, Tracker, environment_tags
 
@@ -111,10 +111,20 @@ def files_for(cfg: config.RunConfig, data_dir: Path | None) -> cifar.CifarFiles:
 
 def preflight(cells: list[Cell], data_dir: Path | None) -> None:
     """Load each dataset and build each model once: missing data or weights stop before training."""
-    for cfg in {c.cfg.data.dataset + str(data_root(c.cfg, data_dir)): c.cfg for c in cells}.values():
-        _files(cfg.data.dataset, data_root(cfg, data_dir))
-    for cfg in {repr(c.cfg.model): c.cfg for c in cells}.values():
-        create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options)
+    for c in cells:
+        train = len(_files(c.cfg.data.dataset, data_root(c.cfg, data_dir)).train)
+        if c.cfg.data.val_size >= train:
+            raise UserError(f"{c.experiment}: data.val_size={c.cfg.data.val_size} leaves no training images (the train set has {train})")
+    for cfg in {repr(c.cfg.model) + str(c.cfg.data.image_size): c.cfg for c in cells}.values():
+        try:
+            model = create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options).eval()
+            with torch.no_grad():  # options that build but do not fit together fail on the first batch
+                model(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+        except UserError:
+            raise
+        except Exception as exc:  # a builder given options that do not fit together (list lengths, ...)
+            options = ", ".join(f"model.{k}={v}" for k, v in cfg.model.options.items())
+            raise UserError(f"{cfg.experiment}: model {cfg.model.name} does not work with {options} at {cfg.data.image_size} px: {reason(exc)}") from None
 
 
 def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
