@@ -294,7 +294,7 @@ class ParentRun:
         try:
             run = tracker.client.get_run(run_id)
         except Exception as exc:  # mlflow raises for an unknown id
-            raise UserError(f"no MLflow run {run_id} in {tracker.uri}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"no MLflow run {run_id} in {redact(tracker.uri)}: {str(exc).splitlines()[0]}") from None
         if run.info.experiment_id != experiment_id or run.data.tags.get("bench.kind") != "study":
             raise UserError(f"MLflow run {run_id} is not a study's parent run in experiment {experiment_id}")
         self = cls.__new__(cls)
