@@ -1,25 +1,115 @@
-"""Checkpoint files: written atomically, always read with weights_only=True."""
+"""Checkpoint files: written atomically, checksummed, the previous "last" kept, read with weights_only=True.
+
+A file is torch.save's bytes followed by a trailer: MAGIC and the SHA-256 of those bytes. The
+trailer travels with the file (an MLflow artifact downloaded elsewhere still verifies), and plain
+`torch.load(path, weights_only=True)` still reads it: the zip reader ignores bytes after the archive.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
+MAGIC = b"\0bench-sha256\0"
+TRAILER = len(MAGIC) + hashlib.sha256().digest_size
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that is truncated, altered or not one of ours."""
+
+
+def previous(path: Path) -> Path:
+    """Where `save_rotating` keeps the checkpoint that `path` held before: last.pt -> last.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: without this a power cut can undo os.replace."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows has no directory handles to sync
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(state: dict[str, Any], path: Path) -> Path:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload + MAGIC + hashlib.sha256(payload).digest())
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
 
 def save(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_tmp(state, path)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_rotating(state: dict[str, Any], path: Path) -> None:
+    """Like `save`, keeping the file `path` held as `previous(path)`: if the new one is ever
+    unreadable (a disk that lied about fsync, a bad copy), the one before it still is."""
+    path = Path(path)
+    tmp = _write_tmp(state, path)
+    if path.exists():
+        # A crash between the two renames leaves only previous(path): load_latest reads it.
+        os.replace(path, previous(path))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint's state; CorruptCheckpoint when its checksum does not match its bytes."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < TRAILER or data[-TRAILER : -TRAILER + len(MAGIC)] != MAGIC:
+        raise CorruptCheckpoint(f"{path}: no checksum at the end (truncated, or not written by bench)")
+    payload, digest = data[:-TRAILER], data[-TRAILER + len(MAGIC) :]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptCheckpoint(f"{path}: checksum mismatch (the file was altered or damaged)")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def load_latest(path: Path) -> dict[str, Any] | None:
+    """The newest valid checkpoint of `path` and `previous(path)`; None when neither exists.
+
+    A corrupt newest one is skipped with a warning naming it and why; when every one that exists
+    is corrupt, CorruptCheckpoint names them all."""
+    path = Path(path)
+    problems = []
+    for candidate in (path, previous(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            state = load(candidate)
+        except CorruptCheckpoint as exc:
+            log.warning("skipping checkpoint %s", exc)
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("resuming from the previous checkpoint %s instead", candidate)
+        return state
+    if problems:
+        raise CorruptCheckpoint(
+            f"no usable checkpoint in {path.parent}: {'; '.join(problems)}; "
+            "delete the directory to train the run from the start"
+        )
+    return None

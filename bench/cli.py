@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from bench import config
+from bench import config, stores
 from bench.errors import UserError, reason, unusable
-from bench.urls import redact
+from bench.paths import check_writable
+from bench.urls import redact, scrub
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 
@@ -110,19 +111,24 @@ def cmd_run(args) -> int:
     cells = suite.plan(list(dict.fromkeys(names)), profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs)
     total = len(cells)
     cells = suite.shard(cells, args.shard)
+    from bench.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    stores.check("tracking store", uri)
+    check_writable(args.checkpoint_dir, "--checkpoint-dir")
     if args.dry_run:
         print(suite.dry_run_table(cells))
         which = f", shard {args.shard}: {len(cells)} of {total} cells" if args.shard else ""
         print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}{which}")
         return 0
     device = engine.resolve_device(args.device)
+    stores.probe("tracking store", uri)
     suite.preflight(cells, args.data_dir)
-    from bench.tracking import Tracker, resolve_uri, ui_command
+    from bench.tracking import Tracker, ui_command
 
-    uri = resolve_uri(args.tracking_uri)
     outcomes = suite.run_cells(cells, tracker=Tracker(uri), device=device, data_dir=args.data_dir, checkpoint_root=args.checkpoint_dir)
     print(suite.summary_table(outcomes))
-    print(f"\nSee the runs: {ui_command(uri)}")
+    print(f"\nSee the runs: {ui_command(redact(uri))}")
     failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
     if failed:
         print(f"{len(failed)} of {len(outcomes)} cells did not finish: {', '.join(o.cell.name for o in failed)}", file=sys.stderr)
@@ -139,10 +145,17 @@ def cmd_tune(args) -> int:
     for value, flag, least in ((args.trials, "--trials", 1), (args.epochs, "--epochs", 1), (args.heartbeat, "--heartbeat", 1), (args.workers, "--workers", 0)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     base = config.load(args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs)
     space = tuning.search_space(args.experiment, base)
     url = args.storage or os.environ.get("BENCH_OPTUNA_STORAGE") or DEFAULT_OPTUNA
+    uri = resolve_uri(args.tracking_uri)
+    stores.check("Optuna storage", url)
+    stores.check("tracking store", uri)
+    check_writable(args.checkpoint_dir, "--checkpoint-dir")
     name = args.study or f"{args.experiment}-{args.profile}"
+    stores.probe("Optuna storage", url)
     store = tuning.storage(url, args.heartbeat)
     study = tuning.open_study(
         store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, args.worker_index, store, name)),
@@ -151,7 +164,7 @@ def cmd_tune(args) -> int:
     )
     if args.best:
         return _print_best(study, args, tuning)
-    uri = resolve_uri(args.tracking_uri)
+    stores.probe("tracking store", uri)
     tracker = Tracker(uri)
     exp_id = tracker.experiment_id(args.experiment)
     engine.resolve_device(args.device)  # a device that is not there stops here, before any worker starts
@@ -184,7 +197,7 @@ def cmd_tune(args) -> int:
         return 0  # the process that started the workers reports and closes the parent run
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
-    print(f"See the study: optuna-dashboard {redact(url)}   and the runs: {ui_command(uri)}")
+    print(f"See the study: optuna-dashboard {redact(url)}   and the runs: {ui_command(redact(uri))}")
     _print_best(study, args, tuning)
     return 0 if tuning.finished(study) >= args.trials or args.timeout else 1
 
@@ -227,13 +240,16 @@ def cmd_report(args) -> int:
     names = config.suite_experiments(args.suite)
     if args.profile and args.profile not in config.list_profiles():
         raise UserError(f"unknown profile {args.profile!r}; known: {', '.join(config.list_profiles())}")
-    studies = _studies(args.storage, names)
     uri = resolve_uri(args.tracking_uri)
+    stores.check("tracking store", uri)
+    out = args.out or Path("reports") / args.suite
+    check_writable(out, "--out")
+    studies = _studies(args.storage, names)
+    stores.probe("tracking store", uri)
     found = results.load(uri, names)
     if found.runs.empty:
-        raise UserError(f"no runs of suite {args.suite!r} in {uri}; train them first: bench run --suite {args.suite}")
+        raise UserError(f"no runs of suite {args.suite!r} in {redact(uri)}; train them first: bench run --suite {args.suite}")
     summary = report.summarize(found, names, suite=args.suite, profile=args.profile)
-    out = args.out or Path("reports") / args.suite
     try:
         path = report.write(summary, out, studies)
     except OSError as exc:
@@ -257,8 +273,10 @@ def _studies(storage: str | None, experiments: list[str]):
         url = DEFAULT_OPTUNA
     if url is None or url == "none":
         return None
+    stores.check("Optuna storage", url)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise UserError(f"no Optuna storage at {url}: pass --storage with the URL `bench tune` used, or --storage none")
+        raise UserError(f"no Optuna storage at {redact(url)}: pass --storage with the URL `bench tune` used, or --storage none")
+    stores.probe("Optuna storage", url)
     try:
         return results.load_studies(url, experiments)
     except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
@@ -298,15 +316,55 @@ def _check_writable(path: Path) -> None:
 COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report, "perf": cmd_perf}
 
 
+_shown_urls: list[str] = []  # the store URLs of the running command, whose passwords logs must not show
+
+
+def _hiding_passwords(make_record):
+    """A log record factory that replaces those passwords in every record, tracebacks included,
+    whichever library logs it (a driver's or MLflow's message may quote a URL)."""
+
+    def make(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if _shown_urls:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            clean = scrub(text, _shown_urls)
+            if clean != text:
+                record.msg, record.args, record.exc_info, record.exc_text = clean, None, None, None
+        return record
+
+    make.hides_passwords = True
+    return make
+
+
+def _guard_passwords(args) -> list[str]:
+    """Registers the store URLs this command may show; returns them."""
+    import os
+
+    urls = [getattr(args, "tracking_uri", None), getattr(args, "storage", None),
+            os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("BENCH_OPTUNA_STORAGE")]
+    _shown_urls[:] = [u for u in urls if u]
+    if not getattr(logging.getLogRecordFactory(), "hides_passwords", False):
+        logging.setLogRecordFactory(_hiding_passwords(logging.getLogRecordFactory()))
+    return list(_shown_urls)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    urls = _guard_passwords(args)
     try:
+        for flag in ("tracking_uri", "storage", "study"):
+            if getattr(args, flag, None) is not None and not getattr(args, flag).strip():
+                raise UserError(f"--{flag.replace('_', '-')} must not be empty")
         return COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"bench: error: {exc}", file=sys.stderr)
+        # One line, whatever a wrapped message held.
+        line = " ".join(str(exc).split())
+        print(f"bench: error: {scrub(line, urls)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)

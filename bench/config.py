@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from bench.errors import UserError
 
@@ -24,13 +25,14 @@ else:  # pragma: no cover
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: `--set optim.lr=true` or `train.epochs="3"` is a mistake, not a value to coerce.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(BaseModel):
     """`name` picks the builder; every other key is one of its keyword options."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     name: str
 
     @model_validator(mode="after")
@@ -38,7 +40,7 @@ class ModelConfig(BaseModel):
         from bench.models import list_models, model_options
 
         if self.name not in list_models():
-            raise ValueError(f"unknown model {self.name!r}; known: {', '.join(list_models())}")
+            raise ValueError(f"model.name: unknown model {self.name!r}; known: {', '.join(list_models())}")
         options = model_options(self.name)
         for key, value in (self.model_extra or {}).items():
             if key not in options:
@@ -53,6 +55,10 @@ class ModelConfig(BaseModel):
             if not ok or (isinstance(value, bool) and not isinstance(expected, bool)):
                 kind = f"a list of {type(expected[0]).__name__}" if isinstance(expected, tuple) else type(expected).__name__
                 raise ValueError(f"model.{key} should be {kind}, got {value!r}")
+            # Every number a builder takes is a size, a count, a kernel or a rate.
+            numbers = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if type(v) in (int, float)]
+            if any(not math.isfinite(v) or v < 0 or (type(v) is int and v == 0) for v in numbers) or value in ([], ()):
+                raise ValueError(f"model.{key} should be positive (a rate at least 0), got {value!r}")
         return self
 
     @property
@@ -70,8 +76,8 @@ class DataConfig(Section):
     image_size: int = Field(default=32, ge=8)
     augment: Literal["crop_flip", "resized_crop_flip", "none"] = "crop_flip"
     crop_padding: int = Field(default=4, ge=0)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, float, float] = Field(strict=False)  # TOML gives a list
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field(strict=False)
 
 
 class OptimConfig(Section):
@@ -174,7 +180,9 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid TOML: {exc}") from None
 
 
@@ -226,11 +234,32 @@ def read_experiment(name: str) -> dict[str, Any]:
 def read_profile(name: str) -> dict[str, Any]:
     if name not in list_profiles():
         raise UserError(f"unknown profile {name!r}; known: {', '.join(list_profiles())}")
-    return read_toml(experiments_dir() / "profiles" / f"{name}.toml")
+    path = experiments_dir() / "profiles" / f"{name}.toml"
+    prof = read_toml(path)
+    seeds = prof.get("seeds", 1)
+    if type(seeds) is not int or seeds < 1:
+        raise UserError(f"{path}: seeds should be a whole number at least 1, got {seeds!r}")
+    parts = {"overrides": prof.get("overrides", {})}
+    experiments = prof.get("experiments", {})
+    if not isinstance(experiments, dict):
+        raise UserError(f"{path}: experiments should be a table of [experiments.NAME.overrides] tables")
+    for exp, body in experiments.items():
+        if not isinstance(body, dict) or set(body) - {"overrides"}:
+            raise UserError(f"{path}: experiments.{exp} should hold only an overrides table")
+        parts[f"experiments.{exp}.overrides"] = body.get("overrides", {})
+    for key, table in parts.items():
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: {key} should be a table of config keys, got {table!r}")
+    return prof
 
 
 def read_suites() -> dict[str, list[str]]:
-    suites = read_toml(experiments_dir() / "suites.toml")
+    path = experiments_dir() / "suites.toml"
+    suites = read_toml(path)
+    for name, body in suites.items():
+        exps = body.get("experiments") if isinstance(body, dict) else None
+        if not isinstance(exps, list) or not all(isinstance(e, str) for e in exps):
+            raise UserError(f"{path}: suite {name} needs experiments = [\"NAME\", ...]")
     return {name: list(body["experiments"]) for name, body in suites.items()}
 
 
@@ -242,7 +271,7 @@ def suite_experiments(name: str) -> list[str]:
 
 
 def profile_seeds(profile: str) -> int:
-    return int(read_profile(profile).get("seeds", 1))
+    return read_profile(profile).get("seeds", 1)
 
 
 def load(

@@ -253,8 +253,8 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg.schedule, epochs)
     result = FitResult(status="finished", epochs_done=0, checkpoint_dir=Path(checkpoint_dir))
     last_path, best_path = Path(checkpoint_dir) / LAST, Path(checkpoint_dir) / BEST
-    if resume and last_path.is_file():
-        state = checkpoint.load(last_path)
+    state = checkpoint.load_latest(last_path) if resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -264,7 +264,8 @@ def fit(
         result.last_metrics = dict(state["metrics"])
 
     def save(path: Path, kind: str, epoch: int) -> None:
-        checkpoint.save(
+        write = checkpoint.save_rotating if kind == "last" else checkpoint.save
+        write(
             {
                 "epoch": epoch,
                 "model": model.state_dict(),

@@ -8,11 +8,12 @@ class UserError(Exception):
 
 
 def unusable(what: str, url: str, exc: BaseException, hint: str = "") -> UserError:
-    """`<what> <url> is not usable: <why>` with the password hidden and the innermost cause's first
-    line as the reason (the driver's own words, not a wrapper's)."""
-    from bench.urls import redact
+    """`<what> <url> is not usable: <why>` with the password hidden (in the reason too, should a
+    driver quote it) and the innermost cause's first line as the reason (the driver's own words,
+    not a wrapper's)."""
+    from bench.urls import redact, scrub
 
-    return UserError(f"{what} {redact(url)} is not usable: {reason(exc)}{hint}")
+    return UserError(f"{what} {redact(url)} is not usable: {scrub(reason(exc), [url])}{hint}")
 
 
 def reason(exc: BaseException) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import config, data, engine
+from bench import config, data, engine, lease
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
-from bench.errors import UserError
+from bench.errors import UserError, reason
 from bench.models import create_model
 from bench.tracking import MlflowRun, Tracker, environment_tags
 
@@ -45,6 +45,11 @@ class Cell:
         return f"{self.experiment}-{self.profile}-seed{self.cfg.seed}"
 
     @property
+    def key(self) -> str:
+        """Names the cell in its lease: what its tags say, in one string."""
+        return f"{self.name}/{self.cfg.config_hash()}"
+
+    @property
     def tags(self) -> dict[str, str]:
         return {
             "bench.experiment": self.experiment,
@@ -60,7 +65,7 @@ class Cell:
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # finished, skipped (finished before), stopped, nonfinite, failed
+    status: str  # finished, skipped (finished before), stopped, nonfinite, failed; busy (another process has it) until waited for
     epochs: int
     final_test_acc: float | None
     best_test_acc: float | None
@@ -111,22 +116,48 @@ def files_for(cfg: config.RunConfig, data_dir: Path | None) -> cifar.CifarFiles:
 
 def preflight(cells: list[Cell], data_dir: Path | None) -> None:
     """Load each dataset and build each model once: missing data or weights stop before training."""
-    for cfg in {c.cfg.data.dataset + str(data_root(c.cfg, data_dir)): c.cfg for c in cells}.values():
-        _files(cfg.data.dataset, data_root(cfg, data_dir))
-    for cfg in {repr(c.cfg.model): c.cfg for c in cells}.values():
-        create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options)
+    for c in cells:
+        train = len(_files(c.cfg.data.dataset, data_root(c.cfg, data_dir)).train)
+        if c.cfg.data.val_size >= train:
+            raise UserError(f"{c.experiment}: data.val_size={c.cfg.data.val_size} leaves no training images (the train set has {train})")
+    for cfg in {repr(c.cfg.model) + str(c.cfg.data.image_size): c.cfg for c in cells}.values():
+        try:
+            model = create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options).eval()
+            with torch.no_grad():  # options that build but do not fit together fail on the first batch
+                model(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
+        except UserError:
+            raise
+        except Exception as exc:  # a builder given options that do not fit together (list lengths, ...)
+            options = ", ".join(f"model.{k}={v}" for k, v in cfg.model.options.items())
+            raise UserError(f"{cfg.experiment}: model {cfg.model.name} does not work with {options} at {cfg.data.image_size} px: {reason(exc)}") from None
+
+
+def _skipped(cell: Cell, run) -> CellOutcome:
+    metrics = run.data.metrics
+    return CellOutcome(
+        cell, "skipped", int(run.data.tags.get("bench.epochs_done", 0)),
+        metrics.get("test_acc"), metrics.get("best_test_acc"), 0.0, run.info.run_id,
+    )
 
 
 def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
-    cfg = cell.cfg
+    """Train the cell, resume it, or skip it when finished; "busy" when another process (here or
+    on another machine) holds its lease."""
     exp_id = tracker.experiment_id(cell.experiment)
     existing = tracker.find_cell_run(exp_id, cell.tags)
     if existing is not None and existing.info.status == "FINISHED":
-        metrics = existing.data.metrics
-        return CellOutcome(
-            cell, "skipped", int(existing.data.tags.get("bench.epochs_done", 0)),
-            metrics.get("test_acc"), metrics.get("best_test_acc"), 0.0, existing.info.run_id,
-        )
+        return _skipped(cell, existing)
+    with lease.hold(cell.checkpoint_dir(checkpoint_root), tracker, exp_id, cell.key) as held:
+        if not held:
+            return CellOutcome(cell, "busy", 0, None, None, 0.0, None)
+        existing = tracker.find_cell_run(exp_id, cell.tags)  # the holder before us may have finished it
+        if existing is not None and existing.info.status == "FINISHED":
+            return _skipped(cell, existing)
+        return _train(cell, existing, exp_id, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+
+
+def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
+    cfg = cell.cfg
     started = time.perf_counter()
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
@@ -158,26 +189,44 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
     )
 
 
+WAIT_S = 5.0  # how often to look again at a cell that another process is training
+
+
 def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path) -> list[CellOutcome]:
-    """Run the cells one after another; a failed cell is recorded and the next one goes on."""
+    """Run the cells one after another; a failed cell is recorded and the next one goes on. A cell
+    that another process is training is put off until the others are done, then waited for: it
+    ends skipped once that process finishes it, or is taken over if that process dies."""
     for name in dict.fromkeys(c.experiment for c in cells):
         tracker.experiment_id(name)  # the store is reachable and every experiment exists first
-    outcomes = []
+    outcomes: dict[int, CellOutcome] = {}
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, position=0) if tty else None
-    for i, cell in enumerate(cells, 1):
-        label = f"[{i}/{len(cells)}] {cell.name}"
-        if bar is None:
-            print(f"{label}: starting", file=sys.stderr, flush=True)
-        outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
-        if bar is None:
-            print(f"{label}: {outcome.status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
-        else:
-            bar.update(1)
-        outcomes.append(outcome)
+    todo = list(range(len(cells)))
+    while todo:
+        busy = []
+        for i in todo:
+            cell = cells[i]
+            label = f"[{i + 1}/{len(cells)}] {cell.name}"
+            if bar is None and i not in outcomes:
+                print(f"{label}: starting", file=sys.stderr, flush=True)
+            outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+            if outcome.status == "busy":
+                if i not in outcomes:
+                    print(f"{label}: another process is training it; coming back to it", file=sys.stderr, flush=True)
+                outcomes[i] = outcome
+                busy.append(i)
+                continue
+            outcomes[i] = outcome
+            if bar is None:
+                print(f"{label}: {outcome.status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
+            else:
+                bar.update(1)
+        if busy:
+            time.sleep(WAIT_S)
+        todo = busy
     if bar is not None:
         bar.close()
-    return outcomes
+    return [outcomes[i] for i in range(len(cells))]
 
 
 def _table(rows: list[tuple[str, ...]], rule: bool) -> str:

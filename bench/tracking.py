@@ -174,6 +174,20 @@ class Tracker:
                 os.replace(local, checkpoint_dir / name)
         return True
 
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set several tags of a run in one request."""
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def tagged_runs(self, experiment_id: str, tags: dict[str, str]) -> list[dict[str, Any]]:
+        """The active (not deleted) runs of the experiment that carry these tags: run_id, status, tags."""
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([experiment_id], filter_string=query, max_results=1000)
+        return [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags)} for r in runs]
+
+    def delete_run(self, run_id: str) -> None:
+        """Soft-delete a run: searches and the UI no longer show it."""
+        self.client.delete_run(run_id)
+
     def read_runs(self, experiment: str) -> list[dict[str, Any]]:
         """Every run of an experiment as plain data: info, params, tags and each metric's history
         as (step, value) pairs in step order. An experiment that does not exist has no runs."""

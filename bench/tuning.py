@@ -77,21 +77,26 @@ def search_space(experiment: str, cfg: config.RunConfig) -> list[Param]:
     table = config.read_experiment(experiment).get("search") or _default_space(cfg)
     flat = cfg.flat()
     where = f"{experiment}: [search]"
+    if not isinstance(table, dict):
+        raise UserError(f"{where} should be a table of dotted config keys, got {table!r}")
     params = []
     for name, spec in sorted(table.items()):
         if name not in flat or name == "seed":
             raise UserError(f"{where}: {name!r} is not a config key (see `bench run {experiment} --dry-run`)")
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: {name}: should be a table such as {{ type = \"float\", low = 0.01, high = 0.5 }}")
         kind = spec.get("type")
         if kind == "categorical":
-            choices = list(spec.get("choices") or [])
-            if not choices:
-                raise UserError(f"{where}: {name}: a categorical needs choices = [...]")
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices or not all(_same_kind(c, flat[name]) for c in choices):
+                raise UserError(f"{where}: {name}: a categorical needs choices = [...] of values like {flat[name]!r}")
+            choices = list(choices)
             if flat[name] not in choices:
                 choices.append(flat[name])
             params.append(Param(name, kind, choices=tuple(sorted(choices))))
         elif kind in ("float", "int"):
             low, high = spec.get("low"), spec.get("high")
-            if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or not low < high:
+            if any(type(v) not in (int, float) or not math.isfinite(v) for v in (low, high)) or not low < high:
                 raise UserError(f"{where}: {name}: needs numbers low < high, got low={low!r} high={high!r}")
             if spec.get("log") and low <= 0:
                 raise UserError(f"{where}: {name}: a log scale needs low > 0, got {low!r}")
@@ -99,6 +104,13 @@ def search_space(experiment: str, cfg: config.RunConfig) -> list[Param]:
         else:
             raise UserError(f"{where}: {name}: type must be float, int or categorical, got {kind!r}")
     return params
+
+
+def _same_kind(choice: Any, recipe: Any) -> bool:
+    """A choice the config key can take: of the recipe value's type (an int where it is a float)."""
+    if isinstance(recipe, float):
+        return type(choice) in (int, float) and math.isfinite(choice)
+    return type(choice) is type(recipe)
 
 
 def recipe_values(space: list[Param], cfg: config.RunConfig) -> dict[str, Any]:
@@ -282,7 +294,7 @@ class ParentRun:
         try:
             run = tracker.client.get_run(run_id)
         except Exception as exc:  # mlflow raises for an unknown id
-            raise UserError(f"no MLflow run {run_id} in {tracker.uri}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"no MLflow run {run_id} in {redact(tracker.uri)}: {str(exc).splitlines()[0]}") from None
         if run.info.experiment_id != experiment_id or run.data.tags.get("bench.kind") != "study":
             raise UserError(f"MLflow run {run_id} is not a study's parent run in experiment {experiment_id}")
         self = cls.__new__(cls)

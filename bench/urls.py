@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 def redact(url: str) -> str:
@@ -17,3 +17,26 @@ def redact(url: str) -> str:
         return url
     userinfo, host = parts.netloc.rsplit("@", 1)
     return urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
+
+
+def password(url: str) -> str | None:
+    """The URL's password, if it has one (as typed, percent-encoding and all)."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # unparsable: take what lies between the first ':' after '//' and the last '@'
+        netloc = url.partition("//")[2].rpartition("@")[0] + "@"
+    userinfo, at, _ = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return None
+    return userinfo.split(":", 1)[1] or None
+
+
+def scrub(text: str, urls) -> str:
+    """`text` with the password of each of `urls` replaced by ***, as typed and percent-decoded:
+    for messages that may quote a URL or a driver's error about it."""
+    for url in urls:
+        secret = password(url) if url else None
+        if secret:
+            for form in {secret, unquote(secret)}:
+                text = text.replace(form, "***")
+    return text

@@ -1,5 +1,9 @@
+"""Checkpoint files: atomic, checksummed, the previous "last" kept; a damaged newest one falls back."""
+
+import logging
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -16,14 +20,83 @@ def test_save_then_load_round_trips_tensors_and_plain_values(tmp_path):
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert tuple(loaded["best"]) == (2, 0.5, 0.4)
     assert torch.equal(loaded["rng"], state["rng"])
+    # The checksum trailer does not stop a plain torch.load (the README's promise).
+    assert torch.load(path, weights_only=True)["epoch"] == 3
 
 
 def test_save_leaves_no_temporary_file_and_replaces_the_old_one(tmp_path):
-    path = tmp_path / "last.pt"
+    path = tmp_path / "best.pt"
     checkpoint.save({"epoch": 1}, path)
     checkpoint.save({"epoch": 2}, path)
-    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["best.pt"]
     assert checkpoint.load(path)["epoch"] == 2
+
+
+def test_rotation_keeps_exactly_the_last_two(tmp_path):
+    path = tmp_path / "last.pt"
+    assert checkpoint.load_latest(path) is None
+    for epoch in range(1, 5):
+        checkpoint.save_rotating({"epoch": epoch}, path)
+        assert checkpoint.load_latest(path)["epoch"] == epoch
+    assert sorted(os.listdir(tmp_path)) == ["last.prev.pt", "last.pt"]
+    assert checkpoint.load(path)["epoch"] == 4
+    assert checkpoint.load(tmp_path / "last.prev.pt")["epoch"] == 3
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10  # inside the archive: torch.load alone may not notice
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, why", [(truncate, "no checksum"), (flip_a_bit, "checksum mismatch")])
+def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(damage, why, tmp_path, caplog):
+    path = tmp_path / "last.pt"
+    checkpoint.save_rotating({"epoch": 1, "w": torch.randn(64)}, path)
+    checkpoint.save_rotating({"epoch": 2, "w": torch.randn(64)}, path)
+    damage(path)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=why):
+        checkpoint.load(path)
+    with caplog.at_level(logging.WARNING, logger="bench.checkpoint"):
+        state = checkpoint.load_latest(path)
+    assert state["epoch"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(path) in w and why in w for w in warnings), warnings
+    assert any("last.prev.pt" in w for w in warnings), warnings
+
+
+def test_a_copy_of_the_file_verifies_where_it_lands(tmp_path):
+    """MLflow uploads last.pt and another machine downloads the same bytes: the checksum is inside."""
+    checkpoint.save_rotating({"epoch": 5}, tmp_path / "a" / "last.pt")
+    (tmp_path / "b").mkdir()
+    shutil.copyfile(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    assert checkpoint.load_latest(tmp_path / "b" / "last.pt")["epoch"] == 5
+
+
+def test_when_every_checkpoint_is_damaged_the_error_names_them(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_rotating({"epoch": 1, "w": torch.randn(64)}, path)
+    checkpoint.save_rotating({"epoch": 2, "w": torch.randn(64)}, path)
+    truncate(path)
+    flip_a_bit(tmp_path / "last.prev.pt")
+    with pytest.raises(checkpoint.CorruptCheckpoint) as info:
+        checkpoint.load_latest(path)
+    message = str(info.value)
+    for text in ("no usable checkpoint", "last.pt: no checksum", "last.prev.pt: checksum mismatch", "delete the directory"):
+        assert text in message, message
+
+
+def test_a_crash_between_the_renames_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_rotating({"epoch": 1}, path)
+    checkpoint.save_rotating({"epoch": 2}, path)
+    os.replace(path, tmp_path / "last.prev.pt")  # the first rename of the next save, then the crash
+    assert checkpoint.load_latest(path)["epoch"] == 2
 
 
 class Custom:
@@ -32,6 +105,9 @@ class Custom:
 
 def test_load_refuses_arbitrary_python_objects(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"obj": Custom()}, path)
+    checkpoint.save({"obj": Custom()}, path)  # a valid checksum does not make a pickle safe
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        checkpoint.load(path)
+    torch.save({"obj": Custom()}, path)
+    with pytest.raises(checkpoint.CorruptCheckpoint):
         checkpoint.load(path)

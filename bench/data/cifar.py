@@ -47,11 +47,30 @@ class CifarFiles:
     location: str
 
 
-def _read_batch(path: Path, label_key: str) -> Split:
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    labels = np.asarray(entry[label_key], dtype=np.int64)
+def _unpickle(path: Path, name: str):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as exc:  # a damaged pickle raises almost any type
+        raise _bad_file(path, name, f"{type(exc).__name__}: {exc}") from None
+
+
+def _bad_file(path: Path, name: str, why: str) -> UserError:
+    return UserError(
+        f"{path} is not a {name} file ({why}); delete it, or replace it with the one in "
+        f"{DATASETS[name].filename} from {DATASETS[name].url}"
+    )
+
+
+def _read_batch(path: Path, name: str) -> Split:
+    entry = _unpickle(path, name)
+    try:
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(entry[LABEL_KEY[name]], dtype=np.int64)
+        if len(labels) != len(data) or not 0 <= labels.min(initial=0) <= labels.max(initial=0) < NUM_CLASSES[name]:
+            raise ValueError(f"{len(data)} images, {len(labels)} labels out of 0-{NUM_CLASSES[name] - 1}")
+    except Exception as exc:  # a pickle of something else: any type, any shape
+        raise _bad_file(path, name, f"{type(exc).__name__}: {exc}") from None
     return Split(torch.from_numpy(data.copy()), torch.from_numpy(labels))
 
 
@@ -79,13 +98,15 @@ def read_layout(name: str, root: Path) -> CifarFiles:
     if not train_files or not test_files:
         raise _missing_data_error(name, Path(root), "no train or no test file")
     complete = all(check_integrity(str(folder / fname), md5) for fname, md5 in listed)
-    key = LABEL_KEY[name]
-    train = _concat([_read_batch(folder / f, key) for f in train_files])
-    test = _concat([_read_batch(folder / f, key) for f in test_files])
+    train = _concat([_read_batch(folder / f, name) for f in train_files])
+    test = _concat([_read_batch(folder / f, name) for f in test_files])
     classes: list[str] = []
-    if (folder / cls.meta["filename"]).is_file():
-        with open(folder / cls.meta["filename"], "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1")[cls.meta["key"]])
+    meta = folder / cls.meta["filename"]
+    if meta.is_file():
+        try:
+            classes = [str(c) for c in _unpickle(meta, name)[cls.meta["key"]]]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise _bad_file(meta, name, f"{type(exc).__name__}: {exc}") from None
     return CifarFiles(train, test, classes, complete, str(folder))
 
 
@@ -97,7 +118,11 @@ def load_cifar(name: str, root: Path | None, *, download: bool = True) -> CifarF
     if root is None:
         return read_layout(name, EMBEDDED_DIR)
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-dir {root} is not a directory; pass the directory that holds {DATASETS[name].base_folder}/")
     folder = root / DATASETS[name].base_folder
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is not a directory; delete it, or extract {DATASETS[name].filename} in {root}")
     if not folder.is_dir() or not any(folder.iterdir()):
         if not download:
             raise _missing_data_error(name, root, "download disabled")

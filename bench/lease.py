@@ -1,0 +1,129 @@
+"""One trainer per suite cell: a file lock for processes on one machine, a lease in MLflow for
+processes on machines that share only the tracking store.
+
+MLflow has no compare-and-swap, so the lease is Lamport's bakery algorithm, which needs none:
+every contender writes a claim (a run tagged with the cell's key) while "choosing", reads the
+others' numbers, takes one more than the largest and stops choosing; then it waits for each other
+claim to finish choosing and loses to any with a smaller (number, run id). A contender that
+starts later reads the numbers of those before it, so it draws a larger one: two claims that both
+pass the check cannot exist. Here a loser gives up at once instead of queueing (the suite comes
+back to the cell later). Holders refresh a heartbeat tag; a claim whose heartbeat is older than
+`stale_s` belongs to a dead process and is removed, so its cell can be taken over and resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KIND, CELL, OWNER = "bench.kind", "bench.lease.cell", "bench.lease.owner"
+CHOOSING, NUMBER, HEARTBEAT = "bench.lease.choosing", "bench.lease.number", "bench.lease.heartbeat"
+LOCK_FILE = ".lock"
+HEARTBEAT_S = 30.0
+STALE_S = 180.0  # six missed heartbeats; generous, since the clocks of two machines may differ
+
+
+class Lease:
+    """A claim on one cell in the tracking store; `acquire` says whether this process holds it."""
+
+    def __init__(self, tracker, experiment_id: str, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> None:
+        self.tracker, self.experiment_id, self.key = tracker, experiment_id, key
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.run_id: str | None = None
+        self.holder: str | None = None  # the owner that beat us, once acquire returned False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _others(self) -> list[dict]:
+        """The other live claims on the cell; stale ones (dead processes) are removed."""
+        live = []
+        for claim in self.tracker.tagged_runs(self.experiment_id, {KIND: "lease", CELL: self.key}):
+            if claim["run_id"] == self.run_id:
+                continue
+            if time.time() - float(claim["tags"].get(HEARTBEAT, 0)) > self.stale_s:
+                log.warning("lease on %s: the claim of %s is stale; removing it", self.key, claim["tags"].get(OWNER))
+                self.tracker.delete_run(claim["run_id"])
+                continue
+            live.append(claim)
+        return live
+
+    def acquire(self) -> bool:
+        now = str(time.time())
+        self.run_id = self.tracker.start_run(
+            self.experiment_id, f"lease {self.key}", {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: now}
+        )
+        numbers = [int(c["tags"][NUMBER]) for c in self._others() if c["tags"].get(NUMBER)]
+        number = 1 + max(numbers, default=0)
+        self.tracker.set_tags(self.run_id, {NUMBER: str(number), CHOOSING: "0", HEARTBEAT: str(time.time())})
+        mine = (number, self.run_id)
+        while True:
+            others = self._others()
+            if any(c["tags"].get(CHOOSING) == "1" for c in others):
+                time.sleep(0.2)  # choosing takes one read and one write
+                continue
+            ahead = [c for c in others if c["tags"].get(NUMBER) and (int(c["tags"][NUMBER]), c["run_id"]) < mine]
+            break
+        if ahead:
+            self.holder = ahead[0]["tags"].get(OWNER)
+            self.release()
+            return False
+        self._beat = threading.Thread(target=self._heartbeat, name=f"lease {self.key}", daemon=True)
+        self._beat.start()
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.tracker.set_tags(self.run_id, {HEARTBEAT: str(time.time())})
+            except Exception as exc:  # a blip of the store: the next beat may get through
+                log.warning("lease on %s: heartbeat failed: %s", self.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        if self.run_id is not None:
+            self.tracker.delete_run(self.run_id)
+            self.run_id = None
+
+
+@contextlib.contextmanager
+def hold(folder: Path, tracker, experiment_id: str, key: str, **timing):
+    """Yields whether this process may train the cell: it holds the file lock on `folder` (the
+    cell's checkpoint directory) and the lease in the tracking store; both are released after."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as f:
+        if not _try_lock(f):
+            yield False
+            return
+        lease = Lease(tracker, experiment_id, key, **timing)
+        if not lease.acquire():
+            log.info("%s is being trained by %s", key, lease.holder)
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lease.release()  # the lock file is unlocked when it is closed
+
+
+def _try_lock(f) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows: the lease in the tracking store still holds
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
