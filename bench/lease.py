@@ -49,8 +49,9 @@ class Lease:
         for claim in self.tracker.tagged_runs(self.experiment_id, {KIND: "lease", CELL: self.key}):
             if claim["run_id"] == self.run_id:
                 continue
-            if time.time() - float(claim["tags"].get(HEARTBEAT, 0)) > self.stale_s:
-                log.warning("lease on %s: the claim of %s is stale; removing it", self.key, claim["tags"].get(OWNER))
+            owner = claim["tags"].get(OWNER, "")
+            if time.time() - float(claim["tags"].get(HEARTBEAT, 0)) > self.stale_s or _dead_here(owner):
+                log.warning("lease on %s: the claim of %s is stale; removing it", self.key, owner)
                 self.tracker.delete_run(claim["run_id"])
                 continue
             live.append(claim)
@@ -94,6 +95,22 @@ class Lease:
         if self.run_id is not None:
             self.tracker.delete_run(self.run_id)
             self.run_id = None
+
+
+def _dead_here(owner: str) -> bool:
+    """The owner ran on this machine and its process is gone (killed, crashed): its claim is
+    stale at once, so a run killed here resumes without waiting out the heartbeat."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ processes on one suite and one store that train every cell exactly once."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -52,6 +53,21 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(store):
     assert not lease.Lease(tracker, exp_id, "cell2", stale_s=1.0).acquire()
     beating.release()
 
+
+
+def test_the_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(store):
+    tracker, exp_id = store
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = lease.Lease(tracker, exp_id, "cell")
+    dead.owner = f"{socket.gethostname()}:{int(gone.stdout)}:killed"
+    assert dead.acquire()
+    dead._stop.set()  # as if SIGKILLed: no more heartbeats, the claim stays in the store
+    assert lease.Lease(tracker, exp_id, "cell").acquire()
+    # A live process of this machine (this one) keeps its claim.
+    alive = lease.Lease(tracker, exp_id, "cell2")
+    assert alive.acquire()
+    assert not lease.Lease(tracker, exp_id, "cell2").acquire()
+    alive.release()
 
 def test_contenders_that_claim_at_the_same_moment_elect_exactly_one(store):
     tracker, exp_id = store
