@@ -7,6 +7,7 @@ an unfinished one and continues it under the same run id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,6 +78,24 @@ def _absolute(uri: str) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def _schema_lock(uri: str):
+    """Two processes opening a new SQLite store at once both create MLflow's tables, and one
+    fails ("duplicate column name"): a file lock beside the database lets one create them first."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; start one process first there
+        yield
+        return
+    with open(uri[len(prefix):] + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 class Writer:
     """MLflow calls for one run, made in order on a background thread, so that training never
     waits for the store. `flush()` waits for every call queued so far and raises the first error."""
@@ -106,8 +125,10 @@ class Tracker:
         self.uri = uri
         self._writers: dict[str, Writer] = {}
         try:
-            self.client = MlflowClient(tracking_uri=_absolute(uri))
-        except Exception as exc:  # mlflow raises many types for an unsupported or malformed URI
+            with _schema_lock(_absolute(uri)):
+                self.client = MlflowClient(tracking_uri=_absolute(uri))
+                self.client.search_experiments(max_results=1)  # creates a new store's tables
+        except Exception as exc:  # mlflow raises many types for an unsupported, malformed or unreachable URI
             raise unusable("tracking store", uri, exc) from None
 
     def writer(self, run_id: str) -> Writer:

@@ -119,6 +119,11 @@ class Postgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+# Straight to loopback, never through a proxy: urllib.request.urlopen keeps the proxies of the
+# environment at its first call, and tests that forbid downloads point them at a closed port.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1:<free port> with a database backend and served artifacts."""
 
@@ -140,7 +145,7 @@ class MlflowServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {self.proc.returncode}; see {self.log.name}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                with DIRECT.open(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:

@@ -104,9 +104,7 @@ def test_two_processes_on_one_suite_train_every_cell_once(tmp_path, subprocess_e
     """Separate checkpoint directories, as on two machines: only the lease in MLflow keeps them apart."""
     args = ["run", "--suite", "cifar10", "--profile", "smoke", "--seeds", "2", "--epochs", "1", "--device", "cpu"]
     args += [a for s in TINY_SETS for a in ("--set", s)]
-    # The store exists already, as it does for a suite spread over machines: two processes that
-    # create one SQLite store at the same moment race in MLflow's own schema migration.
-    Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}").experiment_id("resnetb-cifar10")
+    # Both start on a store that does not exist yet: creating its tables is serialized too.
     procs = [
         subprocess.Popen([sys.executable, "-m", "bench", *args, "--checkpoint-dir", f"ck{i}"], cwd=tmp_path, env=subprocess_env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
