@@ -11,8 +11,10 @@ import hashlib
 import io
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -46,13 +48,15 @@ def _fsync_dir(folder: Path) -> None:
 def _write_tmp(state: dict[str, Any], path: Path) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    payload = buffer.getvalue()
+    payload = buffer.getbuffer()  # a view, not a copy: checkpoints run to hundreds of MB
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(payload + MAGIC + hashlib.sha256(payload).digest())
+        f.write(payload)
+        f.write(MAGIC + hashlib.sha256(payload).digest())
         f.flush()
         os.fsync(f.fileno())
+    payload.release()
     return tmp
 
 
@@ -113,3 +117,59 @@ def load_latest(path: Path) -> dict[str, Any] | None:
             "delete the directory to train the run from the start"
         )
     return None
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` whose tensors are cloned to the CPU: training may change the originals
+    while the copy is written."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class Saver:
+    """Writes checkpoints in order, on a background thread when `background`, so that
+    serializing, hashing and fsyncing do not stall training on an accelerator. (When the CPU
+    trains, its cores are the device: a writer thread would only slow every step while it runs,
+    so it writes in the caller's thread.) `done` hands back what was written, in order, and
+    raises the error of a write that failed. Writes never overlap, so files are replaced in the
+    order the checkpoints were taken."""
+
+    def __init__(self, background: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") if background else None
+        self._pending: deque[tuple[Future, Any]] = deque()
+
+    def submit(self, write: Callable[[dict[str, Any], Path], None], state: dict[str, Any], path: Path, info: Any) -> None:
+        """Write `snapshot(state)` with `write(state, path)`; `info` comes back from `done` after."""
+        if self._pool is None:
+            future: Future = Future()
+            try:
+                write(state, path)  # nothing runs meanwhile: no copy needed
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+            self._pending.append((future, info))
+            return
+        self._pending.append((self._pool.submit(write, snapshot(state), path), info))
+
+    def done(self, keep: int | None = None) -> list[Any]:
+        """The `info` of each finished write, oldest first. With `keep`, first wait until at most
+        that many writes are still queued (bounding the snapshots held in memory)."""
+        finished = []
+        while self._pending and ((keep is not None and len(self._pending) > keep) or self._pending[0][0].done()):
+            future, info = self._pending.popleft()
+            future.result()
+            finished.append(info)
+        return finished
+
+    def close(self) -> None:
+        """Wait for every write (so the files exist when a run ends, or fails) and stop the thread."""
+        try:
+            self.done(keep=0)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)

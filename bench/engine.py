@@ -263,9 +263,20 @@ def fit(
         result.best_epoch, result.best_val_acc, result.best_test_acc = state["best"]
         result.last_metrics = dict(state["metrics"])
 
+    saver = checkpoint.Saver(background=device.type != "cpu")
+
+    def announce(keep: int | None = None) -> None:
+        for kind, path, epoch in saver.done(keep):
+            for cb in callbacks:
+                cb.on_checkpoint(kind, path, epoch)
+
     def save(path: Path, kind: str, epoch: int) -> None:
+        """Queue the checkpoint; it is announced to the callbacks once it is on disk. At most two
+        wait in memory (an epoch's best and last) while training goes on."""
+        announce(keep=1)
         write = checkpoint.save_rotating if kind == "last" else checkpoint.save
-        write(
+        saver.submit(
+            write,
             {
                 "epoch": epoch,
                 "model": model.state_dict(),
@@ -277,9 +288,8 @@ def fit(
                 "config_hash": cfg.config_hash(),
             },
             path,
+            (kind, path, epoch),
         )
-        for cb in callbacks:
-            cb.on_checkpoint(kind, path, epoch)
 
     forward, compile_time = model, None
     stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
@@ -287,46 +297,51 @@ def fit(
         forward, compile_time = compile_and_warm_up(model, data, optimizer, step, cfg.eval.mode)
     for cb in callbacks:
         cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
-    steps_per_epoch = len(data.train)
-    for epoch in range(result.epochs_done + 1, stop_after + 1):
+    try:
+        steps_per_epoch = len(data.train)
+        for epoch in range(result.epochs_done + 1, stop_after + 1):
 
-        def on_log(i: int, loss: float, first: int = (epoch - 1) * steps_per_epoch) -> None:
-            for cb in callbacks:
-                cb.on_train_steps(first + i, {"train_step_loss": loss})
+            def on_log(i: int, loss: float, first: int = (epoch - 1) * steps_per_epoch) -> None:
+                for cb in callbacks:
+                    cb.on_train_steps(first + i, {"train_step_loss": loss})
 
-        synchronize(device)
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log)
-        train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
-        scheduler.step()
-        if not math.isfinite(train_loss):
-            # Ends here, before any evaluation or checkpoint: NaN weights are never saved.
-            result.status, result.nonfinite_epoch = "nonfinite", epoch
-            result.last_metrics = {"train_loss": train_loss}
-            break
-        if cfg.eval.remeasure_train_acc:
-            _, train_acc = evaluate(forward, data.train, cfg.eval.mode, step)
-        metrics = {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
-        if data.val is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(forward, data.val, cfg.eval.mode, step)
-        if evaluate_test:
-            metrics["test_loss"], metrics["test_acc"] = evaluate(forward, data.test, cfg.eval.mode, step)
-        metrics["epoch_time_s"] = time.perf_counter() - started
-        metrics["images_per_s"] = seen / train_time
-        if compile_time is not None:
-            metrics["compile_time_s"], compile_time = compile_time, None
-        result.epochs_done, result.last_metrics = epoch, metrics
-        # The best checkpoint is chosen on validation accuracy, never on test accuracy.
-        if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
-            result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
-            save(best_path, "best", epoch)
-        stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
-        if epoch % cfg.train.checkpoint_every == 0 or epoch == epochs or stop or epoch == stop_after:
-            save(last_path, "last", epoch)
-        if stop:
-            result.status = "stopped"
-            break
+            synchronize(device)
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log)
+            train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
+            scheduler.step()
+            if not math.isfinite(train_loss):
+                # Ends here, before any evaluation or checkpoint: NaN weights are never saved.
+                result.status, result.nonfinite_epoch = "nonfinite", epoch
+                result.last_metrics = {"train_loss": train_loss}
+                break
+            if cfg.eval.remeasure_train_acc:
+                _, train_acc = evaluate(forward, data.train, cfg.eval.mode, step)
+            metrics = {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
+            if data.val is not None:
+                metrics["val_loss"], metrics["val_acc"] = evaluate(forward, data.val, cfg.eval.mode, step)
+            if evaluate_test:
+                metrics["test_loss"], metrics["test_acc"] = evaluate(forward, data.test, cfg.eval.mode, step)
+            metrics["epoch_time_s"] = time.perf_counter() - started
+            metrics["images_per_s"] = seen / train_time
+            if compile_time is not None:
+                metrics["compile_time_s"], compile_time = compile_time, None
+            result.epochs_done, result.last_metrics = epoch, metrics
+            # The best checkpoint is chosen on validation accuracy, never on test accuracy.
+            if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
+                result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
+                save(best_path, "best", epoch)
+            stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
+            if epoch % cfg.train.checkpoint_every == 0 or epoch == epochs or stop or epoch == stop_after:
+                save(last_path, "last", epoch)
+            announce()
+            if stop:
+                result.status = "stopped"
+                break
+        announce(keep=0)
+    finally:
+        saver.close()
     if result.status == "finished" and result.epochs_done < epochs:
         result.status = "stopped"
     for cb in callbacks:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -292,10 +293,9 @@ class MlflowRun(Callback):
         self.writer.flush()
         if not self.log_checkpoints:
             return
-        self.writer.submit(self.client.log_artifact, self.run_id, str(path), artifact_path=CHECKPOINTS)
-        if self._best is not None:
-            self.writer.submit(self.client.log_artifact, self.run_id, str(self._best), artifact_path=CHECKPOINTS)
-            self._best = None
+        for written in [path] + ([self._best] if self._best is not None else []):
+            self.writer.submit(_log_pinned, self.client, self.run_id, _pin(Path(written)), CHECKPOINTS)
+        self._best = None
 
     def on_fit_end(self, result) -> None:
         config_json = json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
@@ -317,6 +317,25 @@ class MlflowRun(Callback):
             best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
             metrics = [Metric(k, float(v), ts, step) for k, v in best.items() if v is not None]
             self.writer.submit(self.client.log_batch, self.run_id, metrics=metrics)
+
+
+def _pin(path: Path) -> Path:
+    """The file as it is now, under its own name in a new folder beside it (a hard link, else a
+    copy): the engine may replace `path` with a newer checkpoint before the upload reads it."""
+    folder = Path(tempfile.mkdtemp(prefix=".upload-", dir=path.parent))
+    pinned = folder / path.name
+    try:
+        os.link(path, pinned)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, pinned)
+    return pinned
+
+
+def _log_pinned(client: MlflowClient, run_id: str, pinned: Path, artifact_path: str) -> None:
+    try:
+        client.log_artifact(run_id, str(pinned), artifact_path=artifact_path)
+    finally:
+        shutil.rmtree(pinned.parent, ignore_errors=True)
 
 
 def _log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:

@@ -111,3 +111,28 @@ def test_load_refuses_arbitrary_python_objects(tmp_path):
     torch.save({"obj": Custom()}, path)
     with pytest.raises(checkpoint.CorruptCheckpoint):
         checkpoint.load(path)
+
+
+def test_the_saver_writes_a_snapshot_in_order_and_hands_back_what_is_written(tmp_path):
+    saver = checkpoint.Saver()
+    weights = torch.zeros(1000)
+    for epoch in (1, 2, 3):
+        weights += 1
+        saver.submit(checkpoint.save_rotating, {"epoch": epoch, "w": weights}, tmp_path / "last.pt", epoch)
+    weights += 100  # training goes on: the queued copies must not see it
+    assert saver.done(keep=0) == [1, 2, 3]
+    assert saver.done() == []
+    saver.close()
+    last, prev = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(checkpoint.previous(tmp_path / "last.pt"))
+    assert last["epoch"] == 3 and torch.equal(last["w"], torch.full((1000,), 3.0))
+    assert prev["epoch"] == 2
+
+
+def test_the_saver_raises_a_failed_write_and_close_waits_for_the_rest(tmp_path):
+    (tmp_path / "not-a-dir").write_text("a file where a directory should be")
+    saver = checkpoint.Saver()
+    saver.submit(checkpoint.save, {"epoch": 1}, tmp_path / "not-a-dir" / "x.pt", "bad")
+    saver.submit(checkpoint.save, {"epoch": 2}, tmp_path / "ok.pt", "good")
+    with pytest.raises(OSError):
+        saver.close()
+    assert checkpoint.load(tmp_path / "ok.pt")["epoch"] == 2

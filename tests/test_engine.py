@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench import config, data, engine
+from bench import checkpoint, config, data, engine
 from bench.callbacks import Callback
 from bench.config import OptimConfig, ScheduleConfig
 from bench.data import cifar
@@ -489,3 +489,25 @@ def test_compile_warms_up_untimed_and_trains_like_the_eager_model(files, tmp_pat
     # The checkpoint holds the plain model's weights, loadable without torch.compile.
     saved = torch.load(tmp_path / "compiled" / engine.LAST, weights_only=True)["model"]
     assert saved.keys() == model.state_dict().keys()
+
+
+
+class CheckpointReader(Callback):
+    """Reads each checkpoint when it is announced: it must be on disk, whole, of that epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
+        assert checkpoint.load(path)["epoch"] == epoch
+        self.seen.append((kind, epoch))
+
+
+def test_checkpoints_are_announced_once_written_in_order(files, tmp_path):
+    cfg = make_cfg("train.checkpoint_every=1")
+    model, bundle = fresh(cfg, files)
+    reader = CheckpointReader()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[reader])
+    lasts = [e for kind, e in reader.seen if kind == "last"]
+    assert lasts == [1, 2, 3, 4]
+    assert ("best", result.best_epoch) in reader.seen
