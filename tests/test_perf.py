@@ -17,7 +17,8 @@ TINY = perf.Budget(pipeline_images=256, train_images=128, epochs=2, repeats=1)
 PER_MODEL = {
     "pipeline_ratio", "pipeline_images_per_s", "pipeline_reference_images_per_s", "engine_ratio",
     "engine_images_per_s", "bare_images_per_s", "tracking_ms_per_epoch", "tracking_share", "flops_utilization",
-    "achieved_flops_per_s", "train_flops_per_image", "paper_flops_per_seed", "epoch_s",
+    "achieved_flops_per_s", "train_flops_per_image", "paper_flops_per_seed", "epoch_s", "engine_ratio_whole_run",
+    "closing_s", "closing_tracking_s",
 }
 
 
@@ -70,6 +71,9 @@ def test_measure_model_gives_every_figure():
     assert out["pipeline_ratio"] == pytest.approx(out["pipeline_images_per_s"] / out["pipeline_reference_images_per_s"])
     assert out["engine_ratio"] == pytest.approx(out["engine_images_per_s"] / out["bare_images_per_s"])
     assert 0 < out["tracking_share"] < 1
+    # The whole run adds its closing (last checkpoint, final upload and flush) to the epochs.
+    assert out["engine_ratio_whole_run"] < out["engine_ratio"]
+    assert 0 < out["closing_tracking_s"] < out["closing_s"]
     assert out["tracking_ms_per_epoch"] == pytest.approx(1000 * out["tracking_share"] * out["epoch_s"])
     assert out["achieved_flops_per_s"] == pytest.approx(out["train_flops_per_image"] * out["engine_images_per_s"])
     assert out["flops_utilization"] == pytest.approx(out["achieved_flops_per_s"] / probe)
