@@ -169,6 +169,8 @@ def perf_config(experiment: str, profile: str, budget: Budget) -> config.RunConf
     """The recipe under the profile, trained on every embedded image for `budget.epochs`, with no
     evaluation passes: what is timed is training and the harness around it."""
     sets = ["data.source=embedded", "data.val_size=0", "eval.remeasure_train_acc=false"]
+    if "weights" in config.load(experiment, profile=profile).model.options:
+        sets.append("model.weights=none")  # the same compute without fetching pretrained weights
     return config.load(experiment, profile=profile, sets=sets, epochs=budget.epochs)
 
 

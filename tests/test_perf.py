@@ -44,6 +44,9 @@ def test_perf_config_trains_every_image_with_no_evaluation_passes():
     assert not cfg.eval.remeasure_train_acc
     assert cfg.train.epochs == TINY.epochs
     assert cfg.data.batch_size == config.load("hw4-resnet-cifar100", profile="smoke").data.batch_size
+    # The paper's fine-tune, offline: no ImageNet weights to fetch, the same 224-px compute.
+    paper = perf.perf_config("resnet18-finetune-cifar100", "paper", TINY)
+    assert paper.model.options["weights"] == "none" and paper.data.image_size == 224
 
 
 def test_step_flops_count_forward_and_backward():
