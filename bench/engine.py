@@ -119,6 +119,12 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return None
 
 
+def step_for(train_cfg, device: torch.device) -> Step:
+    """The step a run's `train` section asks for on this device."""
+    fmt = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
+    return Step(fmt, autocast_dtype(device, train_cfg.amp))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timer reads the work's end, not its launch."""
     if device.type == "cuda":
@@ -244,10 +250,7 @@ def fit(
     """
     epochs = cfg.train.epochs
     device = data.train.labels.device
-    step = Step(
-        torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
-        autocast_dtype(device, cfg.train.amp),
-    )
+    step = step_for(cfg.train, device)
     model.to(memory_format=step.memory_format)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, epochs)

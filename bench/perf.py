@@ -211,10 +211,7 @@ def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
     batches = [(x.clone(), y.clone()) for x, y in bundle.train]
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
-    step = engine.Step(
-        torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
-        engine.autocast_dtype(device, cfg.train.amp),
-    )
+    step = engine.step_for(cfg.train, device)
     model.to(memory_format=step.memory_format).train()
     optimizer = engine.build_optimizer(model.parameters(), cfg.optim)
     engine.synchronize(device)
