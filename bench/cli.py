@@ -340,8 +340,6 @@ def _hiding_passwords(make_record):
 
 def _guard_passwords(args) -> list[str]:
     """Registers the store URLs this command may show; returns them."""
-    import os
-
     urls = [getattr(args, "tracking_uri", None), getattr(args, "storage", None),
             os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("BENCH_OPTUNA_STORAGE")]
     _shown_urls[:] = [u for u in urls if u]

@@ -117,9 +117,10 @@ def files_for(cfg: config.RunConfig, data_dir: Path | None) -> cifar.CifarFiles:
 def preflight(cells: list[Cell], data_dir: Path | None) -> None:
     """Load each dataset and build each model once: missing data or weights stop before training."""
     for c in cells:
-        train = len(_files(c.cfg.data.dataset, data_root(c.cfg, data_dir)).train)
-        if c.cfg.data.val_size >= train:
-            raise UserError(f"{c.experiment}: data.val_size={c.cfg.data.val_size} leaves no training images (the train set has {train})")
+        try:
+            data.check_val_size(c.cfg.data.val_size, len(_files(c.cfg.data.dataset, data_root(c.cfg, data_dir)).train))
+        except UserError as exc:
+            raise UserError(f"{c.experiment}: {exc}") from None
     for cfg in {repr(c.cfg.model) + str(c.cfg.data.image_size): c.cfg for c in cells}.values():
         try:
             model = create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options).eval()

@@ -77,11 +77,15 @@ class DataBundle:
         }
 
 
+def check_val_size(val_size: int, train_images: int) -> None:
+    if val_size >= train_images:
+        raise UserError(f"data.val_size={val_size} leaves no training images (the train set has {train_images})")
+
+
 def split_validation(train: Split, val_size: int, split_seed: int) -> tuple[Split, Split | None]:
     if val_size == 0:
         return train, None
-    if val_size >= len(train):
-        raise UserError(f"data.val_size={val_size} leaves no training images (the train set has {len(train)})")
+    check_val_size(val_size, len(train))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
     return (
