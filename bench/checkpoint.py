@@ -45,18 +45,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _Hashing:
+    """A write-only file that hashes what passes through it: torch.save streams the checkpoint
+    to disk in one pass, with no copy of it in memory (checkpoints run to hundreds of MB)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.hash = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _write_tmp(state: dict[str, Any], path: Path) -> Path:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getbuffer()  # a view, not a copy: checkpoints run to hundreds of MB
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(payload)
-        f.write(MAGIC + hashlib.sha256(payload).digest())
+        hashing = _Hashing(f)
+        torch.save(state, hashing)
+        f.write(MAGIC + hashing.hash.digest())
         f.flush()
         os.fsync(f.fileno())
-    payload.release()
     return tmp
 
 
