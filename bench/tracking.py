@@ -19,6 +19,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -333,9 +335,42 @@ def _pin(path: Path) -> Path:
 
 def _log_pinned(client: MlflowClient, run_id: str, pinned: Path, artifact_path: str) -> None:
     try:
-        client.log_artifact(run_id, str(pinned), artifact_path=artifact_path)
+        if not _link_artifact(client, run_id, pinned, artifact_path):
+            client.log_artifact(run_id, str(pinned), artifact_path=artifact_path)
     finally:
         shutil.rmtree(pinned.parent, ignore_errors=True)
+
+
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when they are files on this machine (a path, or a file:
+    URI without a remote host); None for any other store (a tracking server's proxy, S3, ...)."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a path (C:\... on Windows)
+        return Path(artifact_uri)
+    return None
+
+
+def _link_artifact(client: MlflowClient, run_id: str, file: Path, artifact_path: str) -> bool:
+    """Where the run's artifacts are files on this machine, `file` hard-linked into them in place
+    of the old one: the same bytes, not a second copy of them (checkpoints run to hundreds of MB,
+    and the engine only ever replaces its files, never rewrites them). False where the artifacts
+    are elsewhere or no link can be made (another file system): then MLflow copies the file."""
+    folder = local_artifact_dir(client.get_run(run_id).info.artifact_uri)
+    if folder is None:
+        return False
+    dest = folder / artifact_path / file.name
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.link(file, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, dest)
+    return True
 
 
 def _log_text(client: MlflowClient, run_id: str, text: str, name: str) -> None:

@@ -17,7 +17,8 @@ import torchvision
 from mlflow.tracking import MlflowClient
 
 from bench import engine, suite
-from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, Writer, resolve_uri, ui_command
+from bench import tracking
+from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, Writer, local_artifact_dir, resolve_uri, ui_command
 
 from conftest import TINY_SETS
 
@@ -136,6 +137,56 @@ def test_artifacts_config_and_checkpoints(first, tmp_path):
     assert best["epoch"] == int(client.get_run(run_id).data.tags["bench.best_epoch"])
     local = first.cells[0].checkpoint_dir(first.root / "ck")
     assert (local / engine.LAST).is_file() and (local / engine.BEST).is_file()
+
+
+def test_a_local_store_keeps_one_copy_of_each_checkpoint(first):
+    """Where the artifacts are files on this machine, the run's checkpoints are the local files
+    themselves (hard links), not a second copy of hundreds of MB."""
+    [outcome] = first.outcomes
+    local = first.cells[0].checkpoint_dir(first.root / "ck")
+    artifacts = local_artifact_dir(first.client.get_run(outcome.run_id).info.artifact_uri)
+    assert artifacts is not None
+    for name in (engine.LAST, engine.BEST):
+        assert os.path.samefile(artifacts / "checkpoints" / name, local / name), name
+    assert not [p.name for p in (artifacts / "checkpoints").iterdir() if p.name not in (engine.LAST, engine.BEST)]
+
+
+def test_a_checkpoint_that_cannot_be_linked_is_copied(tmp_path, monkeypatch):
+    """Another file system (no hard link across it): MLflow copies the file, and a newer one
+    replaces the artifact."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracker.start_run(tracker.experiment_id("links"), "run", {})
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(tracking.os, "link", cross_device)
+    for content in (b"first", b"second"):
+        folder = tmp_path / f"pinned-{content.decode()}"
+        folder.mkdir()
+        (folder / "last.pt").write_bytes(content)
+        tracking._log_pinned(tracker.client, run_id, folder / "last.pt", "checkpoints")
+        assert not folder.exists()  # the pinned copy is removed once uploaded
+        stored = local_artifact_dir(tracker.client.get_run(run_id).info.artifact_uri) / "checkpoints" / "last.pt"
+        assert stored.read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("file:///srv/mlruns/1/abc/artifacts", "/srv/mlruns/1/abc/artifacts"),
+        ("file://localhost/srv/mlruns/1/abc/artifacts", "/srv/mlruns/1/abc/artifacts"),
+        ("/srv/mlruns/1/abc/artifacts", "/srv/mlruns/1/abc/artifacts"),
+        ("mlruns/1/abc/artifacts", "mlruns/1/abc/artifacts"),
+        ("file://fileserver/srv/mlruns", None),
+        ("mlflow-artifacts:/1/abc/artifacts", None),
+        ("s3://bucket/mlruns/1/abc/artifacts", None),
+        ("http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1", None),
+    ],
+)
+def test_which_artifact_stores_are_local_files(uri, expected):
+    found = local_artifact_dir(uri)
+    assert (None if found is None else str(found)) == expected
 
 
 def test_a_finished_cell_is_skipped(first, monkeypatch):
