@@ -361,11 +361,11 @@ def _link_artifact(client: MlflowClient, run_id: str, file: Path, artifact_path:
     if folder is None:
         return False
     dest = folder / artifact_path / file.name
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+    tmp = dest.with_name(f".{dest.name}.link")  # one trainer per run: one link made at a time
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            tmp.unlink()  # left by a process killed between the link and the rename
         os.link(file, tmp)
     except OSError:
         return False
