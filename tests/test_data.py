@@ -413,6 +413,33 @@ def test_resample_boxes_reads_the_box_it_is_given():
     assert torch.allclose(out[1], images[1, :, 0:16, 16:32], atol=1e-5)
 
 
+def _grid_sample_boxes(images, boxes, size, flip):
+    """The same crop-resize-flip as a sampling grid for torch's grid_sample (bilinear, border)."""
+    n, c, height, width = images.shape
+    top, left, h, w = boxes.unbind(1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 224])
+def test_resample_boxes_matches_grid_sample(size):
+    """Rows and columns resampled apart give what sampling every output pixel gives."""
+    gen = _gen(20 + size)
+    images = torch.rand(24, 3, 32, 32, generator=gen)
+    boxes = resized_crop_boxes(24, 32, 32, gen, torch.device("cpu"))
+    boxes[0] = torch.tensor([0.0, 0.0, 32.0, 32.0])  # the whole image
+    boxes[1] = torch.tensor([31.0, 31.0, 1.0, 1.0])  # the corner pixel: sampling clamped to the edge
+    flip = torch.rand(24, generator=gen) < 0.5
+    ours = resample_boxes(images, boxes, size, flip)
+    assert ours.shape == (24, 3, size, size)
+    assert torch.allclose(ours, _grid_sample_boxes(images, boxes.float(), size, flip), atol=1e-5)
+
+
 def test_random_resized_crop_flip_shape_and_reproducibility():
     images = torch.rand(6, 3, 32, 32, generator=_gen(8))
     a = random_resized_crop_flip(images, 48, _gen(9))
@@ -508,6 +535,24 @@ def test_val_and_test_batches_cover_every_image_once_in_order_normalized(embedde
     # Normalized with the config's mean and std.
     x, _ = _epoch(bundle.test)
     expected = (embedded10.test.images.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_resized_batches_are_normalized_as_if_after_the_resize(embedded10):
+    """Normalizing before the resize (on the smaller image) gives what normalizing after gives."""
+    bundle = build(_cfg(image_size=64), seed=0, device=torch.device("cpu"), files=embedded10)
+    x, _ = _epoch(bundle.test)
+    assert x.shape[-2:] == (64, 64)
+    expected = (resize(embedded10.test.images.float() / 255, 64) - 0.5) / 0.25
+    assert torch.allclose(x, expected, atol=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    crops = build(_cfg(image_size=64, augment="resized_crop_flip"), seed=3, device=torch.device("cpu"), files=embedded10)
+    crops.generator.manual_seed(3)
+    x, y = next(iter(crops.train))
+    order = torch.randperm(900, generator=gen)[:64]
+    train, _ = split_validation(embedded10.train, 100, 0)
+    assert torch.equal(y, train.labels[order])
+    expected = (random_resized_crop_flip(train.images[order].float() / 255, 64, gen) - 0.5) / 0.25
     assert torch.allclose(x, expected, atol=1e-5)
 
 

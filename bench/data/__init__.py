@@ -41,12 +41,12 @@ class Batches:
     def _prepare(self, images: Tensor) -> Tensor:
         if self.augment == "crop_flip":
             images = random_crop_flip(images, self.padding, self.gen)
-        x = images.float().div_(255)
+        # Normalized before resizing, on the smaller image: every output pixel of a bilinear
+        # resize is a weighted mean of input pixels, so a per-channel affine map commutes with it.
+        x = images.float().div_(255).sub_(self.mean).div_(self.std)
         if self.augment == "resized_crop_flip":
-            x = random_resized_crop_flip(x, self.image_size, self.gen)
-        else:
-            x = resize(x, self.image_size)
-        return (x - self.mean) / self.std
+            return random_resized_crop_flip(x, self.image_size, self.gen)
+        return resize(x, self.image_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)

@@ -55,21 +55,31 @@ def resized_crop_boxes(
     return torch.stack([top, left, h, w], 1)
 
 
+def _axis_weights(start: Tensor, length: Tensor, extent: int, size: int) -> Tensor:
+    """N x size x extent bilinear weights that resample the span [start, start + length) of an
+    axis of `extent` pixels to `size` pixels: output pixel j samples the input at the centre of
+    its share of the span, clamped to the edge pixels (grid_sample's bilinear, align_corners=False,
+    padding_mode="border"). Pixel p's weight is the tent max(0, 1 - |at - p|)."""
+    j = torch.arange(size, device=start.device, dtype=start.dtype)
+    at = (start[:, None] + (j + 0.5) * (length[:, None] / size) - 0.5).clamp(0, extent - 1)
+    pixels = torch.arange(extent, device=start.device, dtype=start.dtype)
+    return (1 - (at[..., None] - pixels).abs()).clamp_(min=0)
+
+
 def resample_boxes(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
-    """Bilinear crop-and-resize of float N x C x H x W: box rows (top, left, h, w) -> size x size."""
-    n, _, height, width = images.shape
-    top, left, h, w = boxes.unbind(1)
-    sx = w / width
-    sy = h / height
+    """Bilinear crop-and-resize of float N x C x H x W: box rows (top, left, h, w) -> size x size,
+    mirrored left-right where `flip`. An axis-aligned box resamples rows and columns apart, so an
+    image is two small matrix products (rows x image x columns), not a sampling grid of every
+    output pixel."""
+    _, _, height, width = images.shape
+    top, left, h, w = boxes.to(images.dtype).unbind(1)
+    rows = _axis_weights(top, h, height, size)  # N x size x H
+    cols = _axis_weights(left, w, width, size)  # N x size x W
     if flip is not None:
-        sx = torch.where(flip, -sx, sx)
-    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = sy
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    n, c, _, _ = images.shape
+    across = torch.bmm(images.reshape(n, c * height, width), cols.transpose(1, 2))  # N x CH x size
+    return rows[:, None] @ across.view(n, c, height, size)
 
 
 def random_resized_crop_flip(images: Tensor, size: int, gen: torch.Generator) -> Tensor:
@@ -77,7 +87,7 @@ def random_resized_crop_flip(images: Tensor, size: int, gen: torch.Generator) ->
     n, _, height, width = images.shape
     boxes = resized_crop_boxes(n, height, width, gen, images.device)
     flip = torch.rand(n, generator=gen, device=images.device) < 0.5
-    return resample_boxes(images, boxes.to(images.dtype), size, flip)
+    return resample_boxes(images, boxes, size, flip)
 
 
 def resize(images: Tensor, size: int) -> Tensor:
