@@ -98,6 +98,10 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(gt=0)
     checkpoint_every: int = Field(default=10, gt=0)
+    # A checkpoint every `checkpoint_every` epochs, but not within this many seconds of the one
+    # before (and always after the last epoch): its cost stays a small share however short the
+    # epochs are. 0: every `checkpoint_every` epochs.
+    checkpoint_min_interval_s: float = Field(default=60.0, ge=0)
     deterministic: bool = True
     channels_last: bool = True  # memory format only: faster convolutions, same model
     # bfloat16 autocast on CUDA devices that support it; float32 on the CPU and MPS.

@@ -300,6 +300,7 @@ def fit(
         forward, compile_time = compile_and_warm_up(model, data, optimizer, step, cfg.eval.mode)
     for cb in callbacks:
         cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
+    last_saved = time.monotonic()  # the start (or the checkpoint resumed from) counts as saved
     try:
         steps_per_epoch = len(data.train)
         for epoch in range(result.epochs_done + 1, stop_after + 1):
@@ -336,8 +337,10 @@ def fit(
                 result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
                 save(best_path, "best", epoch)
             stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
-            if epoch % cfg.train.checkpoint_every == 0 or epoch == epochs or stop or epoch == stop_after:
+            due = epoch % cfg.train.checkpoint_every == 0 and time.monotonic() - last_saved >= cfg.train.checkpoint_min_interval_s
+            if due or epoch == epochs or stop or epoch == stop_after:
                 save(last_path, "last", epoch)
+                last_saved = time.monotonic()
             announce()
             if stop:
                 result.status = "stopped"

@@ -26,7 +26,8 @@ CPU = torch.device("cpu")
 SEED = 3
 # A cosine schedule: the lr differs every epoch and depends on the scheduler's epoch count, so a
 # resume that lost the scheduler state would show in the weights and in the lr metric.
-SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "schedule.name=cosine"]
+SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "train.checkpoint_min_interval_s=0",
+        "schedule.name=cosine"]
 COSINE_LRS = [0.025 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
 TIME_METRICS = ("epoch_time_s", "images_per_s")
 METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"}
@@ -511,3 +512,16 @@ def test_checkpoints_are_announced_once_written_in_order(files, tmp_path):
     lasts = [e for kind, e in reader.seen if kind == "last"]
     assert lasts == [1, 2, 3, 4]
     assert ("best", result.best_epoch) in reader.seen
+
+
+def test_checkpoints_keep_the_minimum_interval_but_the_last_epoch_and_a_stop_always_save(files, tmp_path):
+    cfg = make_cfg("train.checkpoint_every=1", "train.checkpoint_min_interval_s=3600")
+    model, bundle = fresh(cfg, files)
+    reader = CheckpointReader()
+    engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "whole", callbacks=[reader])
+    assert [e for kind, e in reader.seen if kind == "last"] == [4]  # epochs 1-3 came within the hour
+    model, bundle = fresh(cfg, files)
+    reader = CheckpointReader()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "stopped", callbacks=[reader], max_epochs=2)
+    assert result.status == "stopped"
+    assert [e for kind, e in reader.seen if kind == "last"] == [2]

@@ -21,6 +21,7 @@ from conftest import TINY_SETS
 
 EPOCHS = 16
 ARGS = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", str(EPOCHS), "--set", "train.checkpoint_every=1",
+        "--set", "train.checkpoint_min_interval_s=0",
         "--set", "train.log_every_steps=7", *[a for s in TINY_SETS for a in ("--set", s)]]
 TIME_METRICS = {"epoch_time_s", "images_per_s"}
 KILLS = 5

@@ -158,7 +158,7 @@ def test_a_suite_in_two_shards_runs_every_cell_once(servers, tmp_path, subproces
 
 def test_a_cell_killed_on_one_machine_resumes_on_another_from_the_server(servers, tmp_path, subprocess_env):
     args = ["run", "bottleneck-cifar10", "--profile", "smoke", "--seeds", "1", "--epochs", "5", *TINY_ARGS,
-            "--set", "train.checkpoint_every=1", "--set", "data.val_size=200", "--tracking-uri", servers["tracking"]]
+            "--set", "train.checkpoint_every=1", "--set", "train.checkpoint_min_interval_s=0", "--set", "data.val_size=200", "--tracking-uri", servers["tracking"]]
     first, second = tmp_path / "machine1", tmp_path / "machine2"
     first.mkdir()
     second.mkdir()
