@@ -45,7 +45,7 @@ class Budget:
     pipeline_images: int  # images per pipeline measurement
     train_images: int  # images per training epoch (at most the embedded subset's 1000)
     epochs: int  # epochs per training measurement
-    repeats: int  # training measurements per side; the best of each side counts
+    repeats: int  # training measurements per side, taking turns; the median of each side counts
 
 
 FULL = Budget(pipeline_images=8192, train_images=1000, epochs=3, repeats=5)
@@ -204,6 +204,12 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
                        ended - timed.last_epoch_end, timed.closing)
 
 
+def _median_run(timings: list[SuiteTiming]) -> SuiteTiming:
+    """The run of median training speed (the upper one of the middle two for an even count), so
+    that the figures of one run stay together: its tracking and closing times with its speed."""
+    return sorted(timings, key=lambda t: t.images_per_s)[len(timings) // 2]
+
+
 def _suite_in_tmp(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device) -> SuiteTiming:
     with tempfile.TemporaryDirectory() as tmp:
         return suite_training(cfg, files, device, Path(tmp))
@@ -303,13 +309,14 @@ def measure_model(
     bare_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), files, device)  # warm
     timings, bare_rates = [], []
     for i in range(budget.repeats):
-        # The two sides take turns going first, so that a slow spell of the machine (another
-        # process, a warming cache) does not always fall on the same one; the best of each counts.
+        # The two sides take turns going first, so that a slow or fast spell of the machine (a
+        # neighbour's load, a warming cache) does not always fall on the same one. The median of
+        # each side counts: one run caught in such a spell moves neither.
         sides = [lambda: bare_rates.append(bare_training(cfg, files, device)), lambda: timings.append(_suite_in_tmp(cfg, files, device))]
         for measure in sides if i % 2 == 0 else sides[::-1]:
             measure()
-    suite = max(timings, key=lambda t: t.images_per_s)
-    suite_rate, bare_rate = suite.images_per_s, max(bare_rates)
+    suite = _median_run(timings)
+    suite_rate, bare_rate = suite.images_per_s, sorted(bare_rates)[len(bare_rates) // 2]
     epoch_s = files.train.labels.numel() / suite_rate
     tracking_epoch_s = suite.tracking_s / cfg.train.epochs
     train_flops, _ = step_flops(cfg, device)

@@ -4,6 +4,7 @@ means what its name says."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -68,15 +69,16 @@ def test_paper_flops_cover_every_epoch_and_evaluation_pass():
 def test_measure_model_gives_every_figure():
     lines: list[str] = []
     probe = perf.matmul_probe(CPU, torch.float32)
-    out = perf.measure_model("resnet_b", "resnetb-cifar10", profile="smoke", device=CPU, budget=TINY, probe_flops=probe, say=lines.append)
+    budget = dataclasses.replace(TINY, repeats=3)
+    out = perf.measure_model("resnet_b", "resnetb-cifar10", profile="smoke", device=CPU, budget=budget, probe_flops=probe, say=lines.append)
     assert PER_MODEL <= out.keys()
     assert "pipeline_ratio_224" not in out  # a 32-px recipe
     assert out["pipeline_ratio"] == pytest.approx(out["pipeline_images_per_s"] / out["pipeline_reference_images_per_s"])
     assert out["engine_ratio"] == pytest.approx(out["engine_images_per_s"] / out["bare_images_per_s"])
-    # Every repeat is kept; the best of each side counts.
-    assert len(out["engine_images_per_s_runs"]) == len(out["bare_images_per_s_runs"]) == TINY.repeats
-    assert out["engine_images_per_s"] == max(out["engine_images_per_s_runs"])
-    assert out["bare_images_per_s"] == max(out["bare_images_per_s_runs"])
+    # Every repeat is kept; the median of each side counts.
+    assert len(out["engine_images_per_s_runs"]) == len(out["bare_images_per_s_runs"]) == 3
+    assert out["engine_images_per_s"] == sorted(out["engine_images_per_s_runs"])[1]
+    assert out["bare_images_per_s"] == sorted(out["bare_images_per_s_runs"])[1]
     assert 0 < out["tracking_share"] < 1
     # The whole run adds its closing (last checkpoint, final upload and flush) to the epochs.
     assert out["engine_ratio_whole_run"] < out["engine_ratio"]
