@@ -45,7 +45,7 @@ class Budget:
     pipeline_images: int  # images per pipeline measurement
     train_images: int  # images per training epoch (at most the embedded subset's 1000)
     epochs: int  # epochs per training measurement
-    repeats: int  # training measurements per side, taking turns; the median of each side counts
+    repeats: int  # pairs of training measurements (bare loop, suite); the pair of median ratio counts
 
 
 FULL = Budget(pipeline_images=8192, train_images=1000, epochs=3, repeats=5)
@@ -204,10 +204,10 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
                        ended - timed.last_epoch_end, timed.closing)
 
 
-def _median_run(timings: list[SuiteTiming]) -> SuiteTiming:
-    """The run of median training speed (the upper one of the middle two for an even count), so
-    that the figures of one run stay together: its tracking and closing times with its speed."""
-    return sorted(timings, key=lambda t: t.images_per_s)[len(timings) // 2]
+def _median_pair(pairs: list[tuple[float, SuiteTiming]]) -> tuple[float, SuiteTiming]:
+    """The (bare images/s, suite timing) pair of median ratio (the upper of the middle two for an
+    even count): the figures of one pair stay together."""
+    return sorted(pairs, key=lambda pair: pair[1].images_per_s / pair[0])[len(pairs) // 2]
 
 
 def _suite_in_tmp(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device) -> SuiteTiming:
@@ -307,22 +307,26 @@ def measure_model(
             f"torchvision's {reference_rate:,.0f} (x{suite_rate / reference_rate:.1f})")
 
     bare_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), files, device)  # warm
-    timings, bare_rates = [], []
+    pairs: list[tuple[float, SuiteTiming]] = []
     for i in range(budget.repeats):
-        # The two sides take turns going first, so that a slow or fast spell of the machine (a
-        # neighbour's load, a warming cache) does not always fall on the same one. The median of
-        # each side counts: one run caught in such a spell moves neither.
-        sides = [lambda: bare_rates.append(bare_training(cfg, files, device)), lambda: timings.append(_suite_in_tmp(cfg, files, device))]
-        for measure in sides if i % 2 == 0 else sides[::-1]:
-            measure()
-    suite = _median_run(timings)
-    suite_rate, bare_rate = suite.images_per_s, sorted(bare_rates)[len(bare_rates) // 2]
+        # A pair: the bare loop and the suite back to back, taking turns going first. The
+        # machine's speed drifts (a neighbour's load, a warming cache) over minutes, more than
+        # the harness costs; both runs of a pair see nearly the same machine, so the ratio is
+        # taken within each pair, and the pair of median ratio counts.
+        if i % 2 == 0:
+            bare = bare_training(cfg, files, device)
+            pairs.append((bare, _suite_in_tmp(cfg, files, device)))
+        else:
+            suite = _suite_in_tmp(cfg, files, device)
+            pairs.append((bare_training(cfg, files, device), suite))
+    bare_rate, suite = _median_pair(pairs)
+    suite_rate = suite.images_per_s
     epoch_s = files.train.labels.numel() / suite_rate
     tracking_epoch_s = suite.tracking_s / cfg.train.epochs
     train_flops, _ = step_flops(cfg, device)
     out.update({
         "engine_images_per_s": suite_rate, "bare_images_per_s": bare_rate, "engine_ratio": suite_rate / bare_rate,
-        "engine_images_per_s_runs": [t.images_per_s for t in timings], "bare_images_per_s_runs": bare_rates,
+        "engine_images_per_s_runs": [t.images_per_s for _, t in pairs], "bare_images_per_s_runs": [b for b, _ in pairs],
         "engine_ratio_whole_run": suite.whole_run_images_per_s / bare_rate, "closing_s": suite.closing_s,
         "closing_tracking_s": suite.closing_tracking_s,
         "epoch_s": epoch_s, "tracking_ms_per_epoch": 1000 * tracking_epoch_s, "tracking_share": tracking_epoch_s / epoch_s,
