@@ -16,6 +16,7 @@ The images are the embedded CIFAR subset (throughput does not depend on which im
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ def models_and_experiments() -> dict[str, str]:
 # --- data pipeline -------------------------------------------------------------------------------
 
 
+# Timed passes over the images per pipeline; the median counts (a pass of the suite's pipeline
+# takes a tenth of a second on a CPU: one alone is at the mercy of a moment's load).
+PIPELINE_PASSES = 3
+
+
 def _tiled(split: cifar.Split, n: int) -> cifar.Split:
     reps = -(-n // len(split))
     return cifar.Split(split.images.repeat(reps, 1, 1, 1)[:n], split.labels.repeat(reps)[:n])
@@ -76,12 +82,15 @@ def suite_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) -> f
         augment=cfg_data.augment, padding=cfg_data.crop_padding, shuffle=True, gen=gen,
     )
     next(iter(batches))  # kernels and allocator warm
-    engine.synchronize(device)
-    started = time.perf_counter()
-    for x, _ in batches:
-        pass
-    engine.synchronize(device)
-    return batches.num_images / (time.perf_counter() - started)
+    seconds = []
+    for _ in range(PIPELINE_PASSES):
+        engine.synchronize(device)
+        started = time.perf_counter()
+        for x, _ in batches:
+            pass
+        engine.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return batches.num_images / statistics.median(seconds)
 
 
 class _PilImages(Dataset):
@@ -115,13 +124,15 @@ def reference_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) 
     )
     for _ in loader:  # workers started and warm: the first epoch is not timed
         pass
-    started = time.perf_counter()
-    for x, _ in loader:
-        x.to(device, non_blocking=True)
-    engine.synchronize(device)
-    rate = len(split) / (time.perf_counter() - started)
+    seconds = []
+    for _ in range(PIPELINE_PASSES):
+        started = time.perf_counter()
+        for x, _ in loader:
+            x.to(device, non_blocking=True)
+        engine.synchronize(device)
+        seconds.append(time.perf_counter() - started)
     del loader
-    return rate
+    return len(split) / statistics.median(seconds)
 
 
 # --- training -----------------------------------------------------------------------------------
