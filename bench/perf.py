@@ -202,7 +202,9 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
-    run_id = tracker.start_run(tracker.experiment_id(cfg.experiment), "perf", {})
+    # The artifacts (checkpoints) in the temporary directory too, not in ./mlruns.
+    experiment_id = tracker.client.create_experiment(cfg.experiment, artifact_location=(workdir / "artifacts").as_uri())
+    run_id = tracker.start_run(experiment_id, "perf", {})
     timed = _Timed(MlflowRun(tracker, run_id, cfg))
     engine.synchronize(device)
     started = time.perf_counter()

@@ -66,7 +66,8 @@ def test_paper_flops_cover_every_epoch_and_evaluation_pass():
     assert perf.paper_flops("resnetb-cifar10", CPU) == pytest.approx(expected)
 
 
-def test_measure_model_gives_every_figure():
+def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     lines: list[str] = []
     probe = perf.matmul_probe(CPU, torch.float32)
     budget = dataclasses.replace(TINY, repeats=3)
@@ -88,6 +89,7 @@ def test_measure_model_gives_every_figure():
     assert out["achieved_flops_per_s"] == pytest.approx(out["train_flops_per_image"] * out["engine_images_per_s"])
     assert out["flops_utilization"] == pytest.approx(out["achieved_flops_per_s"] / probe)
     assert len(lines) == 2 and "data pipeline" in lines[0] and "bare loop" in lines[1]
+    assert not (tmp_path / "mlruns").exists()  # the temporary store's artifacts went with it
 
 
 def test_bench_perf_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):

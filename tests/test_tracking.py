@@ -151,9 +151,10 @@ def test_a_local_store_keeps_one_copy_of_each_checkpoint(first):
     assert not [p.name for p in (artifacts / "checkpoints").iterdir() if p.name not in (engine.LAST, engine.BEST)]
 
 
-def test_a_checkpoint_that_cannot_be_linked_is_copied(tmp_path, monkeypatch):
+def test_a_checkpoint_that_cannot_be_linked_is_copied(in_tmp, monkeypatch):
     """Another file system (no hard link across it): MLflow copies the file, and a newer one
     replaces the artifact."""
+    tmp_path = in_tmp
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = tracker.start_run(tracker.experiment_id("links"), "run", {})
 
