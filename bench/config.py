@@ -99,8 +99,8 @@ class TrainConfig(Section):
     epochs: int = Field(gt=0)
     checkpoint_every: int = Field(default=10, gt=0)
     # A checkpoint every `checkpoint_every` epochs, but not within this many seconds of the one
-    # before (and always after the last epoch): its cost stays a small share however short the
-    # epochs are. 0: every `checkpoint_every` epochs.
+    # before (and always after the last epoch or a stop): its cost stays a small share however
+    # short the epochs are. 0: every `checkpoint_every` epochs.
     checkpoint_min_interval_s: float = Field(default=60.0, ge=0)
     deterministic: bool = True
     channels_last: bool = True  # memory format only: faster convolutions, same model
