@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import config, stores
+from bench import config, hostmem, stores
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
 from bench.urls import redact, scrub
@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     urls = _guard_passwords(args)
+    hostmem.keep_freed_memory()  # before any work: training re-uses its memory every step
     try:
         for flag in ("tracking_uri", "storage", "study"):
             if getattr(args, flag, None) is not None and not getattr(args, flag).strip():

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
-from bench import config, data, engine
+from bench import config, data, engine, hostmem
 from bench.callbacks import Callback
 from bench.data import cifar
 from bench.models import create_model
@@ -354,6 +354,7 @@ def measure_model(
 
 def run(models: list[str], *, profile: str, device: torch.device, quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
     budget = QUICK if quick else FULL
+    allocator = hostmem.keep_freed_memory()  # as the command line sets it for every run
     experiments = models_and_experiments()
     dtype = engine.autocast_dtype(device, config.load(experiments[models[0]], profile=profile).train.amp) or torch.float32
     probe = matmul_probe(device, dtype)
@@ -361,7 +362,7 @@ def run(models: list[str], *, profile: str, device: torch.device, quick: bool, s
     results: dict[str, Any] = {
         "device": {"name": engine.device_name(device), "type": device.type, "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "matmul_flops_per_s": probe, "matmul_dtype": str(dtype).removeprefix("torch."),
-                   "profile": profile, "quick": quick},
+                   "host_allocator": allocator, "profile": profile, "quick": quick},
     }
     for name in models:
         results[name] = measure_model(name, experiments[name], profile=profile, device=device, budget=budget, probe_flops=probe, say=say)
