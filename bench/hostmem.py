@@ -8,11 +8,13 @@ hands its memory back and faults it in again page by page: on this suite's CPU r
 page faults and 4-6 s of system time in 3 epochs of the fine-tune, 10-17 % of its speed, in some
 runs of the same code and not in others.
 
-`keep_freed_memory()` fixes both thresholds (freed memory is kept up to TRIM_THRESHOLD of free
-space; blocks up to MMAP_THRESHOLD come from the heap), as a GPU's caching allocator keeps its
-memory. The process holds its peak; nothing else changes. It is called by the command line, once,
-before any work. glibc's own settings win: with MALLOC_*_ variables or glibc.malloc tunables in the
-environment, or on another C library (musl, macOS, Windows), nothing is changed.
+`keep_freed_memory()` fixes both thresholds: blocks up to MMAP_THRESHOLD come from the heap, and
+up to TRIM_THRESHOLD of free space stays there, as a GPU's caching allocator keeps its memory
+(blocks above 32 MiB, glibc's ceiling, are still mapped and unmapped each time). A process may
+then hold that much more memory than it uses at the moment. The command line calls it before any
+work, and `bench perf` before measuring. The environment's own settings win: with MALLOC_*_
+variables or threshold tunables in GLIBC_TUNABLES, a preloaded allocator (jemalloc, tcmalloc,
+mimalloc), or another C library (musl, macOS, Windows), nothing is changed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MMAP_THRESHOLD = 32 << 20  # the largest block served from the heap: glibc's own
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_USER_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold", "glibc.malloc.top_pad", "glibc.malloc.mmap_max")
 
 
 def glibc_version() -> str | None:
@@ -37,11 +40,20 @@ def glibc_version() -> str | None:
 
 
 def user_settings() -> list[str]:
-    """The environment's own malloc settings, which this module leaves in charge."""
+    """The environment's own settings of the thresholds, which this module leaves in charge."""
     found = [v for v in _USER_SETTINGS if v in os.environ]
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if any(t in os.environ.get("GLIBC_TUNABLES", "") for t in _USER_TUNABLES):
         found.append("GLIBC_TUNABLES")
     return found
+
+
+def preloaded_allocator() -> str | None:
+    """The malloc library preloaded in place of glibc's (LD_PRELOAD=.../libjemalloc.so.2), if any."""
+    for lib in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+        name = os.path.basename(lib)
+        if "malloc" in name:
+            return name
+    return None
 
 
 def keep_freed_memory() -> str:
@@ -49,10 +61,15 @@ def keep_freed_memory() -> str:
     version = glibc_version()
     if version is None:
         return "the C library's default"
+    if preloaded_allocator():
+        return f"{preloaded_allocator()}, preloaded"
     if user_settings():
         return f"glibc {version}, as set by {', '.join(user_settings())}"
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)):
-        return f"glibc {version}, default (mallopt refused)"
+    # The mmap threshold first: setting either one ends glibc's own adjustment of both.
+    if not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        return f"glibc {version}, default (mallopt refused a {MMAP_THRESHOLD >> 20} MiB mmap threshold)"
+    if not mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
+        return f"glibc {version}, mmap {MMAP_THRESHOLD >> 20} MiB (mallopt refused the trim threshold)"
     return f"glibc {version}, freed memory kept (trim {TRIM_THRESHOLD >> 20} MiB, mmap {MMAP_THRESHOLD >> 20} MiB)"
