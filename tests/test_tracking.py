@@ -16,8 +16,7 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from bench import engine, suite
-from bench import tracking
+from bench import engine, suite, tracking
 from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, Writer, local_artifact_dir, resolve_uri, ui_command
 
 from conftest import TINY_SETS
