@@ -84,3 +84,25 @@ def test_verdict_tolerance_widens_the_interval():
     ci = stats.mean_ci([0.60, 0.605, 0.61])  # [0.5926, 0.6174]
     assert stats.verdict(0.625, ci) == "reproduced"  # 0.76 pt above the interval
     assert stats.verdict(0.625, ci, tolerance=0.0) == "below"
+
+
+def test_accuracy_interval_stays_within_0_and_1_and_says_so():
+    # Two seeds at 2.00 % and 6.66 %: the t interval is 4.33 % +- 29.6 points, below 0 % on its face.
+    raw = stats.mean_ci([0.02, 0.0666])
+    assert raw.low < 0 and not raw.clipped
+    ci = stats.accuracy_ci([0.02, 0.0666])
+    assert ci.clipped and ci.low == 0.0 and ci.high == pytest.approx(raw.high) and ci.mean == pytest.approx(raw.mean)
+    top = stats.accuracy_ci([0.97, 0.995])
+    assert top.clipped and top.high == 1.0 and top.low == pytest.approx(stats.mean_ci([0.97, 0.995]).low)
+    inside = stats.accuracy_ci([0.61, 0.64, 0.62, 0.66])
+    assert not inside.clipped and (inside.low, inside.high) == pytest.approx((stats.mean_ci([0.61, 0.64, 0.62, 0.66]).low, stats.mean_ci([0.61, 0.64, 0.62, 0.66]).high))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=2, max_size=12), st.floats(0, 1))
+def test_accuracy_interval_is_within_bounds_and_the_verdict_follows_it(values, reported):
+    ci = stats.accuracy_ci(values)
+    assert 0.0 <= ci.low <= ci.mean + 1e-12 and ci.mean <= ci.high + 1e-12 and ci.high <= 1.0
+    # The verdict is read off the interval as printed, widened by the tolerance.
+    expected = "above" if reported < ci.low - stats.TOLERANCE else "below" if reported > ci.high + stats.TOLERANCE else "reproduced"
+    assert stats.verdict(reported, ci) == expected
