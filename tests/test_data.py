@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 import torchvision
 from torchvision.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
 
 from bench.config import DataConfig
 from bench.data import build, split_validation
@@ -413,31 +414,32 @@ def test_resample_boxes_reads_the_box_it_is_given():
     assert torch.allclose(out[1], images[1, :, 0:16, 16:32], atol=1e-5)
 
 
-def _grid_sample_boxes(images, boxes, size, flip):
-    """The same crop-resize-flip as a sampling grid for torch's grid_sample (bilinear, border)."""
-    n, c, height, width = images.shape
-    top, left, h, w = boxes.unbind(1)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = torch.nn.functional.affine_grid(theta, [n, c, size, size], align_corners=False)
-    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def _torchvision_resized_crops(images, boxes, size, flip):
+    """torchvision's own v2 resized_crop (its defaults: bilinear, antialias) and flip, image by image."""
+    out = []
+    for image, (top, left, h, w), mirror in zip(images, boxes.long().tolist(), flip.tolist()):
+        crop = TF.resized_crop(image, top, left, h, w, [size, size])
+        out.append(TF.horizontal_flip(crop) if mirror else crop)
+    return torch.stack(out)
 
 
-@pytest.mark.parametrize("size", [16, 32, 64, 224])
-def test_resample_boxes_matches_grid_sample(size):
-    """Rows and columns resampled apart give what sampling every output pixel gives."""
-    gen = _gen(20 + size)
-    images = torch.rand(24, 3, 32, 32, generator=gen)
-    boxes = resized_crop_boxes(24, 32, 32, gen, torch.device("cpu"))
-    boxes[0] = torch.tensor([0.0, 0.0, 32.0, 32.0])  # the whole image
-    boxes[1] = torch.tensor([31.0, 31.0, 1.0, 1.0])  # the corner pixel: sampling clamped to the edge
-    flip = torch.rand(24, generator=gen) < 0.5
+@pytest.mark.parametrize("extent, size", [(32, 32), (32, 64), (32, 224), (32, 16), (96, 32), (96, 64)])
+def test_resample_boxes_matches_torchvision_resized_crop(extent, size):
+    """Pixel by pixel, over random boxes: enlarging (the 224-px fine-tune) and shrinking (boxes
+    wider than the output, where torchvision antialiases), flips included. Only the box's own
+    pixels may enter: one outside it would show at the crop's edges."""
+    gen = _gen(20 + extent + size)
+    n = 48
+    images = torch.rand(n, 3, extent, extent, generator=gen)
+    boxes = resized_crop_boxes(n, extent, extent, gen, torch.device("cpu"))
+    boxes[0] = torch.tensor([0.0, 0.0, extent, extent])  # the whole image
+    boxes[1] = torch.tensor([extent - 1.0, extent - 1.0, 1.0, 1.0])  # the corner pixel
+    boxes[2] = torch.tensor([0.0, 5.0, extent, 2.0])  # a two-pixel column inside the image
+    boxes[3] = torch.tensor([3.0, 1.0, 7.0, extent - 2.0])  # odd sizes, off every edge
+    flip = torch.rand(n, generator=gen) < 0.5
     ours = resample_boxes(images, boxes, size, flip)
-    assert ours.shape == (24, 3, size, size)
-    assert torch.allclose(ours, _grid_sample_boxes(images, boxes.float(), size, flip), atol=1e-5)
+    assert ours.shape == (n, 3, size, size)
+    torch.testing.assert_close(ours, _torchvision_resized_crops(images, boxes, size, flip), rtol=0, atol=1e-4)
 
 
 def test_random_resized_crop_flip_shape_and_reproducibility():

@@ -56,21 +56,27 @@ def resized_crop_boxes(
 
 
 def _axis_weights(start: Tensor, length: Tensor, extent: int, size: int) -> Tensor:
-    """N x size x extent bilinear weights that resample the span [start, start + length) of an
-    axis of `extent` pixels to `size` pixels: output pixel j samples the input at the centre of
-    its share of the span, clamped to the edge pixels (grid_sample's bilinear, align_corners=False,
-    padding_mode="border"). Pixel p's weight is the tent max(0, 1 - |at - p|)."""
-    j = torch.arange(size, device=start.device, dtype=start.dtype)
-    at = (start[:, None] + (j + 0.5) * (length[:, None] / size) - 0.5).clamp(0, extent - 1)
+    """N x size x extent weights that resize the span [start, start + length) of an axis of
+    `extent` pixels to `size` pixels as torchvision's resized_crop does: crop, then interpolate's
+    bilinear with antialias=True (v2's RandomResizedCrop default; PIL's filter). Output pixel j is
+    centred at (j + 0.5) * scale into the span, scale = length / size; its tent is `scale` pixels
+    wide when shrinking, so every pixel of the box counts, and one pixel when enlarging. The tent is
+    cut at the box's edges and renormalized, so pixels outside the box never enter."""
+    scale = (length / size)[:, None, None]
+    j = torch.arange(size, device=start.device, dtype=start.dtype)[:, None]
+    centre = start[:, None, None] + (j + 0.5) * scale
     pixels = torch.arange(extent, device=start.device, dtype=start.dtype)
-    return (1 - (at[..., None] - pixels).abs()).clamp_(min=0)
+    tent = (1 - (pixels + 0.5 - centre).abs() / scale.clamp(min=1)).clamp_(min=0)
+    inside = (pixels >= start[:, None]) & (pixels < (start + length)[:, None])
+    tent.mul_(inside[:, None])
+    return tent.div_(tent.sum(2, keepdim=True))
 
 
 def resample_boxes(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
-    """Bilinear crop-and-resize of float N x C x H x W: box rows (top, left, h, w) -> size x size,
-    mirrored left-right where `flip`. An axis-aligned box resamples rows and columns apart, so an
-    image is two small matrix products (rows x image x columns), not a sampling grid of every
-    output pixel."""
+    """torchvision's resized_crop (bilinear, antialiased) of float N x C x H x W: box rows
+    (top, left, h, w) -> size x size, mirrored left-right where `flip`. An axis-aligned box
+    resamples rows and columns apart, so an image is two small matrix products
+    (rows x image x columns), not a sampling grid of every output pixel."""
     _, _, height, width = images.shape
     top, left, h, w = boxes.to(images.dtype).unbind(1)
     rows = _axis_weights(top, h, height, size)  # N x size x H
