@@ -6,6 +6,7 @@ the `--set` key, the Optuna parameter, the MLflow param and the report column.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -22,6 +23,13 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+# A key whose value changes what a run learns or measures is a result key: the config hash (a
+# cell's identity, the tracking tag bench.config_hash, a checkpoint's config_hash) and the report's
+# "comparable" use only those. Fields marked NOT_RESULT change how fast a run goes, how it is
+# checkpointed or logged, or name it; "result_when" makes a field a result key under a condition.
+NOT_RESULT = {"result": False}
 
 
 class Section(BaseModel):
@@ -72,7 +80,9 @@ class DataConfig(Section):
     val_size: int = Field(ge=0)
     split_seed: int = 0
     batch_size: int = Field(gt=0)
-    eval_batch_size: int = Field(gt=0)
+    # Evaluation of each image is independent of its batch in eval mode; with eval.mode "train"
+    # BatchNorm normalizes by the batch's statistics, so the batch size changes the accuracy.
+    eval_batch_size: int = Field(gt=0, json_schema_extra={**NOT_RESULT, "result_when": {"eval.mode": "train"}})
     image_size: int = Field(default=32, ge=8)
     augment: Literal["crop_flip", "resized_crop_flip", "none"] = "crop_flip"
     crop_padding: int = Field(default=4, ge=0)
@@ -97,19 +107,25 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(gt=0)
-    checkpoint_every: int = Field(default=10, gt=0)
+    # A resumed run continues exactly where its checkpoint left it, so how often it is taken
+    # changes nothing that is learned.
+    checkpoint_every: int = Field(default=10, gt=0, json_schema_extra=NOT_RESULT)
     # A checkpoint every `checkpoint_every` epochs, but not within this many seconds of the one
     # before (and always after the last epoch or a stop): its cost stays a small share however
     # short the epochs are. 0: every `checkpoint_every` epochs.
-    checkpoint_min_interval_s: float = Field(default=60.0, ge=0)
-    deterministic: bool = True
-    channels_last: bool = True  # memory format only: faster convolutions, same model
-    # bfloat16 autocast on CUDA devices that support it; float32 on the CPU and MPS.
+    checkpoint_min_interval_s: float = Field(default=60.0, ge=0, json_schema_extra=NOT_RESULT)
+    # Deterministic kernels: repeatable numbers, not other ones.
+    deterministic: bool = Field(default=True, json_schema_extra=NOT_RESULT)
+    # Memory format only: faster convolutions, same model.
+    channels_last: bool = Field(default=True, json_schema_extra=NOT_RESULT)
+    # bfloat16 autocast on CUDA devices that support it; float32 on the CPU and MPS. A result key:
+    # every product is rounded to 8 bits of mantissa, a change in the arithmetic of each step.
     amp: bool = True
-    # torch.compile the model; compilation is done before the first epoch and not timed.
-    compile: bool = False
+    # torch.compile the model; compilation is done before the first epoch and not timed, and the
+    # run trains as if uncompiled.
+    compile: bool = Field(default=False, json_schema_extra=NOT_RESULT)
     # 0: per-epoch metrics only; N: also train_step_loss, the mean loss of every N steps.
-    log_every_steps: int = Field(default=0, ge=0)
+    log_every_steps: int = Field(default=0, ge=0, json_schema_extra=NOT_RESULT)
 
 
 class EvalConfig(Section):
@@ -121,7 +137,7 @@ class EvalConfig(Section):
 
 
 class RunConfig(Section):
-    experiment: str
+    experiment: str = Field(json_schema_extra=NOT_RESULT)  # a name; cells and reports keep experiments apart
     seed: int = Field(default=0, ge=0)
     model: ModelConfig
     data: DataConfig
@@ -137,10 +153,77 @@ class RunConfig(Section):
         """The flat config as MLflow params: lists and tables as JSON, the rest as str()."""
         return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in sorted(self.flat().items())}
 
+    def result_keys(self) -> list[str]:
+        """The dotted keys whose values change what the run learns or measures (seed included),
+        sorted; model options all count."""
+        flat = self.flat()
+        marks = _field_marks(type(self))
+        return sorted(k for k in flat if _counts(marks.get(k, {}), flat))
+
+    def result_values(self) -> dict[str, Any]:
+        """The result keys with their values as they bear on the run: a weights file by its content."""
+        flat = self.flat()
+        values = {k: flat[k] for k in self.result_keys()}
+        if isinstance(values.get("model.weights"), str):
+            values["model.weights"] = weights_identity(values["model.weights"])
+        return values
+
     def config_hash(self) -> str:
-        """Identifies the resolved config, seed excluded: the seeds of one config share it."""
-        flat = {k: v for k, v in self.flat().items() if k != "seed"}
-        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+        """Identifies what the run learns: its result keys, seed excluded (the seeds of one config
+        share it). Settings that change only speed, checkpoints or logging leave it as it is."""
+        values = {k: v for k, v in self.result_values().items() if k != "seed"}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _field_marks(model: type[BaseModel], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Each field's json_schema_extra by dotted key, through the nested sections."""
+    marks: dict[str, dict[str, Any]] = {}
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            marks.update(_field_marks(kind, f"{prefix}{name}."))
+        elif isinstance(info.json_schema_extra, dict):
+            marks[f"{prefix}{name}"] = info.json_schema_extra
+    return marks
+
+
+def _counts(mark: dict[str, Any], flat: dict[str, Any]) -> bool:
+    if mark.get("result", True):
+        return True
+    when = mark.get("result_when")
+    return bool(when) and all(flat.get(k) == v for k, v in when.items())
+
+
+def imagenet_sha256_prefix() -> str:
+    """The first digits of the SHA-256 of torchvision's ImageNet ResNet-18 file, from its name
+    (resnet18-f37072fd.pth): what torchvision checks a download against."""
+    from bench.models.resnet18_finetune import imagenet_weights_file
+
+    return imagenet_weights_file().stem.rsplit("-", 1)[-1]
+
+
+def weights_identity(weights: str, imagenet_prefix: str | None = None) -> str:
+    """model.weights as what it loads: "imagenet" and "none" as they are; a local file by its
+    SHA-256, and as "imagenet" when it is torchvision's ImageNet file (`imagenet_prefix`, by
+    default `imagenet_sha256_prefix()`). A missing file stays a path: the run stops at its
+    preflight with its own message."""
+    path = Path(weights)
+    if weights in ("imagenet", "none") or not path.is_file():
+        return weights
+    st = path.stat()
+    digest = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    prefix = imagenet_prefix or imagenet_sha256_prefix()
+    return "imagenet" if digest.startswith(prefix) else f"sha256:{digest}"
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, once per version of the file (size and mtime in the key)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -264,8 +264,15 @@ class MlflowRun(Callback):
         if start_epoch:
             self._logged_epoch = self.tracker.logged_steps(self.run_id, "train_loss")
             self._logged_step = self.tracker.logged_steps(self.run_id, "train_step_loss")
-        params = [Param(k, v) for k, v in self.cfg.params().items()]
+        # MLflow params are written once. A resumed cell (same config hash) may differ from its
+        # run in settings that change no result (train.compile, the checkpoint interval, ...):
+        # the params keep the values the run started with, bench.resumed_with the new ones.
+        logged = self.client.get_run(self.run_id).data.params
+        changed = {k: v for k, v in self.cfg.params().items() if logged.get(k, v) != v}
+        params = [Param(k, v) for k, v in self.cfg.params().items() if k not in changed]
         tags = [RunTag(k, v) for k, v in self.extra_tags.items()]
+        if changed:
+            tags.append(RunTag("bench.resumed_with", ", ".join(f"{k}={v}" for k, v in changed.items())))
         # MLflow caps one batch at 100 params; the resolved config is about 40 keys.
         for i in range(0, len(params), 100):
             self.writer.submit(self.client.log_batch, self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])

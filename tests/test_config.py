@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -333,3 +334,63 @@ def test_a_set_of_seed_or_experiment_is_not_silently_ignored(text, key, value):
         assert key in str(exc)
     else:
         assert cfg.flat()[key] == value
+
+
+# --- result keys: what the config hash and "comparable" use -------------------------------------
+
+NON_RESULT_SETS = [
+    "train.compile=true", "train.channels_last=false", "train.checkpoint_every=1", "train.checkpoint_min_interval_s=0",
+    "train.log_every_steps=10", "train.deterministic=false", "data.eval_batch_size=1000",
+]
+
+
+def test_result_keys_leave_out_speed_checkpoints_and_logging():
+    keys = load("resnetb-cifar10", profile="paper").result_keys()
+    assert keys == sorted(keys) and "seed" in keys
+    for key in ("optim.lr", "data.batch_size", "data.val_size", "data.source", "model.widths", "schedule.step_size",
+                "train.epochs", "train.amp", "eval.mode", "eval.remeasure_train_acc"):
+        assert key in keys, key
+    for key in ("experiment", "data.eval_batch_size", "train.compile", "train.channels_last", "train.checkpoint_every",
+                "train.checkpoint_min_interval_s", "train.log_every_steps", "train.deterministic"):
+        assert key not in keys, key
+    # R1 evaluates with BatchNorm's batch statistics: there the eval batch changes the accuracy.
+    assert "data.eval_batch_size" in load("hw4-resnet-cifar100", profile="paper").result_keys()
+
+
+@pytest.mark.parametrize("assignment", NON_RESULT_SETS)
+def test_settings_that_change_no_result_keep_the_config_hash(assignment):
+    a = load("resnetb-cifar10", profile="paper")
+    assert load("resnetb-cifar10", profile="paper", sets=[assignment]).config_hash() == a.config_hash()
+
+
+@pytest.mark.parametrize("assignment", ["train.amp=false", "optim.nesterov=true", "data.split_seed=1", "eval.mode=\"train\""])
+def test_settings_that_change_the_result_change_the_config_hash(assignment):
+    a = load("resnetb-cifar10", profile="paper")
+    assert load("resnetb-cifar10", profile="paper", sets=[assignment]).config_hash() != a.config_hash()
+
+
+def test_eval_batch_size_changes_the_hash_where_evaluation_uses_batch_statistics():
+    a = load("hw4-resnet-cifar100", profile="paper")
+    assert load("hw4-resnet-cifar100", profile="paper", sets=["data.eval_batch_size=1000"]).config_hash() != a.config_hash()
+
+
+def test_a_weights_file_counts_by_its_content(tmp_path):
+    state = tmp_path / "state.pth"
+    state.write_bytes(b"weights one")
+    copy = tmp_path / "elsewhere" / "copy.pth"
+    copy.parent.mkdir()
+    copy.write_bytes(b"weights one")
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"weights two")
+
+    def hashed(weights: str) -> str:
+        return load("resnet18-finetune-cifar100", profile="paper", sets=[f"model.weights={weights}"]).config_hash()
+
+    assert hashed(str(state)) == hashed(str(copy)) != hashed(str(other))
+    assert hashed(str(state)) not in (hashed("imagenet"), hashed("none"))
+    digest = hashlib.sha256(b"weights one").hexdigest()
+    assert config.weights_identity(str(copy)) == f"sha256:{digest}"
+    # torchvision's ImageNet file, wherever it lies, is "imagenet": its name carries its digest's first digits.
+    assert config.weights_identity(str(copy), imagenet_prefix=digest[:8]) == "imagenet"
+    assert config.imagenet_sha256_prefix() == "f37072fd"
+    assert config.weights_identity(str(tmp_path / "missing.pth")) == str(tmp_path / "missing.pth")

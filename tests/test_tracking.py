@@ -329,3 +329,29 @@ def test_a_nonfinite_loss_fails_its_run_with_the_epoch_and_the_suite_goes_on(in_
     assert "train_loss" not in failed.data.metrics  # nothing of the non-finite epoch is logged
     [finished] = runs_of(client, "bottleneck-cifar10")
     assert finished.info.status == "FINISHED" and "bench.failure" not in finished.data.tags
+
+
+def test_a_cell_rerun_with_only_non_result_settings_changed_is_the_same_cell(in_tmp, monkeypatch):
+    """Settings that change no result (checkpoint interval, logging, memory format) keep the
+    cell: an unfinished one resumes in its run with the new settings, a finished one is skipped."""
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
+        [partial] = run(plan(), in_tmp, uri)
+    assert partial.status == "stopped"
+    changed = plan("train.checkpoint_every=1", "train.log_every_steps=5", "train.channels_last=false", "data.eval_batch_size=100")
+    assert changed[0].cfg.config_hash() == plan()[0].cfg.config_hash()
+    [done] = run(changed, in_tmp, uri)
+    assert (done.status, done.epochs, done.run_id) == ("finished", 2, partial.run_id)
+    [mlrun] = runs_of(client)
+    assert mlrun.info.status == "FINISHED"
+    assert steps(client, done.run_id, "train_loss") == [1, 2]
+    assert steps(client, done.run_id, "train_step_loss")  # logged in epoch 2, as the new settings ask
+    assert mlrun.data.params["train.log_every_steps"] == "0"  # MLflow params are written once
+    assert "train.log_every_steps=5" in mlrun.data.tags["bench.resumed_with"]
+    # The checkpoint the resume read was written under the same config hash.
+    last = torch.load(changed[0].checkpoint_dir(in_tmp / "ck") / engine.LAST, weights_only=True)
+    assert last["config_hash"] == changed[0].cfg.config_hash()
+    [again] = run(plan("train.compile=true"), in_tmp, uri)
+    assert (again.status, again.run_id) == ("skipped", done.run_id)
