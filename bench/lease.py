@@ -1,14 +1,22 @@
 """One trainer per suite cell: a file lock for processes on one machine, a lease in MLflow for
 processes on machines that share only the tracking store.
 
-MLflow has no compare-and-swap, so the lease is Lamport's bakery algorithm, which needs none:
-every contender writes a claim (a run tagged with the cell's key) while "choosing", reads the
-others' numbers, takes one more than the largest and stops choosing; then it waits for each other
-claim to finish choosing and loses to any with a smaller (number, run id). A contender that
-starts later reads the numbers of those before it, so it draws a larger one: two claims that both
-pass the check cannot exist. Here a loser gives up at once instead of queueing (the suite comes
-back to the cell later). Holders refresh a heartbeat tag; a claim whose heartbeat is older than
-`stale_s` belongs to a dead process and is removed, so its cell can be taken over and resumed.
+The leases are runs of an experiment of their own, `bench-leases`, so the experiments that users
+browse and report on hold results only. Each lease run records one holding: which cell, which
+process (host:pid), from when to when. It ends FINISHED when its holder releases the cell, KILLED
+when another process finds its heartbeat stale (a dead holder) and frees the cell.
+
+Waiting costs the store nothing: a process that finds a live claim on the cell reads it and gives
+up (the suite looks again later); it writes a claim of its own only once no live one is left.
+Processes that find the cell free at the same moment are told apart by Lamport's bakery algorithm,
+which needs no compare-and-swap (MLflow has none): every contender writes a claim (a run tagged
+with the cell's key) while "choosing", reads the others' numbers, takes one more than the largest
+and stops choosing; then it waits for each other claim to finish choosing and loses to any with a
+smaller (number, run id). A contender that starts later reads the numbers of those before it, so
+it draws a larger one: two claims that both pass the check cannot exist. Here a loser gives up at
+once instead of queueing, and its claim, which never held the cell, is deleted rather than kept in
+the record. Holders refresh a heartbeat tag; a claim whose heartbeat is older than `stale_s`
+belongs to a dead process.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+LEASES_EXPERIMENT = "bench-leases"
 KIND, CELL, OWNER = "bench.kind", "bench.lease.cell", "bench.lease.owner"
 CHOOSING, NUMBER, HEARTBEAT = "bench.lease.choosing", "bench.lease.number", "bench.lease.heartbeat"
 LOCK_FILE = ".lock"
@@ -34,33 +43,41 @@ STALE_S = 180.0  # six missed heartbeats; generous, since the clocks of two mach
 class Lease:
     """A claim on one cell in the tracking store; `acquire` says whether this process holds it."""
 
-    def __init__(self, tracker, experiment_id: str, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> None:
-        self.tracker, self.experiment_id, self.key = tracker, experiment_id, key
+    def __init__(self, tracker, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> None:
+        self.tracker, self.key = tracker, key
+        self.experiment_id = tracker.experiment_id(LEASES_EXPERIMENT)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.run_id: str | None = None
-        self.holder: str | None = None  # the owner that beat us, once acquire returned False
+        self.holder: str | None = None  # the owner that has the cell, once acquire returned False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def _others(self) -> list[dict]:
-        """The other live claims on the cell; stale ones (dead processes) are removed."""
+        """The other live claims on the cell. A stale one (its process is dead) is ended as
+        KILLED: the only write before this process claims the cell itself."""
         live = []
+        # Ended claims stay as records, one per holding of the cell: few beside the 1000 runs one
+        # search returns, newest (and so the live ones) first.
         for claim in self.tracker.tagged_runs(self.experiment_id, {KIND: "lease", CELL: self.key}):
-            if claim["run_id"] == self.run_id:
+            if claim["status"] != "RUNNING" or claim["run_id"] == self.run_id:
                 continue
             owner = claim["tags"].get(OWNER, "")
             if time.time() - float(claim["tags"].get(HEARTBEAT, 0)) > self.stale_s or _dead_here(owner):
-                log.warning("lease on %s: the claim of %s is stale; removing it", self.key, owner)
-                self.tracker.delete_run(claim["run_id"])
+                log.warning("lease on %s: the claim of %s is stale; taking the cell over", self.key, owner)
+                self.tracker.end_run(claim["run_id"], "KILLED")
                 continue
             live.append(claim)
         return live
 
     def acquire(self) -> bool:
-        now = str(time.time())
+        held = self._others()
+        if held:
+            self.holder = held[0]["tags"].get(OWNER)
+            return False
         self.run_id = self.tracker.start_run(
-            self.experiment_id, f"lease {self.key}", {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: now}
+            self.experiment_id, f"lease {self.key}",
+            {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: str(time.time())},
         )
         numbers = [int(c["tags"][NUMBER]) for c in self._others() if c["tags"].get(NUMBER)]
         number = 1 + max(numbers, default=0)
@@ -75,7 +92,8 @@ class Lease:
             break
         if ahead:
             self.holder = ahead[0]["tags"].get(OWNER)
-            self.release()
+            self.tracker.delete_run(self.run_id)
+            self.run_id = None
             return False
         self._beat = threading.Thread(target=self._heartbeat, name=f"lease {self.key}", daemon=True)
         self._beat.start()
@@ -93,7 +111,7 @@ class Lease:
         if self._beat is not None:
             self._beat.join()
         if self.run_id is not None:
-            self.tracker.delete_run(self.run_id)
+            self.tracker.end_run(self.run_id, "FINISHED")
             self.run_id = None
 
 
@@ -114,7 +132,7 @@ def _dead_here(owner: str) -> bool:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, tracker, experiment_id: str, key: str, **timing):
+def hold(folder: Path, tracker, key: str, **timing):
     """Yields whether this process may train the cell: it holds the file lock on `folder` (the
     cell's checkpoint directory) and the lease in the tracking store; both are released after."""
     folder = Path(folder)
@@ -123,7 +141,7 @@ def hold(folder: Path, tracker, experiment_id: str, key: str, **timing):
         if not _try_lock(f):
             yield False
             return
-        lease = Lease(tracker, experiment_id, key, **timing)
+        lease = Lease(tracker, key, **timing)
         if not lease.acquire():
             log.info("%s is being trained by %s", key, lease.holder)
             yield False

@@ -148,7 +148,7 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
     existing = tracker.find_cell_run(exp_id, cell.tags)
     if existing is not None and existing.info.status == "FINISHED":
         return _skipped(cell, existing)
-    with lease.hold(cell.checkpoint_dir(checkpoint_root), tracker, exp_id, cell.key) as held:
+    with lease.hold(cell.checkpoint_dir(checkpoint_root), tracker, cell.key) as held:
         if not held:
             return CellOutcome(cell, "busy", 0, None, None, 0.0, None)
         existing = tracker.find_cell_run(exp_id, cell.tags)  # the holder before us may have finished it
