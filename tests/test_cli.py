@@ -87,6 +87,10 @@ def test_dry_run_of_the_paper_suite_lists_twelve_cells_with_their_recipes(in_tmp
     assert "adam lr=0.001" in r2 and "exp x0.95" in r2 and "224px" in r2
     r4 = next(line for line in cells if line.startswith("resnetb-cifar10/"))
     assert "step 20 x0.1" in r4 and "lr=0.1 " in r4
+    # R1 and R2 train on all 50k images as their authors did; R3 and R4 hold out 5k as theirs did.
+    assert "val=0 " in hw4 and "val=0 " in r2
+    r3 = next(line for line in cells if line.startswith("bottleneck-cifar10/"))
+    assert "val=5000 " in r3 and "val=5000 " in r4
     assert "12 cells (4 experiments x 3 seeds), profile paper" in out
     # A dry run needs no data and touches no store.
     assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "data").exists()
