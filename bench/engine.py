@@ -103,12 +103,15 @@ class Step:
     memory_format: torch.memory_format = torch.contiguous_format
     autocast_dtype: torch.dtype | None = None
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the cross-entropy loss, both computed under autocast as PyTorch's AMP
+        recipe has it: autocast runs cross_entropy in float32, so neither the loss nor its
+        gradient comes from bfloat16 log-probabilities."""
         x = x.contiguous(memory_format=self.memory_format)
-        if self.autocast_dtype is None:
-            return model(x)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-            return model(x)
+        autocast = torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        with autocast:
+            logits = model(x)
+            return logits, F.cross_entropy(logits, y, reduction=reduction)
 
 
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -149,8 +152,7 @@ def train_one_epoch(
     window = torch.zeros((), device=device)
     seen = 0
     for i, (x, y) in enumerate(batches, 1):
-        logits = step.forward(model, x)
-        loss = F.cross_entropy(logits, y)
+        logits, loss = step.forward(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -174,8 +176,8 @@ def evaluate(model: nn.Module, batches, mode: str = "eval", step: Step = Step())
     loss_sum = torch.zeros((), device=batches.labels.device)
     correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
     for x, y in batches:
-        logits = step.forward(model, x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        logits, loss = step.forward(model, x, y, reduction="sum")
+        loss_sum += loss
         correct += (logits.argmax(1) == y).sum()
     n = batches.num_images
     return loss_sum.item() / n, correct.item() / n
@@ -197,16 +199,18 @@ def compile_and_warm_up(model: nn.Module, data, optimizer: torch.optim.Optimizer
         return {min(b, n)} | ({n % b} if n % b else set())
 
     x_shape = (data.train.images.shape[1], data.train.image_size, data.train.image_size)
+
+    def zeros(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros((n, *x_shape), device=device), torch.zeros(n, dtype=torch.long, device=device)
+
     for n in shapes(data.train):
-        x = torch.zeros((n, *x_shape), device=device)
-        y = torch.zeros(n, dtype=torch.long, device=device)
         model.train()
-        F.cross_entropy(step.forward(compiled, x), y).backward()
+        step.forward(compiled, *zeros(n))[1].backward()
     evals = [b for b in (data.val, data.test) if b is not None]
     with torch.no_grad():
         for n in set().union(*(shapes(b) for b in evals)):
             model.train(eval_mode == "train")
-            step.forward(compiled, torch.zeros((n, *x_shape), device=device))
+            step.forward(compiled, *zeros(n), reduction="sum")
     optimizer.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
     torch.set_rng_state(rng)

@@ -242,7 +242,7 @@ def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.
     started = time.perf_counter()
     for _ in range(cfg.train.epochs):
         for x, y in batches:
-            loss = F.cross_entropy(step.forward(model, x), y)
+            _, loss = step.forward(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench import checkpoint, config, data, engine
@@ -435,13 +436,47 @@ def test_a_bfloat16_step_trains_and_reports_float_metrics(files):
     cfg = make_cfg("train.epochs=1")
     model, bundle = fresh(cfg, files)
     step = engine.Step(torch.channels_last, torch.bfloat16)
-    x, _ = next(iter(bundle.test))
-    assert step.forward(model, x).dtype is torch.bfloat16
+    x, y = next(iter(bundle.test))
+    logits, loss = step.forward(model, x, y)
+    assert logits.dtype is torch.bfloat16 and loss.dtype is torch.float32
     opt = engine.build_optimizer(model.parameters(), cfg.optim)
     loss, acc, seen = engine.train_one_epoch(model, bundle.train, opt, step)
     assert math.isfinite(loss) and 0 <= acc <= 1 and seen == bundle.train.num_images
     eval_loss, eval_acc = engine.evaluate(model, bundle.test, "eval", step)
     assert math.isfinite(eval_loss) and 0 <= eval_acc <= 1
+
+
+class OneBatch:
+    """A split of one fixed batch, as train_one_epoch iterates one."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.labels = x, y
+
+    def __iter__(self):
+        yield self.x, self.labels
+
+
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_a_bfloat16_step_trains_on_the_float32_loss_of_its_logits(device, files):
+    """PyTorch's AMP recipe: forward and loss under autocast, which runs cross_entropy in float32.
+    The loss a step trains on and reports is that of the bfloat16 logits taken in float32, not a
+    loss computed in bfloat16."""
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    model.to(device).train()
+    x, y = (t.to(device) for t in next(iter(bundle.test)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = model(x)
+    float_loss = F.cross_entropy(logits.float(), y).item()
+    assert F.cross_entropy(logits, y).item() != pytest.approx(float_loss, rel=1e-5)  # bfloat16 rounds it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, _, seen = engine.train_one_epoch(model, OneBatch(x, y), opt, engine.Step(torch.channels_last, torch.bfloat16))
+    assert seen == len(y)
+    assert loss == pytest.approx(float_loss, rel=1e-6)
 
 
 class StepLog(Callback):
