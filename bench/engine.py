@@ -168,17 +168,34 @@ def train_one_epoch(
     return loss_sum.item() / seen, correct.item() / seen, seen
 
 
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module):
+    """Put the model's buffers back as they were on leaving: values copied in place, so the
+    tensors a compiled model holds stay the same objects."""
+    saved = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, mode: str = "eval", step: Step = Step()) -> tuple[float, float]:
     """Mean loss and accuracy. mode "train" keeps BatchNorm batch statistics and dropout on,
-    as the R1 author's code did (it never called model.eval())."""
+    as the R1 author's code did (it never called model.eval()), but not the author's side
+    effect: BatchNorm in train mode folds every batch into its running statistics, which would
+    put statistics of the validation and test images into the checkpoints. The buffers are
+    kept as training left them."""
     model.train(mode == "train")
     loss_sum = torch.zeros((), device=batches.labels.device)
     correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
-    for x, y in batches:
-        logits, loss = step.forward(model, x, y, reduction="sum")
-        loss_sum += loss
-        correct += (logits.argmax(1) == y).sum()
+    with _buffers_kept(model) if mode == "train" else contextlib.nullcontext():
+        for x, y in batches:
+            logits, loss = step.forward(model, x, y, reduction="sum")
+            loss_sum += loss
+            correct += (logits.argmax(1) == y).sum()
     n = batches.num_images
     return loss_sum.item() / n, correct.item() / n
 

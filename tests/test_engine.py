@@ -390,6 +390,36 @@ def test_evaluate_matches_a_plain_loop_and_eval_mode_differs_from_train_mode(fil
     assert engine.evaluate(model, bundle.test, "eval") == pytest.approx((eval_loss, eval_acc))
 
 
+def test_train_mode_evaluation_leaves_the_buffers_alone(files):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    assert {"running_mean", "running_var", "num_batches_tracked"} <= {k.rsplit(".", 1)[-1] for k in before}
+    loss, acc = engine.evaluate(model, bundle.test, "train")
+    assert model.training is True and math.isfinite(loss) and 0 <= acc <= 1
+    assert_same_weights(dict(model.named_buffers()), before)
+
+
+def test_train_mode_evaluation_leaves_no_trace_in_the_checkpoints(files, tmp_path):
+    """R1's switches run the model in train mode over the validation, test and (re-measured)
+    train images after each epoch; its checkpoints still hold what training alone left, as a run
+    evaluated in eval mode (no dropout in resnet_b: both runs draw the same random numbers)."""
+    sets = ["train.epochs=2", "train.checkpoint_every=1", "eval.remeasure_train_acc=true"]
+    for mode in ("train", "eval"):
+        cfg = make_cfg(*sets, f"eval.mode={mode}")
+        model, bundle = fresh(cfg, files)
+        assert engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / mode).status == "finished"
+    trained = {}
+    for path in (tmp_path / "eval" / engine.LAST, checkpoint.previous(tmp_path / "eval" / engine.LAST)):
+        state = checkpoint.load(path)
+        trained[state["epoch"]] = dict(state["model"])
+    assert sorted(trained) == [1, 2]
+    last = tmp_path / "train" / engine.LAST
+    for path in (last, checkpoint.previous(last), tmp_path / "train" / engine.BEST):
+        state = checkpoint.load(path)
+        assert_same_weights(dict(state["model"]), trained[state["epoch"]])
+
+
 def test_train_one_epoch_sees_every_training_image(files):
     cfg = make_cfg()
     model, bundle = fresh(cfg, files)
