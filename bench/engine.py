@@ -237,18 +237,23 @@ def compile_and_warm_up(model: nn.Module, data, optimizer: torch.optim.Optimizer
     return compiled, time.perf_counter() - started
 
 
-def _rng_state(data_gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _rng_state(data_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The random state a resume restores: the CPU's, the data generator's and, on CUDA, the
+    generator of the device the run trains on (dropout draws from it; a run on cuda:1 never
+    touches GPU 0's)."""
     state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], data_gen: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], data_gen: torch.Generator, device: torch.device) -> None:
+    """The inverse of `_rng_state`. "cuda" goes to the run's device, whichever it resumes on.
+    Checkpoints written before held the current device's (GPU 0's), the run's own when it ran there."""
     torch.set_rng_state(state["torch"])
     data_gen.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def fit(
@@ -282,7 +287,7 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], data.generator)
+        _set_rng_state(state["rng"], data.generator, device)
         result.epochs_done = int(state["epoch"])
         result.best_epoch, result.best_val_acc, result.best_test_acc = state["best"]
         result.last_metrics = dict(state["metrics"])
@@ -306,7 +311,7 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(data.generator),
+                "rng": _rng_state(data.generator, device),
                 "best": (result.best_epoch, result.best_val_acc, result.best_test_acc),
                 "metrics": result.last_metrics,
                 "config_hash": cfg.config_hash(),

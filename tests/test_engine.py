@@ -215,6 +215,39 @@ def test_checkpoint_contents(reference):
     assert sorted(p.name for p in ckdir.iterdir()) == sorted([engine.BEST, engine.LAST, "last.prev.pt"])
 
 
+def test_the_cuda_generator_saved_and_restored_is_the_run_devices(monkeypatch):
+    """A run on cuda:1 draws its dropout masks from cuda:1's generator: that one is checkpointed
+    and restored, not the current device's (GPU 0's). The CUDA calls are recorded, not made:
+    this machine may have no GPU (test_the_run_devices_cuda_generator_round_trips makes them)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.ones(2, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, state.tolist())))
+    gen, cuda1 = torch.Generator(), torch.device("cuda", 1)
+    state = engine._rng_state(gen, cuda1)
+    assert set(state) == {"torch", "data", "cuda"}
+    engine._set_rng_state(state, gen, cuda1)
+    assert calls == [("get", cuda1), ("set", cuda1, [1, 1])]
+    # A run on the CPU has no CUDA generator to keep, even where CUDA is present; one resumed on
+    # the CPU from a checkpoint written on CUDA leaves CUDA alone.
+    calls.clear()
+    assert set(engine._rng_state(gen, CPU)) == {"torch", "data"}
+    engine._set_rng_state(state, gen, CPU)
+    assert calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_run_devices_cuda_generator_round_trips():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # not the current device where there are two
+    gen = torch.Generator(device=device).manual_seed(0)
+    state = engine._rng_state(gen, device)
+    drawn = torch.rand(8, device=device), torch.rand(8, device=device, generator=gen)
+    torch.cuda.manual_seed_all(SEED + 1)
+    gen.manual_seed(SEED + 1)
+    engine._set_rng_state(state, gen, device)
+    again = torch.rand(8, device=device), torch.rand(8, device=device, generator=gen)
+    assert all(torch.equal(a, b) for a, b in zip(drawn, again))
+
+
 def test_best_checkpoint_is_chosen_on_validation_accuracy(reference):
     ckdir, result, rec = reference["dir"], reference["result"], reference["rec"]
     val = [m["val_acc"] for _, m in rec.epochs]
