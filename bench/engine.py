@@ -354,6 +354,7 @@ def fit(
             if evaluate_test:
                 metrics["test_loss"], metrics["test_acc"] = evaluate(forward, data.test, cfg.eval.mode, step)
             metrics["epoch_time_s"] = time.perf_counter() - started
+            metrics["train_time_s"] = train_time
             metrics["images_per_s"] = seen / train_time
             if compile_time is not None:
                 metrics["compile_time_s"], compile_time = compile_time, None

@@ -30,8 +30,8 @@ SEED = 3
 SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "train.checkpoint_min_interval_s=0",
         "schedule.name=cosine"]
 COSINE_LRS = [0.025 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
-TIME_METRICS = ("epoch_time_s", "images_per_s")
-METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "images_per_s"}
+TIME_METRICS = ("epoch_time_s", "train_time_s", "images_per_s")
+METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s"}
 
 
 def make_cfg(*extra: str) -> config.RunConfig:
@@ -290,8 +290,9 @@ def test_without_the_test_split_the_run_never_evaluates_it(files, tmp_path):
 # --- callbacks ---------------------------------------------------------------------------------
 
 
-def test_callbacks_see_every_epoch_with_its_metrics(reference):
+def test_callbacks_see_every_epoch_with_its_metrics(reference, files):
     rec, result = reference["rec"], reference["result"]
+    train_images = len(files.train) - reference["cfg"].data.val_size
     assert rec.starts == [(0, 4)]
     assert [e for e, _ in rec.epochs] == [1, 2, 3, 4]
     for epoch, metrics in rec.epochs:
@@ -301,6 +302,9 @@ def test_callbacks_see_every_epoch_with_its_metrics(reference):
         for key in ("train_loss", "val_loss", "test_loss"):
             assert math.isfinite(metrics[key]) and metrics[key] > 0, (epoch, key)
         assert metrics["epoch_time_s"] > 0 and metrics["images_per_s"] > 0
+        # The training pass alone: the evaluations come after it, within the epoch's time.
+        assert 0 < metrics["train_time_s"] < metrics["epoch_time_s"]
+        assert metrics["images_per_s"] == pytest.approx(train_images / metrics["train_time_s"])
     # lr is the rate the epoch trained with: cosine from 0.025 over the 4 epochs.
     assert [m["lr"] for _, m in rec.epochs] == pytest.approx(COSINE_LRS[:4])
     assert rec.ends == [result]

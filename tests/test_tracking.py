@@ -24,7 +24,7 @@ from conftest import TINY_SETS
 CPU = torch.device("cpu")
 EXPERIMENT = "resnetb-cifar10"
 SETS = [*TINY_SETS, "train.epochs=2"]
-METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s"]
+METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s"]
 
 
 def plan(*extra: str) -> list[suite.Cell]:
