@@ -27,6 +27,7 @@ class ReportedRun:
     hardware_source: str
     curves_source: str
     seconds_per_epoch_kind: str  # "measured": the mean of the logged durations; "estimate": stated below
+    seconds_per_epoch_metric: str  # the suite's metric that times the same: train_time_s or epoch_time_s
     seconds_per_epoch: float | None = None
     target_test_acc: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -68,7 +69,7 @@ def headline(curves: pd.DataFrame, run: ReportedRun) -> dict[str, float | int | 
     acc = curves[(curves.experiment == run.experiment) & (curves.metric == "test_acc") & (curves.epoch <= run.final_epoch)]
     final = acc[acc.epoch == run.final_epoch]
     best = acc.loc[acc.value.idxmax()] if len(acc) else None
-    times = curves[(curves.experiment == run.experiment) & (curves.metric == "epoch_time_s")]
+    times = curves[(curves.experiment == run.experiment) & (curves.metric == run.seconds_per_epoch_metric)]
     seconds = float(times.value.mean()) if run.seconds_per_epoch_kind == "measured" and len(times) else run.seconds_per_epoch
     return {
         "final_test_acc": float(final.value.iloc[0]) if len(final) else None,
