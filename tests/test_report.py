@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from bench import report, results
+from bench import config, report, results
 
 ALL = ["hw4-resnet-cifar100", "resnet18-finetune-cifar100", "bottleneck-cifar10", "resnetb-cifar10"]
-NO_DIFF = {name: {} for name in ALL}  # every run counts as the paper recipe
+# The runs' config hash "h1" is each experiment's recipe, under this profile and the paper's.
+SAME = {name: report.Recipe("h1", {}) for name in ALL}
+NO_DIFF = {"recipes": SAME, "paper": SAME}
 
 
 def record(experiment, seed, test_acc, *, profile="paper", config_hash="h1", status="FINISHED", start=0,
-           complete="true", best=None, params=None, run_id=None):
+           complete="true", best=None, params=None, run_id=None, val=5000, train_time=True):
     """A run as `Tracker.read_runs` returns it; test_acc per epoch."""
     epochs = len(test_acc)
     history = {
@@ -23,6 +25,8 @@ def record(experiment, seed, test_acc, *, profile="paper", config_hash="h1", sta
         "train_loss": [(e, 3.0 / e + seed * 0.01) for e in range(1, epochs + 1)],
         "epoch_time_s": [(e, 2.0) for e in range(1, epochs + 1)],
     }
+    if train_time:  # the training pass alone; runs from before it was logged lack it
+        history["train_time_s"] = [(e, 1.5) for e in range(1, epochs + 1)]
     if best is not None:
         history["best_test_acc"] = [(epochs, best)]
     return {
@@ -36,7 +40,7 @@ def record(experiment, seed, test_acc, *, profile="paper", config_hash="h1", sta
             "bench.config_hash": config_hash, "bench.status": "finished" if status == "FINISHED" else "stopped",
             "bench.epochs_done": str(epochs), "bench.best_epoch": str(epochs), "bench.device": "NVIDIA H100",
             "bench.git_commit": "0123abc", "bench.torch": "2.14.1", "bench.python": "3.11.9",
-            "bench.data_complete": complete, "bench.data_train": "45000", "bench.data_val": "5000", "bench.data_test": "10000",
+            "bench.data_complete": complete, "bench.data_train": str(50000 - val), "bench.data_val": str(val), "bench.data_test": "10000",
         },
         "history": history,
     }
@@ -60,7 +64,7 @@ def paper_results(finals=FINALS):
 
 @pytest.fixture
 def summary():
-    return report.summarize(paper_results(), ALL, suite="all", recipes=NO_DIFF)
+    return report.summarize(paper_results(), ALL, suite="all", **NO_DIFF)
 
 
 def test_summary_numbers_match_scipy(summary):
@@ -71,7 +75,8 @@ def test_summary_numbers_match_scipy(summary):
         low, high = sps.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sps.sem(values))
         assert (ci.n, ci.mean, ci.low, ci.high) == pytest.approx((3, np.mean(values), low, high))
         assert rows[name].best.mean == pytest.approx(np.mean(values) - 0.001)
-        assert rows[name].seconds_per_epoch == pytest.approx(2.0)
+        # R1/R2's figure is the whole job's (training and evaluation), R3/R4's the training loop's.
+        assert rows[name].seconds_per_epoch == pytest.approx(2.0 if name.startswith(("hw4", "resnet18")) else 1.5)
 
 
 def test_verdicts_against_the_reported_figures(summary):
@@ -94,22 +99,29 @@ def test_welch_comparison_matches_scipy(summary):
 
 def test_subset_data_and_other_recipes_are_not_comparable():
     recs = [record("resnetb-cifar10", s, [0.2, 0.67], complete="false") for s in range(2)]
-    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", recipes=NO_DIFF)
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", **NO_DIFF)
     assert (s.rows[0].verdict, s.rows[0].why_not_comparable) == ("not comparable", "subset of CIFAR")
+    # A profile whose recipe is not the paper's: its runs are its recipe's, and not comparable.
     recs = [record("resnetb-cifar10", s, [0.2, 0.67], params={"optim.lr": "0.05"}) for s in range(2)]
-    recipe = {"resnetb-cifar10": {"optim.lr": "0.1", "train.epochs": "2", "data.source": "official"}}
-    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", recipes=recipe)
-    assert (s.rows[0].verdict, s.rows[0].recipe_diff) == ("not comparable", ["optim.lr"])
-    assert "differ from the paper recipe in: `optim.lr`" in report.markdown(s, {})
+    mine = {"resnetb-cifar10": report.Recipe("h1", {"optim.lr": "0.05", "train.epochs": "2"})}
+    paper = {"resnetb-cifar10": report.Recipe("h0", {"optim.lr": "0.1", "train.epochs": "2"})}
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", recipes=mine, paper=paper)
+    assert (s.rows[0].verdict, s.rows[0].why_not_comparable, s.rows[0].recipe_diff) == ("not comparable", "recipe differs", ["optim.lr"])
+    assert "differs from the paper recipe in: `optim.lr`" in report.markdown(s, {})
 
 
-def test_the_paper_recipe_check_uses_the_experiment_files():
-    # A smoke run differs from the paper recipe in its data source, sizes and epochs at least.
-    recipe = report.paper_recipe("resnetb-cifar10")
-    assert recipe["optim.lr"] == "0.1" and recipe["train.epochs"] == "100" and "seed" not in recipe
+def test_the_recipe_is_the_experiment_under_the_profile_by_its_result_keys():
+    paper = report.recipe("resnetb-cifar10", "paper")
+    assert paper.params["optim.lr"] == "0.1" and paper.params["train.epochs"] == "100" and "seed" not in paper.params
+    assert paper.config_hash == config.load("resnetb-cifar10", profile="paper").config_hash()
+    assert "train.compile" not in paper.params and "train.checkpoint_every" not in paper.params
+    smoke = report.recipe("resnetb-cifar10", "smoke")
+    # The smoke recipe differs in data and budget; its checkpoint interval (non-result) is not listed.
+    assert set(report.differing(smoke.params, paper.params)) == {
+        "data.batch_size", "data.source", "data.val_size", "optim.lr", "train.epochs"}
 
 
-def test_selection_keeps_one_profile_one_config_finished_newest_per_seed():
+def test_selection_keeps_one_profile_finished_newest_per_seed_by_config():
     recs = [
         record("resnetb-cifar10", 0, [0.5], start=1),
         record("resnetb-cifar10", 0, [0.6], start=5),  # the same cell again: the newest counts
@@ -119,9 +131,11 @@ def test_selection_keeps_one_profile_one_config_finished_newest_per_seed():
         record("resnetb-cifar10", 0, [0.3], profile="smoke"),
     ]
     res = results.frames(recs)
-    picked, excluded = report.select(res.runs, "resnetb-cifar10", "paper")
-    assert list(picked.seed) == [0, 1] and list(picked.final_test_acc) == pytest.approx([0.6, 0.7])
-    assert excluded == {"other profiles": 1, "not finished": 1, "other configs": 1}
+    groups, excluded = report.select(res.runs, "resnetb-cifar10", "paper")
+    assert sorted(groups) == ["h1", "h2"]
+    assert list(groups["h1"].seed) == [0, 1] and list(groups["h1"].final_test_acc) == pytest.approx([0.6, 0.7])
+    assert list(groups["h2"].final_test_acc) == pytest.approx([0.9])
+    assert excluded == {"other profiles": 1, "not finished": 1}
 
 
 def test_profile_choice():
@@ -139,19 +153,21 @@ def test_markdown_table_has_every_reported_run_with_both_values(summary):
     hw4 = next(l for l in lines if "hw4-resnet-cifar100" in l)
     assert "63.31 % (100)" in hw4 and "63.52 % (89)" in hw4  # reported final and best
     assert "63.13 % [" in hw4 and "**reproduced**" in hw4 and "-0.18 pt" in hw4
-    assert "~108 s (est.) / 2.00 s" in hw4 and "NVIDIA H100" in hw4
+    assert "~108 s (est.) / 2.00 s (training + evaluation)" in hw4 and "NVIDIA H100" in hw4
+    resnetb = next(l for l in lines if "resnetb-cifar10" in l)
+    assert "149 s / 1.50 s (training pass)" in resnetb
     assert "![Test accuracy against epoch](test_acc.png)" in text
 
 
 def test_one_seed_has_no_interval():
-    s = report.summarize(results.frames([record("resnetb-cifar10", 0, [0.66])]), ["resnetb-cifar10"], suite="x", recipes=NO_DIFF)
+    s = report.summarize(results.frames([record("resnetb-cifar10", 0, [0.66])]), ["resnetb-cifar10"], suite="x", **NO_DIFF)
     assert "66.00 % (one seed, no interval)" in report.summary_table(s)
     assert "needs at least two finished seeds" not in report.markdown(s, {})  # no pair, no comparison section
 
 
 def test_write_gives_identical_bytes_and_links_that_resolve(summary, tmp_path):
     first = report.write(summary, tmp_path / "a")
-    second = report.write(report.summarize(paper_results(), ALL, suite="all", recipes=NO_DIFF), tmp_path / "b")
+    second = report.write(report.summarize(paper_results(), ALL, suite="all", **NO_DIFF), tmp_path / "b")
     names = sorted(p.name for p in first.parent.iterdir())
     assert names == ["README.md", "bottleneck_vs_resnet_b.png", "test_acc.png", "train_loss.png"]
     for name in names:
@@ -187,5 +203,85 @@ def test_tuning_runs_are_not_counted_as_seeds():
     trial["tags"]["bench.kind"] = "trial"
     res = results.frames([record("resnetb-cifar10", 0, [0.5]), trial])
     assert list(res.runs.kind) == ["cell", "trial"]
-    picked, _ = report.select(res.runs, "resnetb-cifar10", "paper")
-    assert list(picked.final_test_acc) == [0.5]
+    groups, _ = report.select(res.runs, "resnetb-cifar10", "paper")
+    assert list(groups["h1"].final_test_acc) == [0.5]
+
+
+# --- the recipe's runs against the reported figures, whatever else is in the store --------------
+
+
+def _smoke_hash(*sets: str) -> str:
+    return config.load("resnetb-cifar10", profile="smoke", sets=list(sets)).config_hash()
+
+
+def test_the_recipe_runs_are_compared_beside_a_tuned_config_and_a_compiled_rerun():
+    """A 2-seed smoke suite, then a tuned config's 2 seeds and seed 0 again with train.compile:
+    the recipe's row holds the smoke runs (the compiled one among them, newest of its seed), and
+    the tuned config is a row of its own, named by its values."""
+    recipe = _smoke_hash()
+    tuned_sets = ("optim.lr=0.05", "data.batch_size=64")
+    tuned = _smoke_hash(*tuned_sets)
+    assert _smoke_hash("train.compile=true") == recipe != tuned
+    tuned_params = {"optim.lr": "0.05", "data.batch_size": "64"}
+    smoke_params = {k: v for k, v in config.load("resnetb-cifar10", profile="smoke").params().items() if k != "seed"}
+    recs = [record("resnetb-cifar10", s, [0.3, 0.40 + s / 100], profile="smoke", config_hash=recipe, params=smoke_params,
+                   start=s, complete="false") for s in range(2)]
+    recs += [record("resnetb-cifar10", s, [0.3, 0.50 + s / 100], profile="smoke", config_hash=tuned,
+                    params={**smoke_params, **tuned_params}, start=10 + s, complete="false") for s in range(3)]
+    recs.append(record("resnetb-cifar10", 0, [0.3, 0.45], profile="smoke", config_hash=recipe, start=20, complete="false",
+                       params={**smoke_params, "train.compile": "True"}))
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", profile="smoke")
+    main, other = s.rows
+    assert main.is_recipe and list(main.runs.final_test_acc) == pytest.approx([0.45, 0.41])
+    assert main.why_not_comparable == "subset of CIFAR" and main.final.n == 2
+    assert other.label == "data.batch_size=64, optim.lr=0.05" and other.final.n == 3
+    assert other.why_not_comparable == "subset of CIFAR"
+    text = report.markdown(s, {})
+    assert "| R4 ResNet-B, CIFAR-10 (`resnetb-cifar10`) |" in text
+    assert "| R4 ResNet-B, CIFAR-10, other config: data.batch_size=64, optim.lr=0.05 |" in text
+    # The runs are listed with their config.
+    assert text.count("| recipe |") == 2 and text.count("| data.batch_size=64, optim.lr=0.05 |") == 3
+
+
+def test_on_the_full_data_the_recipe_gets_a_verdict_and_other_configs_are_labelled():
+    paper = report.recipe("resnetb-cifar10", "paper")
+    recs = [record("resnetb-cifar10", s, [0.5, v], config_hash=paper.config_hash, params=paper.params, start=s)
+            for s, v in enumerate([0.66, 0.67])]
+    lr = config.load("resnetb-cifar10", profile="paper", sets=["optim.lr=0.05"]).config_hash()
+    recs += [record("resnetb-cifar10", s, [0.5, 0.9], config_hash=lr, params={**paper.params, "optim.lr": "0.05"}, start=5 + s)
+             for s in range(3)]
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10")
+    assert [(r.label, r.verdict, r.why_not_comparable) for r in s.rows] == [
+        (None, "reproduced", None), ("optim.lr=0.05", "not comparable", "another config")]
+    assert "Other configs, in rows of their own: `optim.lr=0.05`" in report.markdown(s, {})
+
+
+def test_runs_trained_without_a_validation_split_compare_on_the_final_test_accuracy():
+    """R1 and R2 train on all 50k images (data.val_size = 0): no val_acc, no best checkpoint."""
+    recs = [record("hw4-resnet-cifar100", s, [0.3] * 99 + [v], val=0) for s, v in enumerate([0.630, 0.636, 0.628])]
+    for rec in recs:
+        del rec["tags"]["bench.best_epoch"]
+    s = report.summarize(results.frames(recs), ["hw4-resnet-cifar100"], suite="x", **NO_DIFF)
+    [row] = s.rows
+    assert row.best.n == 0 and row.verdict == "reproduced"  # 63.13 % [62.10, 64.17] holds 63.31 % at epoch 100
+    text = report.markdown(s, {})
+    assert "nan" not in text.lower()
+    line = next(l for l in text.splitlines() if l.startswith("| R1"))
+    assert "63.13 % [62.10, 64.17]" in line and "- (no validation split)" in line and "(50000/0/10000 train/val/test)" in line
+    assert "no validation split, so no val-chosen best" in text
+
+
+def test_seconds_per_epoch_compare_the_training_pass_and_say_when_it_was_not_logged():
+    recs = [record("resnetb-cifar10", s, [0.66], train_time=False) for s in range(2)]
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="x", **NO_DIFF)
+    assert s.rows[0].seconds_per_epoch is None  # not epoch_time_s: that one includes evaluation
+    assert "149 s / - (no train_time_s logged) (training pass)" in report.summary_table(s)
+
+
+def test_an_interval_past_0_percent_is_cut_there_and_says_so():
+    recs = [record("resnetb-cifar10", s, [v]) for s, v in enumerate([0.02, 0.0666])]
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="x", **NO_DIFF)
+    [row] = s.rows
+    assert row.final.low == 0.0 and row.final.clipped
+    assert "4.33 % [0.00, 33.94] (t interval cut at the bound)" in report.summary_table(s)
+    assert row.verdict == "below"  # 66.97 % lies above the printed interval's 33.94 % + 1 point

@@ -92,7 +92,7 @@ def test_write_adds_the_plots_links_them_and_repeats_the_bytes(storage, tmp_path
     import matplotlib
 
     found = results.load_studies(storage, ALL)
-    summary = report.summarize(paper_results(), ALL, suite="all", recipes=NO_DIFF)
+    summary = report.summarize(paper_results(), ALL, suite="all", **NO_DIFF)
     with matplotlib.rc_context({"axes.facecolor": "red"}):
         first = report.write(summary, tmp_path / "a", found)
         assert matplotlib.rcParams["axes.facecolor"] == "red"  # optuna's ggplot style did not leak

@@ -44,14 +44,14 @@ def _seeds(ours: pd.DataFrame) -> int:
 
 
 def metric_figure(summary, metric: str, path: Path) -> None:
-    rows = summary.rows
+    rows = summary.recipe_rows  # one panel per reported run: its recipe's seeds
     ncols = 2 if len(rows) > 1 else 1
     nrows = max(1, math.ceil(len(rows) / ncols))
     fig = Figure(figsize=(6 * ncols, 3.6 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, row in zip(axes, rows):
         theirs = summary.curves[(summary.curves.experiment == row.experiment) & (summary.curves.metric == metric)]
-        ours = summary.metrics[(summary.metrics.experiment == row.experiment) & (summary.metrics.metric == metric)]
+        ours = summary.metrics[summary.metrics.run_id.isin(row.runs.run_id) & (summary.metrics.metric == metric)]
         if len(theirs):
             ax.plot(theirs.epoch, theirs.value, label="reported", **REPORTED_STYLE)
         if len(ours):
@@ -72,9 +72,10 @@ def metric_figure(summary, metric: str, path: Path) -> None:
 def comparison_figure(summary, path: Path) -> None:
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
+    recipes = {r.experiment: r.runs.run_id for r in summary.recipe_rows}
     for name, label, color in zip(report.BOTTLENECK_PAIR, ("bottleneck", "ResNet-B"), ("C0", "C1")):
         theirs = summary.curves[(summary.curves.experiment == name) & (summary.curves.metric == "test_acc")]
-        ours = summary.metrics[(summary.metrics.experiment == name) & (summary.metrics.metric == "test_acc")]
+        ours = summary.metrics[summary.metrics.run_id.isin(recipes[name]) & (summary.metrics.metric == "test_acc")]
         if len(ours):
             _suite_line(ax, ours, f"{label}, suite ({_seeds(ours)} seeds)", color)
         if len(theirs):
@@ -97,7 +98,7 @@ def draw_all(summary, out_dir: Path) -> dict[str, str]:
         for metric in ("test_acc", "train_loss"):
             metric_figure(summary, metric, out_dir / FILES[metric])
             written[metric] = FILES[metric]
-        names = {r.experiment for r in summary.rows}
+        names = {r.experiment for r in summary.recipe_rows}
         if set(report.BOTTLENECK_PAIR) <= names:
             comparison_figure(summary, out_dir / FILES["comparison"])
             written["comparison"] = FILES["comparison"]
