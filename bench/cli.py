@@ -255,7 +255,8 @@ def cmd_report(args) -> int:
     except OSError as exc:
         raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     for row in summary.rows:
-        print(f"  {row.experiment:30s} {row.final.n} seeds  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
+        name = row.experiment if row.is_recipe else f"{row.experiment}, {row.label}"
+        print(f"  {name:30s} {row.final.n} seeds  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
     if studies is not None and studies.handles:
         print(f"  tuning: {', '.join(sorted(studies.handles))}")
     print(f"Report: {path}")
