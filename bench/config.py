@@ -103,6 +103,9 @@ class ScheduleConfig(Section):
     step_size: int = Field(default=30, gt=0)
     gamma: float = Field(default=0.1, gt=0, le=1)
     eta_min: float = Field(default=0.0, ge=0)
+    # True: the schedule starts one step ahead, so epoch k trains at the rate of k steps, not
+    # k - 1 (a loop that steps the scheduler before each epoch, as R4's source did).
+    step_before_epoch: bool = False
 
 
 class TrainConfig(Section):

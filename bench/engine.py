@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -85,15 +86,26 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimize
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch; "none" is a constant schedule so every run has one to checkpoint."""
+    """Stepped once per epoch; "none" is a constant schedule so every run has one to checkpoint.
+
+    With `cfg.step_before_epoch` it starts one step ahead, so epoch k trains at the rate of k
+    steps rather than k - 1: the order of a loop that steps the scheduler before each epoch (R4's
+    source), whose step decay comes one epoch early. A resumed run loads the step count saved."""
     sched = torch.optim.lr_scheduler
     if cfg.name == "step":
-        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    if cfg.name == "exponential":
-        return sched.ExponentialLR(optimizer, gamma=cfg.gamma)
-    if cfg.name == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.eta_min)
-    return sched.LambdaLR(optimizer, lambda _: 1.0)
+        scheduler = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    elif cfg.name == "exponential":
+        scheduler = sched.ExponentialLR(optimizer, gamma=cfg.gamma)
+    elif cfg.name == "cosine":
+        scheduler = sched.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.eta_min)
+    else:
+        scheduler = sched.LambdaLR(optimizer, lambda _: 1.0)
+    if cfg.step_before_epoch:
+        with warnings.catch_warnings():
+            # PyTorch warns that a step before optimizer.step() skips the first rate: here it is meant to.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
+    return scheduler
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import checkpoint, config, data, engine
+from bench import checkpoint, config, data, engine, reference as reported
 from bench.callbacks import Callback
 from bench.config import OptimConfig, ScheduleConfig
 from bench.data import cifar
@@ -28,7 +29,7 @@ SEED = 3
 # A cosine schedule: the lr differs every epoch and depends on the scheduler's epoch count, so a
 # resume that lost the scheduler state would show in the weights and in the lr metric.
 SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "train.checkpoint_min_interval_s=0",
-        "schedule.name=cosine"]
+        "schedule.name=cosine", "schedule.step_before_epoch=false"]
 COSINE_LRS = [0.025 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
 TIME_METRICS = ("epoch_time_s", "train_time_s", "images_per_s")
 METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s"}
@@ -192,6 +193,26 @@ def test_resume_false_ignores_an_existing_checkpoint(reference, files, tmp_path)
     assert [e for e, _ in rec.epochs] == [1]
     assert result.epochs_done == 1
     assert torch.load(tmp_path / engine.LAST, weights_only=True)["epoch"] == 1
+
+
+def test_a_schedule_stepped_before_each_epoch_logs_and_resumes_the_same_rates(files, tmp_path):
+    cfg = make_cfg("schedule.name=step", "schedule.step_size=2", "schedule.gamma=0.5", "schedule.step_before_epoch=true")
+    model, bundle = fresh(cfg, files)
+    whole = Recorder()
+    engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "whole", callbacks=[whole])
+    # Halved at epochs 2 and 4, not 3 and 5: each epoch trains at the rate of its own number of steps.
+    assert [m["lr"] for _, m in whole.epochs] == pytest.approx([0.025, 0.0125, 0.0125, 0.00625], abs=1e-12)
+    final = state_of(model)
+
+    model, bundle = fresh(cfg, files)
+    engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "resumed", max_epochs=2)
+    model, bundle = fresh(cfg, files)
+    rec = Recorder()
+    engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "resumed", callbacks=[rec])
+    # The resumed scheduler is the saved one, not stepped ahead a second time.
+    assert [e for e, _ in rec.epochs] == [3, 4]
+    assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in whole.epochs[2:]]
+    assert_same_weights(state_of(model), final)
 
 
 # --- checkpoint files --------------------------------------------------------------------------
@@ -364,10 +385,33 @@ def lr_sequence(cfg: ScheduleConfig, epochs: int, steps: int) -> list[float]:
         (ScheduleConfig(name="exponential", gamma=0.5), 4, [1.0, 0.5, 0.25, 0.125]),
         (ScheduleConfig(name="cosine"), 4, [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0]),
         (ScheduleConfig(name="cosine", eta_min=0.1), 2, [1.0, 0.55, 0.1]),
+        # One step ahead: epoch k trains at the rate of k steps.
+        (ScheduleConfig(name="step", step_size=2, gamma=0.5, step_before_epoch=True), 6, [1.0, 0.5, 0.5, 0.25, 0.25, 0.125]),
+        (ScheduleConfig(name="exponential", gamma=0.5, step_before_epoch=True), 3, [0.5, 0.25, 0.125]),
+        (ScheduleConfig(name="none", step_before_epoch=True), 3, [1.0] * 3),
     ],
 )
 def test_schedules(cfg, epochs, expected):
-    assert lr_sequence(cfg, epochs, len(expected)) == pytest.approx(expected, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the step ahead is meant: PyTorch's warning about it is not shown
+        assert lr_sequence(cfg, epochs, len(expected)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_r4_schedule_reproduces_the_lr_its_source_logged_at_every_epoch():
+    """seeds/004 Appendix B logs the lr of each of R4's 100 epochs (experiments/reference/curves.csv)."""
+    cfg = config.load("resnetb-cifar10", profile="paper")
+    curves = reported.load_curves()
+    logged = curves[(curves.experiment == "resnetb-cifar10") & (curves.metric == "lr")].sort_values("epoch")
+    assert logged.epoch.tolist() == list(range(1, cfg.train.epochs + 1))
+
+    def lrs(schedule: ScheduleConfig) -> list[float]:
+        return [cfg.optim.lr * f for f in lr_sequence(schedule, cfg.train.epochs, cfg.train.epochs)]
+
+    assert cfg.schedule.step_before_epoch is True
+    assert lrs(cfg.schedule) == pytest.approx(logged.value.tolist(), rel=1e-9)
+    # PyTorch's order decays one epoch later: epoch 20 would still train at 0.1.
+    standard = lrs(cfg.schedule.model_copy(update={"step_before_epoch": False}))
+    assert [e for e, (a, b) in enumerate(zip(standard, logged.value), 1) if a != pytest.approx(b, rel=1e-9)] == [20, 40, 60, 80, 100]
 
 
 def test_scheduler_state_round_trips_for_every_schedule():
