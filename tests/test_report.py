@@ -238,7 +238,7 @@ def test_the_recipe_runs_are_compared_beside_a_tuned_config_and_a_compiled_rerun
     assert other.why_not_comparable == "subset of CIFAR"
     text = report.markdown(s, {})
     assert "| R4 ResNet-B, CIFAR-10 (`resnetb-cifar10`) |" in text
-    assert "| R4 ResNet-B, CIFAR-10, other config: data.batch_size=64, optim.lr=0.05 |" in text
+    assert "| R4 ResNet-B, CIFAR-10 (`resnetb-cifar10`), other config: data.batch_size=64, optim.lr=0.05 |" in text
     # The runs are listed with their config.
     assert text.count("| recipe |") == 2 and text.count("| data.batch_size=64, optim.lr=0.05 |") == 3
 

@@ -278,7 +278,7 @@ def summary_table(summary: Summary) -> str:
         f = r.figures
         diff = "-" if r.final.n == 0 or f["final_test_acc"] is None else f"{100 * (r.final.mean - f['final_test_acc']):+.2f} pt"
         verdict = f"{r.verdict} ({r.why_not_comparable})" if r.why_not_comparable else f"**{r.verdict}**"
-        name = f"{r.reported.label} (`{r.experiment}`)" if r.is_recipe else f"{r.reported.label}, other config: {r.label}"
+        name = f"{r.reported.label} (`{r.experiment}`)" + ("" if r.is_recipe else f", other config: {r.label}")
         rows.append([
             name,
             f"{pct(f['final_test_acc'])} ({r.reported.final_epoch})",
