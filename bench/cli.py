@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from bench import config, hostmem, stores
@@ -349,11 +352,43 @@ def _guard_passwords(args) -> list[str]:
     return list(_shown_urls)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as SLURM and Kubernetes send it some time before they kill: the work in progress
+    stops as it does on Ctrl-C (the last finished epoch kept, metrics flushed, the run KILLED)."""
+
+    signal_name = "SIGTERM"
+
+
+def _terminated(signum, frame) -> None:
+    # One clean stop: a second SIGTERM while it runs does not cut it short (SIGKILL still does).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _stopping_on_sigterm():
+    """SIGTERM raises Terminated while the command runs (in the main thread only, where Python
+    delivers signals); the handler before it comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     urls = _guard_passwords(args)
     hostmem.keep_freed_memory()  # before any work: training re-uses its memory every step
+    with _stopping_on_sigterm():
+        return _dispatch(args, urls)
+
+
+def _dispatch(args, urls: list[str]) -> int:
     try:
         for flag in ("tracking_uri", "storage", "study"):
             if getattr(args, flag, None) is not None and not getattr(args, flag).strip():
@@ -366,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         line = " ".join(str(exc).split())
         print(f"bench: error: {scrub(line, urls)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"bench: interrupted ({name}); the same command resumes where it stopped", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130

@@ -268,6 +268,17 @@ def _set_rng_state(state: dict[str, torch.Tensor], data_gen: torch.Generator, de
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _copy(state):
+    """`state` with every tensor cloned where it is (no copy to the host)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy(v) for v in state)
+    return state
+
+
 def fit(
     model: nn.Module,
     data,
@@ -311,26 +322,25 @@ def fit(
             for cb in callbacks:
                 cb.on_checkpoint(kind, path, epoch)
 
-    def save(path: Path, kind: str, epoch: int) -> None:
-        """Queue the checkpoint; it is announced to the callbacks once it is on disk. At most two
-        wait in memory (an epoch's best and last) while training goes on."""
+    def state(epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(data.generator, device),
+            "best": (result.best_epoch, result.best_val_acc, result.best_test_acc),
+            "metrics": result.last_metrics,
+            "config_hash": cfg.config_hash(),
+        }
+
+    def save(path: Path, kind: str, epoch: int, taken: dict | None = None) -> None:
+        """Queue the checkpoint (the state now, or one `taken` before); it is announced to the
+        callbacks once it is on disk. At most two wait in memory (an epoch's best and last) while
+        training goes on."""
         announce(keep=1)
         write = checkpoint.save_rotating if kind == "last" else checkpoint.save
-        saver.submit(
-            write,
-            {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(data.generator, device),
-                "best": (result.best_epoch, result.best_val_acc, result.best_test_acc),
-                "metrics": result.last_metrics,
-                "config_hash": cfg.config_hash(),
-            },
-            path,
-            (kind, path, epoch),
-        )
+        saver.submit(write, taken if taken is not None else state(epoch), path, (kind, path, epoch))
 
     forward, compile_time = model, None
     stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
@@ -339,6 +349,9 @@ def fit(
     for cb in callbacks:
         cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
     last_saved = time.monotonic()  # the start (or the checkpoint resumed from) counts as saved
+    # The state after the last finished epoch that no "last" checkpoint holds yet, copied on its
+    # device: a stop by signal (KeyboardInterrupt) in the next epoch still saves that epoch.
+    unsaved: dict | None = None
     try:
         steps_per_epoch = len(data.train)
         for epoch in range(result.epochs_done + 1, stop_after + 1):
@@ -379,12 +392,21 @@ def fit(
             due = epoch % cfg.train.checkpoint_every == 0 and time.monotonic() - last_saved >= cfg.train.checkpoint_min_interval_s
             if due or epoch == epochs or stop or epoch == stop_after:
                 save(last_path, "last", epoch)
-                last_saved = time.monotonic()
+                last_saved, unsaved = time.monotonic(), None
+            else:
+                unsaved = _copy(state(epoch))
             announce()
             if stop:
                 result.status = "stopped"
                 break
         announce(keep=0)
+    except KeyboardInterrupt:
+        # Interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the command line):
+        # the epoch in progress is lost, the last finished one is kept.
+        if unsaved is not None:
+            save(last_path, "last", unsaved["epoch"], unsaved)
+            announce(keep=0)
+        raise
     finally:
         saver.close()
     if result.status == "finished" and result.epochs_done < epochs:

@@ -261,9 +261,10 @@ class MlflowRun(Callback):
         self._steps: list[Metric] = []  # train_step_loss values, sent with the epoch's batch
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
-        if start_epoch:
-            self._logged_epoch = self.tracker.logged_steps(self.run_id, "train_loss")
-            self._logged_step = self.tracker.logged_steps(self.run_id, "train_step_loss")
+        # Whatever epoch the fit starts from: a run stopped before its first checkpoint (or some
+        # epochs after its last one) has logged epochs that it now trains again.
+        self._logged_epoch = self.tracker.logged_steps(self.run_id, "train_loss")
+        self._logged_step = self.tracker.logged_steps(self.run_id, "train_step_loss")
         # MLflow params are written once. A resumed cell (same config hash) may differ from its
         # run in settings that change no result (train.compile, the checkpoint interval, ...):
         # the params keep the values the run started with, bench.resumed_with the new ones.

@@ -1,5 +1,6 @@
-"""Fault injection: a smoke run killed with SIGKILL at random moments and resumed each time ends
-with the same weights and metrics as an uninterrupted run, and logs no metric step twice."""
+"""Fault injection: a smoke run killed with SIGKILL at random moments, or stopped by SIGTERM and
+SIGINT, and resumed each time ends with the same weights and metrics as an uninterrupted run, and
+logs every metric step exactly once."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ TIME_METRICS = {"epoch_time_s", "train_time_s", "images_per_s"}  # wall-clock: d
 KILLS = 5
 
 
-def start(cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench", *ARGS], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+def start(cwd: Path, env: dict[str, str], args: list[str] = ARGS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -51,16 +52,22 @@ def checkpointed_epoch(cwd: Path) -> int:
     return checkpoint.load(found[0])["epoch"] if found else 0
 
 
-def final_state(cwd: Path) -> dict[str, torch.Tensor]:
+def final_state(cwd: Path, epochs: int = EPOCHS) -> dict[str, torch.Tensor]:
     [last] = (cwd / "checkpoints").glob("resnetb-cifar10/*/last.pt")
     state = checkpoint.load(last)
-    assert state["epoch"] == EPOCHS
+    assert state["epoch"] == epochs
     return state["model"]
+
+
+def the_run(cwd: Path):
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("resnetb-cifar10").experiment_id])
+    return run
 
 
 def histories(cwd: Path) -> dict[str, list[tuple[int, float]]]:
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("resnetb-cifar10").experiment_id])
+    run = the_run(cwd)
     assert run.info.status == "FINISHED"
     keys = [k for k in run.data.metrics if k not in TIME_METRICS]
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)) for k in keys}
@@ -112,4 +119,68 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(reference, tmp
     for key, values in got_metrics.items():
         logged = [step for step, _ in values]
         assert len(logged) == len(set(logged)), f"{key}: a step logged twice after kills at (s, epoch) {moments}"
+        assert values == want_metrics[key], key
+
+
+# Checkpoints as the reported recipes take them: every few epochs, not every one. SIGKILL before the
+# first checkpoint, then SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) between two.
+STOP_EPOCHS = 9
+STOP_ARGS = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", str(STOP_EPOCHS), "--set", "train.checkpoint_every=4",
+             "--set", "train.checkpoint_min_interval_s=0",
+             "--set", "train.log_every_steps=7", *[a for s in TINY_SETS for a in ("--set", s)]]
+
+
+def stop_after_epoch(cwd: Path, env: dict[str, str], epoch: int, sig: int) -> tuple[int, str]:
+    """Start the run, send `sig` as soon as it reports `epoch` done; its exit code and stderr."""
+    proc = start(cwd, env, STOP_ARGS)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if f": epoch {epoch}/{STOP_EPOCHS}" in line:
+            proc.send_signal(sig)
+            break
+    else:
+        pytest.fail("".join(lines))
+    rest = proc.stderr.read()
+    return proc.wait(), "".join(lines) + rest
+
+
+def test_sigkill_before_the_first_checkpoint_then_sigterm_and_sigint_log_every_step_once(tmp_path_factory, env):
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    proc = start(reference, env, STOP_ARGS)
+    assert proc.wait() == 0
+    cwd = tmp_path_factory.mktemp("stopped")
+
+    # Killed in its third epoch: no checkpoint yet, two epochs of metrics in the store.
+    code, err = stop_after_epoch(cwd, env, 2, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert checkpointed_epoch(cwd) == 0
+
+    # Preempted: it trains from epoch 1 again (nothing to resume from), and SIGTERM in its fourth
+    # epoch keeps the third (or the second, had it struck before the third was copied): a
+    # checkpoint although none was due, the run KILLED, the exit code 128 + 15.
+    code, err = stop_after_epoch(cwd, env, 3, signal.SIGTERM)
+    assert code == 143, err
+    assert "interrupted (SIGTERM)" in err
+    assert checkpointed_epoch(cwd) in (2, 3)
+    run = the_run(cwd)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["bench.interrupted_by"] == "SIGTERM"
+
+    # Ctrl-C in the seventh epoch: epoch 4 was checkpointed as due, 5 and 6 were not; 6 is kept.
+    code, err = stop_after_epoch(cwd, env, 6, signal.SIGINT)
+    assert code == 130, err
+    assert checkpointed_epoch(cwd) in (5, 6)
+    assert the_run(cwd).info.status == "KILLED"
+
+    proc = start(cwd, env, STOP_ARGS)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
+    want, got = final_state(reference, STOP_EPOCHS), final_state(cwd, STOP_EPOCHS)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    want_metrics, got_metrics = histories(reference), histories(cwd)
+    assert got_metrics.keys() == want_metrics.keys()
+    assert [s for s, _ in got_metrics["train_loss"]] == list(range(1, STOP_EPOCHS + 1))
+    for key, values in got_metrics.items():
         assert values == want_metrics[key], key
