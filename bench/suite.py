@@ -158,36 +158,65 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
 
 
 def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
+    """Train the cell in its run. Whatever fails on the way (the store, the data, the device, a
+    checkpoint, the training itself) fails this cell alone: its run ends FAILED with the reason in
+    `bench.failure_reason`. An interruption (Ctrl-C, SIGTERM) ends it KILLED and goes on up."""
     cfg = cell.cfg
     started = time.perf_counter()
-    engine.seed_everything(cfg.seed, cfg.train.deterministic)
-    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
-    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
-    tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
-    tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
-    if existing is not None:
-        run_id = existing.info.run_id
-        tracker.reopen_run(run_id)
-        ckdir = cell.checkpoint_dir(checkpoint_root)
-        if not (ckdir / engine.LAST).is_file() and tracker.fetch_checkpoints(run_id, ckdir):
-            log.info("%s: resuming from the checkpoint in MLflow run %s", cell.name, run_id)
-    else:
-        run_id = tracker.start_run(exp_id, cell.run_name, cell.tags)
-    callbacks = [MlflowRun(tracker, run_id, cfg, tags), ConsoleProgress(label)]
+    run_id = existing.info.run_id if existing is not None else None
     try:
+        if run_id is not None:
+            tracker.reopen_run(run_id)
+            ckdir = cell.checkpoint_dir(checkpoint_root)
+            if not (ckdir / engine.LAST).is_file() and tracker.fetch_checkpoints(run_id, ckdir):
+                log.info("%s: resuming from the checkpoint in MLflow run %s", cell.name, run_id)
+        else:
+            run_id = tracker.start_run(exp_id, cell.run_name, cell.tags)
+        engine.seed_everything(cfg.seed, cfg.train.deterministic)
+        bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
+        model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
+        tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
+        tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
+        callbacks = [MlflowRun(tracker, run_id, cfg, tags), ConsoleProgress(label)]
         result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks)
-    except KeyboardInterrupt:
-        tracker.end_run(run_id, "KILLED")
+        tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
+    except KeyboardInterrupt as exc:
+        if run_id is not None:
+            _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")})
         raise
-    except Exception:
+    except Exception as exc:
         log.error("%s failed:\n%s", cell.name, traceback.format_exc())
-        tracker.end_run(run_id, "FAILED")
+        if run_id is not None:
+            _end_quietly(tracker, run_id, "FAILED", failure_tags(exc))
         return CellOutcome(cell, "failed", 0, None, None, time.perf_counter() - started, run_id)
-    tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
     return CellOutcome(
         cell, result.status, result.epochs_done, result.last_metrics.get("test_acc"), result.best_test_acc,
         time.perf_counter() - started, run_id,
     )
+
+
+def failure_tags(exc: BaseException) -> dict[str, str]:
+    """`bench.failure` (out_of_memory, or error) and `bench.failure_reason` (the exception's type
+    and the first line of its message) for a run that an exception ended."""
+    oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return {
+        "bench.status": "failed",
+        "bench.failure": "out_of_memory" if oom else "error",
+        "bench.failure_reason": f"{type(exc).__name__}: {reason(exc)}"[:5000],
+    }
+
+
+def _end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> None:
+    """End the run with `status` and `tags`, as far as the store lets us: the cell has failed or
+    been interrupted already, and a second error (the store down too) must not hide the first."""
+    try:
+        tracker.set_tags(run_id, tags)
+    except Exception as exc:
+        log.warning("could not tag run %s: %s", run_id, reason(exc))
+    try:
+        tracker.end_run(run_id, status)
+    except Exception as exc:
+        log.warning("could not mark run %s %s: %s", run_id, status, reason(exc))
 
 
 WAIT_S = 5.0  # how often to look again at a cell that another process is training
@@ -210,7 +239,11 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
             label = f"[{i + 1}/{len(cells)}] {cell.name}"
             if bar is None and i not in outcomes:
                 print(f"{label}: starting", file=sys.stderr, flush=True)
-            outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+            try:
+                outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+            except Exception as exc:  # finding the cell's run or its lease: the store, the disk
+                log.error("%s failed: %s", cell.name, reason(exc))
+                outcome = CellOutcome(cell, "failed", 0, None, None, 0.0, None)
             if outcome.status == "busy":
                 if i not in outcomes:
                     print(f"{label}: another process is training it; coming back to it", file=sys.stderr, flush=True)

@@ -221,6 +221,36 @@ def test_a_run_that_does_not_finish_exits_1(in_tmp, capsys):
     assert "Traceback" not in err
 
 
+def test_an_error_before_training_fails_that_cell_and_the_suite_goes_on(in_tmp, capsys):
+    """Resuming seed 0 needs its checkpoint from its MLflow run, and a directory stands where the
+    fetched last.pt goes: that cell fails (run FAILED, the reason tagged), seed 1 still trains."""
+    from mlflow.tracking import MlflowClient
+
+    from bench import suite
+    from bench.tracking import Tracker
+
+    args = ["resnetb-cifar10", "--profile", "smoke", "--epochs", "1", "--seeds", "2", *TINY_ARGS]
+    first = suite.plan(["resnetb-cifar10"], profile="smoke", seeds=1, sets=TINY_SETS, epochs=1)[0]
+    tracker = Tracker("sqlite:///mlflow.db")
+    run_id = tracker.start_run(tracker.experiment_id("resnetb-cifar10"), first.run_name, first.tags)
+    (in_tmp / "last.pt").write_bytes(b"not a checkpoint")
+    tracker.client.log_artifact(run_id, str(in_tmp / "last.pt"), artifact_path="checkpoints")
+    tracker.client.set_terminated(run_id, "KILLED")  # a run killed on another machine
+    blocked = first.checkpoint_dir(in_tmp / "checkpoints") / "last.pt"
+    (blocked / "stray").mkdir(parents=True)
+
+    rc = cli.main(["run", *args])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("resnetb-cifar10/")}
+    assert rows == {"resnetb-cifar10/smoke/seed0": "failed", "resnetb-cifar10/smoke/seed1": "finished"}
+    assert "1 of 2 cells did not finish: resnetb-cifar10/smoke/seed0" in err
+    run = MlflowClient("sqlite:///mlflow.db").get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["bench.failure"] == "error"
+    assert run.data.tags["bench.failure_reason"].startswith(("IsADirectoryError", "OSError")), run.data.tags
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 
