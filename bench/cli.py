@@ -161,7 +161,7 @@ def cmd_tune(args) -> int:
     stores.probe("Optuna storage", url)
     store = tuning.storage(url, args.heartbeat)
     study = tuning.open_study(
-        store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, args.worker_index, store, name)),
+        store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, args.worker_index, store, name), space),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
         experiment=args.experiment, profile=args.profile,
     )
@@ -182,27 +182,37 @@ def cmd_tune(args) -> int:
     if count == 0:
         print(f"study {name} and its MLflow parent run {parent.run_id} are ready; start workers with the same command")
         return 0
+    train_images = len(suite.files_for(base, args.data_dir).train)
+    val_size = tuning.tuning_val_size(base, train_images)
+    held_out = [f"data.val_size={val_size}"] if val_size else []  # for the trials only: --best's command trains on the recipe's data
+    if val_size and not args.worker_of:
+        print(f"{args.experiment} trains on all {train_images} training images (data.val_size = 0): tuning holds out {val_size} "
+              f"of them to validate on (each trial's data.val_size = {val_size})", file=sys.stderr)
+    stopped = None
     if count > 1:
         # The URLs go by environment, not argv: `ps` would show a password to every user.
         env = {**workers.thread_env(count), "BENCH_OPTUNA_STORAGE": url, "MLFLOW_TRACKING_URI": uri}
         codes = workers.run_all([_worker_args(args, name, parent.run_id, i) for i in range(count)], env)
         failed = [c for c in codes if c != 0]
         if failed:
-            print(f"{len(failed)} of {count} workers exited with an error ({', '.join(map(str, failed))})", file=sys.stderr)
+            stopped = f"{len(failed)} of {count} workers exited with an error ({', '.join(map(str, failed))})"
+            print(stopped, file=sys.stderr)
     elif done < args.trials:
         ctx = tuning.TrialContext(
-            experiment=args.experiment, profile=args.profile, seed=args.seed, sets=args.sets, epochs=args.epochs, space=space,
+            experiment=args.experiment, profile=args.profile, seed=args.seed, sets=[*args.sets, *held_out], epochs=args.epochs, space=space,
             device=engine.resolve_device(args.device), files=suite.files_for(base, args.data_dir),
             checkpoint_root=args.checkpoint_dir / "tune", tracker=tracker, experiment_id=exp_id, parent_run_id=parent.run_id,
         )
-        tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent, poll_s=min(5.0, args.heartbeat))
+        stopped = tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent, poll_s=min(5.0, args.heartbeat))
+        if stopped:
+            print(f"study {name}: {stopped}", file=sys.stderr)
     if args.worker_of:
-        return 0  # the process that started the workers reports and closes the parent run
+        return 1 if stopped else 0  # the process that started the workers reports and closes the parent run
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
     print(f"See the study: optuna-dashboard {redact(url)}   and the runs: {ui_command(redact(uri))}")
     _print_best(study, args, tuning)
-    return 0 if tuning.finished(study) >= args.trials or args.timeout else 1
+    return 0 if tuning.finished(study) >= args.trials or (args.timeout and not stopped) else 1
 
 
 def _worker_args(args, study: str, parent_run_id: str, index: int) -> list[str]:

@@ -7,6 +7,8 @@ epoch to the pruner and returns the best validation accuracy; the test set never
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import math
 import shlex
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from bench import config, data, engine
@@ -51,6 +55,14 @@ class Param:
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def distribution(self) -> BaseDistribution:
+        """The distribution `suggest` asks Optuna for."""
+        if self.kind == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log)
+        return FloatDistribution(self.low, self.high, log=self.log)
 
     def describe(self) -> str:
         if self.kind == "categorical":
@@ -128,6 +140,14 @@ def as_sets(values: dict[str, Any]) -> list[str]:
     return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in sorted(values.items())]
 
 
+def tuning_val_size(cfg: config.RunConfig, train_images: int) -> int | None:
+    """The validation split tuning holds out when the recipe trains on every training image
+    (data.val_size 0, as R1 and R2 did): trials are chosen by validation accuracy, never by the
+    test set. A tenth of the training images: CIFAR's usual 5000 of 50,000, 100 of the smoke
+    profile's 1000. None when the recipe holds out a split already."""
+    return None if cfg.data.val_size else train_images // 10
+
+
 # --- storage, sampler, pruner, study ---------------------------------------------------------------
 
 
@@ -146,22 +166,124 @@ def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
         raise unusable("Optuna storage", url, exc) from None
 
 
-def sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.RandomSampler(seed=seed) if name == "random" else optuna.samplers.TPESampler(seed=seed)
+def sampler(name: str, seed: int | None, space: list[Param]) -> optuna.samplers.BaseSampler:
+    base = optuna.samplers.RandomSampler(seed=seed) if name == "random" else optuna.samplers.TPESampler(seed=seed)
+    return Unrepeated(base, space, seed)
 
 
 def sampler_seed(seed: int, worker_index: int, store, study_name: str) -> int | None:
-    """The sampler's seed: `seed` for a lone process, so a study run alone is repeatable;
-    seed + i for worker i of `--workers`; and a fresh one for a process that joins a study other
-    processes are running (on other machines), so that it does not repeat their values."""
-    if worker_index:
-        return seed + worker_index
+    """The sampler's seed, drawn from `seed`, the worker's index and the number of trials the study
+    holds already. A continued study gets a new seed, so its sampler does not replay the draws that
+    made its first trials (TPE's random start-up, the random sampler); the same commands on a fresh
+    store still make the same trials. Workers of one `--workers` command differ by index. A process
+    that joins a study other processes are running (on other machines) gets a fresh seed: it cannot
+    know how many trials it will find, and must not draw what another joiner draws."""
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
     except KeyError:  # a new study
-        return seed
-    busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return None if busy else seed
+        held = 0
+    else:
+        trials = study.get_trials(deepcopy=False)
+        if not worker_index and any(t.state == TrialState.RUNNING for t in trials):
+            return None
+        held = len(trials)
+    digest = hashlib.sha256(repr((seed, worker_index, held)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _key(values: dict[str, Any]) -> tuple:
+    return tuple(sorted(values.items()))
+
+
+def _queued(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial queued with its values: the recipe (enqueued), or a dead trial's retry (its copy)."""
+    return "fixed_params" in trial.system_attrs or "failed_trial" in trial.system_attrs
+
+
+def tried(trials: list[optuna.trial.FrozenTrial], but: int | None = None) -> set[tuple]:
+    """The value sets the trials hold, other than trial `but`'s: run, running, or queued (the
+    recipe, a dead trial's retry)."""
+    return {
+        _key(t.params or t.system_attrs.get("fixed_params", {}))
+        for t in trials if t.number != but and (t.params or "fixed_params" in t.system_attrs)
+    }
+
+
+def untried_sets(study: optuna.Study, space: list[Param]) -> int | None:
+    """How many sets of values of a finite search space no trial holds; None for another space."""
+    grid = _grid({p.name: p.distribution() for p in space}, Unrepeated.GRID_LIMIT)
+    if grid is None:
+        return None
+    taken = tried(study.get_trials(deepcopy=False))
+    return sum(_key(values) not in taken for values in grid)
+
+
+class Unrepeated(optuna.samplers.BaseSampler):
+    """`base`, but never a set of values the study has tried already (Optuna's samplers may
+    propose one again: TPE settles on one choice of a categorical-only space).
+
+    The whole static space is drawn at once, as Optuna's relative sampling lets a sampler do: the
+    base sampler's proposal if it is new, else, after a few, one drawn at random among the untried
+    sets. A queued trial (the recipe, a dead trial's retry) keeps its values. Workers that draw at
+    the same instant do not see each other's draw; their seeds differ, and the objective turns away
+    a set that is tried already."""
+
+    BASE_DRAWS = 8
+    GRID_LIMIT = 100_000  # larger finite spaces, and spaces with a float, do not repeat by chance
+
+    def __init__(self, base: optuna.samplers.BaseSampler, space: list[Param], seed: int | None) -> None:
+        self.base = base
+        self.space = {p.name: p.distribution() for p in space}
+        self.rng = np.random.RandomState(seed)
+        self.uniform = optuna.samplers.RandomSampler(seed=int(self.rng.randint(2**31)))
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return {} if _queued(trial) else dict(self.space)
+
+    def sample_relative(self, study, trial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        taken = tried(study.get_trials(deepcopy=False), trial.number)
+        for _ in range(self.BASE_DRAWS):
+            values = {n: self.base.sample_independent(study, trial, n, d) for n, d in search_space.items()}
+            if _key(values) not in taken:
+                return values
+        grid = _grid(search_space, self.GRID_LIMIT)
+        if grid is None:
+            return {n: self.uniform.sample_independent(study, trial, n, d) for n, d in search_space.items()}
+        untried = [values for values in grid if _key(values) not in taken]
+        # None left: the base's proposal goes through, the objective turns it away, and `optimize`
+        # stops before asking for another.
+        return untried[self.rng.randint(len(untried))] if untried else {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+        self.uniform.reseed_rng()
+        self.rng.seed()
+
+
+def _grid(space: dict[str, BaseDistribution], limit: int) -> list[dict[str, Any]] | None:
+    """Every set of values of a finite space of at most `limit` sets; None for another space."""
+    axes = []
+    for d in space.values():
+        if isinstance(d, CategoricalDistribution):
+            axes.append(list(d.choices))
+        elif isinstance(d, IntDistribution):
+            axes.append(list(range(d.low, d.high + 1, d.step)))
+        else:
+            return None
+    if math.prod(len(a) for a in axes) > limit:
+        return None
+    return [dict(zip(space, combo)) for combo in itertools.product(*axes)]
 
 
 def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
@@ -228,41 +350,58 @@ class TrialContext:
 
 
 def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) -> float:
+    from bench.suite import failure_tags
     from bench.tracking import MlflowRun, environment_tags
 
     if limit is not None and _surplus(trial, limit):
         trial.set_user_attr("bench.surplus", True)
         raise Surplus(f"trial {trial.number}: the study already has {limit} trials")
     values = {p.name: p.suggest(trial) for p in ctx.space}
-    cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
-    engine.seed_everything(cfg.seed, cfg.train.deterministic)
-    bundle = data.build(cfg.data, seed=cfg.seed, device=ctx.device, files=ctx.files)
-    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(ctx.device)
+    if _repeats(trial):
+        trial.set_user_attr("bench.failure", "repeat")
+        raise Repeat(f"trial {trial.number}: another trial has these values")
     study = trial.study.study_name
     # No cell tags (bench.experiment, .profile, .seed, .config_hash): `bench run` must never take a
     # trial's run for a suite cell's, nor `bench report` count it among the seeds.
     tags = {"mlflow.parentRunId": ctx.parent_run_id, "optuna.study": study, "optuna.trial": str(trial.number), "bench.kind": "trial"}
     run_id = ctx.tracker.start_run(ctx.experiment_id, f"{study}-trial{trial.number}", tags)
     trial.set_user_attr("mlflow_run_id", run_id)
-    env = {**environment_tags(engine.device_name(ctx.device)), "bench.data_source": bundle.source}
-    pruning = Pruning(trial)
-    callbacks = [MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False), pruning, ConsoleProgress(f"trial {trial.number}")]
     ckpt = ctx.checkpoint_root / study / f"trial{trial.number}"
-    state = "FAIL"
+    state, failure = "FAIL", {}
     try:
+        cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
+        trial.set_user_attr("data.val_size", cfg.data.val_size)  # the split the objective was measured on
+        engine.seed_everything(cfg.seed, cfg.train.deterministic)
+        bundle = data.build(cfg.data, seed=cfg.seed, device=ctx.device, files=ctx.files)
+        model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(ctx.device)
+        env = {**environment_tags(engine.device_name(ctx.device)), "bench.data_source": bundle.source}
+        pruning = Pruning(trial)
+        callbacks = [MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False), pruning, ConsoleProgress(f"trial {trial.number}")]
         result = engine.fit(model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False, evaluate_test=False)
         if result.status == "nonfinite":
-            trial.set_user_attr("bench.failure", "nonfinite_loss")
-            return math.nan  # optuna records a nan objective as a failed trial and goes on
-        if pruning.pruned_at is not None:
-            state = "PRUNED"
-            raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
-        state = "COMPLETE"
-        return float(result.best_val_acc)
+            failure = {"bench.failure": "nonfinite_loss", "bench.failure_reason": "the training loss was not finite"}
+        else:
+            state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
+    except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
+        # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
+        failure = failure_tags(exc)
+        raise TrialFailed(failure["bench.failure_reason"]) from exc
     finally:
-        ctx.tracker.client.set_tag(run_id, "optuna.state", state)
+        for key, value in failure.items():
+            trial.set_user_attr(key, value)
+        ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
         ctx.tracker.end_run(run_id, "FAILED" if state == "FAIL" else "FINISHED")
         shutil.rmtree(ckpt, ignore_errors=True)
+    if state == "PRUNED":
+        raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
+    return float(result.best_val_acc) if state == "COMPLETE" else math.nan  # optuna fails a trial whose value is nan
+
+
+def _repeats(trial: optuna.Trial) -> bool:
+    """True when another trial holds the values this one drew (two workers drew at the same
+    instant, or the space has no untried set left); a queued trial keeps its values."""
+    trials = trial.study.get_trials(deepcopy=False)
+    return not _queued(next(t for t in trials if t.number == trial.number)) and _key(trial.params) in tried(trials, trial.number)
 
 
 # --- the study's MLflow parent run ------------------------------------------------------------------
@@ -331,13 +470,26 @@ class Surplus(Exception):
     """A trial asked for after the study's last slot was taken by another worker."""
 
 
+class Repeat(Exception):
+    """A trial whose values another trial holds: it ends FAIL before it trains or logs."""
+
+
+class TrialFailed(Exception):
+    """A trial whose training raised: it ends FAIL with the reason, and the study goes on."""
+
+
+# Trials that fail one after another, whatever their values, point at the setup (the data, the
+# device, a --set every trial takes), not at the values: the study stops rather than try forever.
+MAX_FAILURES_IN_A_ROW = 5
+
+
 def _surplus(trial: optuna.Trial, limit: int) -> bool:
     """True when `limit` trials that are finished or running were asked for before this one."""
     alive = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
     return sum(t.number < trial.number for t in alive) >= limit
 
 
-def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun, poll_s: float) -> None:
+def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun, poll_s: float) -> str | None:
     """Run trials until the study has `trials` finished ones (or `timeout` seconds have passed).
 
     Safe with many workers on one study, on one machine or many: a worker starts a trial only while
@@ -345,17 +497,26 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
     waits, every `poll_s`, for them to finish or for their heartbeat to go stale: a dead worker's
     trial is then failed and re-queued with its parameters, and the next free worker runs it. Two
     workers that take the last slot at the same instant are told apart by trial number; the later
-    trial ends FAIL at once with the user attribute bench.surplus, before it trains or logs."""
+    trial ends FAIL at once with the user attribute bench.surplus, before it trains or logs.
+
+    A trial that raises ends FAIL (user attributes bench.failure and bench.failure_reason) and
+    does not count: the next one is started. Returns why it stopped short of `trials` finished
+    trials, if it did: MAX_FAILURES_IN_A_ROW of its own trials failed one after another, or a
+    finite search space has no untried set of values left."""
     deadline = None if timeout is None else time.monotonic() + timeout
     report = print_trial(trials)
+    ended: list[optuna.trial.FrozenTrial] = []
+    failures = 0
     waiting = False
     while deadline is None or time.monotonic() < deadline:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # experimental, as the heartbeats are
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         done = sum(s in FINISHED for s in states)
         running = states.count(TrialState.RUNNING)
         if done >= trials:
-            return
+            return None
         if done + running >= trials:
             if not waiting:
                 print(f"waiting for {running} running trial(s) to finish (or to be failed by their heartbeat)", file=sys.stderr, flush=True)
@@ -363,10 +524,18 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
             time.sleep(poll_s)
             continue
         waiting = False
+        if untried_sets(study, ctx.space) == 0:
+            return f"every set of values of the search space has been tried: {done} of {trials} trials finished"
         study.optimize(
             lambda trial: objective(trial, ctx, limit=trials), n_trials=1, gc_after_trial=True,
-            callbacks=[parent, report], catch=(Surplus,),
+            callbacks=[parent, report, lambda _, trial: ended.append(trial)], catch=(Surplus, Repeat, TrialFailed),
         )
+        last = ended[-1]
+        failures = failures + 1 if last.state == TrialState.FAIL and "bench.failure" in last.user_attrs else 0
+        if failures >= MAX_FAILURES_IN_A_ROW:
+            why = last.user_attrs.get("bench.failure_reason", last.user_attrs["bench.failure"])
+            return f"{failures} trials in a row failed, the last with {why}; stopped with {finished(study)} of {trials} trials finished"
+    return None
 
 
 def best_command(experiment: str, profile: str, params: dict[str, Any], *, fixed: list[str] = (), epochs: int | None = None, seeds: int = 3) -> str:
@@ -383,7 +552,13 @@ def trial_line(trial: optuna.trial.FrozenTrial, done: int, total: int) -> str:
     values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items()))
     result = f"val_acc {trial.value:.4f}" if trial.value is not None and not math.isnan(trial.value) else ""
     last = max(trial.intermediate_values) if trial.intermediate_values else 0
-    failed = "not run: the study was full" if trial.user_attrs.get("bench.surplus") else "failed"
+    attrs = trial.user_attrs
+    if attrs.get("bench.surplus"):
+        failed = "not run: the study was full"
+    elif attrs.get("bench.failure") == "repeat":
+        failed = "not run: another trial has these values"
+    else:
+        failed = "failed" + (f": {attrs['bench.failure_reason']}" if "bench.failure_reason" in attrs else "")
     state = {"COMPLETE": result, "PRUNED": f"pruned after epoch {last}", "FAIL": failed}.get(trial.state.name, trial.state.name)
     return f"trial {trial.number} [{done}/{total}] {values}: {state}"
 

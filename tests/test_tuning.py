@@ -4,6 +4,7 @@ study continued after SIGKILL, and optuna-dashboard reading the study."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import subprocess
@@ -50,10 +51,10 @@ def test_the_recipe_is_the_first_trial_and_its_batch_is_a_choice():
     assert 32 in next(p for p in space if p.name == "data.batch_size").choices
 
 
-def _experiments_with_search(tmp_path, monkeypatch, search: str) -> None:
+def _experiments_with_search(tmp_path, monkeypatch, search: str, experiment: str = "resnetb-cifar10") -> None:
     root = tmp_path / "experiments"
     shutil.copytree(config.experiments_dir(), root)
-    path = root / "resnetb-cifar10.toml"
+    path = root / f"{experiment}.toml"
     text = path.read_text()
     path.write_text(text[: text.index("[search]")] + search)
     monkeypatch.setenv("BENCH_EXPERIMENTS", str(root))
@@ -90,6 +91,52 @@ def test_trial_values_round_trip_through_set_and_the_best_command():
     cmd = tuning.best_command("resnetb-cifar10", "smoke", values, fixed=["model.widths=[4,8,8]"], epochs=2)
     assert cmd == ("bench run resnetb-cifar10 --profile smoke --seeds 3 --epochs 2 --set 'model.widths=[4,8,8]' "
                    "--set data.batch_size=64 --set optim.lr=0.0123 --set optim.weight_decay=0.0001")
+
+
+# --- the sampler: continued studies draw new values, repeatably ---------------------------------
+
+
+def _session(storage: str, trials: int, sampler: str, space: list[tuning.Param], cfg) -> optuna.Study:
+    """One `bench tune --trials N` as the command opens the study, with a quick objective of the
+    drawn values in place of training."""
+    store = tuning.storage(storage, 60)
+    seed = tuning.sampler_seed(0, 0, store, "s")
+    study = tuning.open_study(store, "s", sampler_=tuning.sampler(sampler, seed, space), pruner_=tuning.pruner("none", 1),
+                              first_trial=tuning.recipe_values(space, cfg), experiment="resnetb-cifar10", profile="smoke")
+
+    def quick(trial):
+        values = {p.name: p.suggest(trial) for p in space}
+        return -abs(math.log(values["optim.lr"] / 0.05)) - values["data.batch_size"] / 1000
+
+    study.optimize(quick, n_trials=trials - len(study.trials))
+    return study
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_continued_study_draws_no_set_twice_and_the_same_commands_make_the_same_trials(sampler, tmp_path):
+    cfg = _smoke()
+    space = tuning.search_space("resnetb-cifar10", cfg)
+    studies = []
+    for store in ("a", "b"):
+        url = f"sqlite:///{tmp_path / store}.db"
+        _session(url, 8, sampler, space, cfg)
+        studies.append(_session(url, 16, sampler, space, cfg))
+    sets = [tuple(sorted(t.params.items())) for t in studies[0].trials]
+    assert len(sets) == 16 and len(set(sets)) == 16
+    assert sets == [tuple(sorted(t.params.items())) for t in studies[1].trials]
+
+
+def test_a_categorical_only_space_is_tried_once_each_then_reported_spent(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    space = [tuning.Param("data.batch_size", "categorical", choices=(16, 32, 64))]
+    study.sampler = tuning.sampler("tpe", 0, space)
+    study.enqueue_trial({"data.batch_size": 32})
+    assert tuning.untried_sets(study, space) == 2
+    # TPE alone draws the best choice again and again once it has a model (n_startup_trials=1).
+    study.sampler.base = optuna.samplers.TPESampler(seed=0, n_startup_trials=1)
+    study.optimize(lambda t: t.suggest_categorical("data.batch_size", [16, 32, 64]) / 64, n_trials=3)
+    assert sorted(t.params["data.batch_size"] for t in study.trials) == [16, 32, 64]
+    assert tuning.untried_sets(study, space) == 0
 
 
 def test_pruning_callback_reports_val_acc_and_asks_the_engine_to_stop():
@@ -196,7 +243,7 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = _smoke()
     space = tuning.search_space("resnetb-cifar10", cfg)
-    tuning.open_study(tuning.storage(storage, 60), "resnetb-cifar10-smoke", sampler_=tuning.sampler("tpe", 0),
+    tuning.open_study(tuning.storage(storage, 60), "resnetb-cifar10-smoke", sampler_=tuning.sampler("tpe", 0, space),
                       pruner_=tuning.pruner("median", 3), first_trial=tuning.recipe_values(space, cfg),
                       experiment="resnetb-cifar10", profile="smoke")
     port = _free_port()
@@ -238,3 +285,64 @@ def test_tune_bad_input_exits_2_with_one_line(args, words, in_tmp, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert all(w in err for w in words), err
     assert "s3cret" not in err
+
+
+# --- a recipe without a validation split; trials that fail ----------------------------------------
+
+
+def test_tune_holds_out_a_split_when_the_recipe_has_none_and_the_best_command_does_not_keep_it(in_tmp, capsys):
+    args = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--set", "data.val_size=0", "--sampler", "random"]
+    assert cli.main([*args, "--trials", "2"]) == 0
+    assert "tuning holds out 100 of them" in capsys.readouterr().err  # a tenth of the 1000 embedded images
+    assert cli.main([*args, "--trials", "3"]) == 0  # continued: new values, the same split
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
+    assert all(t.user_attrs["data.val_size"] == 100 for t in study.trials)
+    _, children = _children(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    assert sorted(c.data.params["data.val_size"] for c in children) == ["100"] * 3
+    capsys.readouterr()
+    assert cli.main([*args, "--best"]) == 0
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command.startswith("bench run") and "data.val_size=0" in command and "data.val_size=100" not in command
+
+
+# hw4 at 8 px ends on a 1x1 map: a batch of one image cannot train its BatchNorm, and a batch of
+# 1016 of the 1017 training images (1117 embedded, 100 held out) leaves one for the last step.
+HW4 = ["tune", "hw4-resnet-cifar100", "--profile", "smoke", "--epochs", "1", "--sampler", "random", "--pruner", "none",
+       *[a for s in ("model.widths=[4,4,4,4]", "model.blocks=[1,1,1,1]", "model.stem_width=4", "data.image_size=8", "model.pool_kernel=1")
+         for a in ("--set", s)]]
+
+
+def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch, in_tmp, capsys):
+    search = '[search]\n"optim.lr" = { type = "float", low = 1e-3, high = 0.1, log = true }\n"data.batch_size" = { type = "categorical", choices = [1016] }\n'
+    _experiments_with_search(tmp_path, monkeypatch, search, "hw4-resnet-cifar100")
+    assert cli.main([*HW4, "--trials", "3", "--seed", "0"]) == 0
+    study = optuna.load_study(study_name="hw4-resnet-cifar100-smoke", storage="sqlite:///optuna.db")
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(study.get_trials(states=tuning.FINISHED)) == 3 and failed
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    for t in failed:
+        assert t.params["data.batch_size"] == 1016 and t.user_attrs["bench.failure"] == "error"
+        assert t.user_attrs["bench.failure_reason"].startswith("ValueError: Expected more than 1 value per channel")
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert (run.info.status, run.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+        assert run.data.tags["bench.failure_reason"] == t.user_attrs["bench.failure_reason"]
+    assert f"trial {failed[0].number} " in capsys.readouterr().err
+
+
+def test_a_study_whose_every_trial_fails_stops_after_five_in_a_row_with_exit_1(tmp_path, monkeypatch, in_tmp, capsys):
+    _experiments_with_search(tmp_path, monkeypatch, '[search]\n"optim.lr" = { type = "float", low = 1e-3, high = 0.1, log = true }\n',
+                             "hw4-resnet-cifar100")
+    assert cli.main([*HW4, "--set", "data.batch_size=1016", "--trials", "2"]) == 1
+    study = optuna.load_study(study_name="hw4-resnet-cifar100-smoke", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * tuning.MAX_FAILURES_IN_A_ROW
+    assert "5 trials in a row failed, the last with ValueError: Expected more than 1 value" in capsys.readouterr().err
+
+
+def test_tune_stops_when_a_finite_space_has_no_untried_values_left(tmp_path, monkeypatch, in_tmp, capsys):
+    _experiments_with_search(tmp_path, monkeypatch, '[search]\n"data.batch_size" = { type = "categorical", choices = [16] }\n')
+    assert cli.main(["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--trials", "3"]) == 1
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
+    assert sorted(t.params["data.batch_size"] for t in study.trials) == [16, 32]  # the recipe's 32 and the one choice
+    assert "every set of values of the search space has been tried: 2 of 3 trials finished" in capsys.readouterr().err

@@ -27,11 +27,14 @@ def test_workers_share_the_cpu_threads(monkeypatch):
     assert workers.thread_env(32)["OMP_NUM_THREADS"] == "1"
 
 
-def test_sampler_seeds_repeat_alone_and_differ_between_workers(tmp_path):
+def test_sampler_seeds_repeat_alone_and_differ_between_workers_and_continuations(tmp_path):
     store = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert tuning.sampler_seed(7, 0, store, "s") == 7  # a new study
+    first = tuning.sampler_seed(7, 0, store, "s")  # a new study
     study = optuna.create_study(study_name="s", storage=store)
-    assert tuning.sampler_seed(7, 0, store, "s") == 7  # nobody else at work: repeatable
-    assert tuning.sampler_seed(7, 2, store, "s") == 9  # worker 2 of --workers
+    assert tuning.sampler_seed(7, 0, store, "s") == first  # nobody else at work: repeatable
+    assert tuning.sampler_seed(7, 2, store, "s") not in (first, None)  # worker 2 of --workers
+    assert tuning.sampler_seed(8, 0, store, "s") != first
+    study.optimize(lambda t: 0.0, n_trials=1)
+    assert tuning.sampler_seed(7, 0, store, "s") not in (first, None)  # continued: new draws
     study.ask()  # a trial running in another process
     assert tuning.sampler_seed(7, 0, store, "s") is None  # a process that joins: its own stream
