@@ -35,6 +35,15 @@ def run(cells, root, uri):
     return suite.run_cells(cells, tracker=Tracker(uri), device=CPU, data_dir=None, checkpoint_root=root / "ck")
 
 
+def run_one_epoch_of_two(root, uri, monkeypatch):
+    """The cell run as if interrupted after epoch 1 of 2: its outcome (stopped, run left FAILED)."""
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
+        [partial] = run(plan(), root, uri)
+    assert partial.status == "stopped"
+    return partial
+
+
 def runs_of(client: MlflowClient, name: str = EXPERIMENT):
     exp = client.get_experiment_by_name(name)
     assert exp is not None, f"no MLflow experiment {name}"
@@ -209,10 +218,7 @@ def test_an_unfinished_cell_continues_in_the_same_run(in_tmp, monkeypatch):
     client = MlflowClient(uri)
 
     # The first attempt ends after epoch 1 of 2 (as if interrupted): the run is left FAILED.
-    with monkeypatch.context() as mp:
-        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
-        [partial] = run(plan(), in_tmp, uri)
-    assert partial.status == "stopped"
+    partial = run_one_epoch_of_two(in_tmp, uri, monkeypatch)
     assert partial.epochs == 1
     [mlrun] = runs_of(client)
     assert mlrun.info.status == "FAILED"
@@ -336,10 +342,7 @@ def test_a_cell_rerun_with_only_non_result_settings_changed_is_the_same_cell(in_
     cell: an unfinished one resumes in its run with the new settings, a finished one is skipped."""
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
-    with monkeypatch.context() as mp:
-        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
-        [partial] = run(plan(), in_tmp, uri)
-    assert partial.status == "stopped"
+    partial = run_one_epoch_of_two(in_tmp, uri, monkeypatch)
     changed = plan("train.checkpoint_every=1", "train.log_every_steps=5", "train.channels_last=false", "data.eval_batch_size=100")
     assert changed[0].cfg.config_hash() == plan()[0].cfg.config_hash()
     [done] = run(changed, in_tmp, uri)
