@@ -162,7 +162,7 @@ class Saver:
             try:
                 write(state, path)  # nothing runs meanwhile: no copy needed
                 future.set_result(None)
-            except BaseException as exc:
+            except Exception as exc:  # a KeyboardInterrupt goes on up at once: the write did not happen
                 future.set_exception(exc)
             self._pending.append((future, info))
             return

@@ -338,9 +338,12 @@ def fit(
         """Queue the checkpoint (the state now, or one `taken` before); it is announced to the
         callbacks once it is on disk. At most two wait in memory (an epoch's best and last) while
         training goes on."""
+        nonlocal last_queued
         announce(keep=1)
         write = checkpoint.save_rotating if kind == "last" else checkpoint.save
         saver.submit(write, taken if taken is not None else state(epoch), path, (kind, path, epoch))
+        if kind == "last":
+            last_queued = epoch
 
     forward, compile_time = model, None
     stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
@@ -349,9 +352,12 @@ def fit(
     for cb in callbacks:
         cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
     last_saved = time.monotonic()  # the start (or the checkpoint resumed from) counts as saved
-    # The state after the last finished epoch that no "last" checkpoint holds yet, copied on its
-    # device: a stop by signal (KeyboardInterrupt) in the next epoch still saves that epoch.
-    unsaved: dict | None = None
+    # What an interruption (KeyboardInterrupt: Ctrl-C, or SIGTERM turned into one by the command
+    # line) keeps: the last finished epoch, unless a "last" checkpoint of it is written or queued.
+    # Between two epochs the model itself holds it (`live`); during an epoch, the copy of its
+    # state taken on the device after the epoch before (`unsaved`), when no checkpoint holds that.
+    last_queued, live, unsaved = result.epochs_done, False, None
+    nothing_to_train = state is not None and result.epochs_done >= stop_after
     try:
         steps_per_epoch = len(data.train)
         for epoch in range(result.epochs_done + 1, stop_after + 1):
@@ -362,6 +368,7 @@ def fit(
 
             synchronize(device)
             started = time.perf_counter()
+            live = False
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log)
             train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
@@ -384,6 +391,7 @@ def fit(
             if compile_time is not None:
                 metrics["compile_time_s"], compile_time = compile_time, None
             result.epochs_done, result.last_metrics = epoch, metrics
+            live = True
             # The best checkpoint is chosen on validation accuracy, never on test accuracy.
             if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
                 result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
@@ -399,12 +407,20 @@ def fit(
             if stop:
                 result.status = "stopped"
                 break
+        if nothing_to_train:
+            # A run stopped after writing its final checkpoint, before the callbacks heard of it
+            # (the copy in MLflow may be older): they hear of it now.
+            for kind, path, epoch in (("best", best_path, result.best_epoch), ("last", last_path, result.epochs_done)):
+                if path.is_file():
+                    for cb in callbacks:
+                        cb.on_checkpoint(kind, path, epoch)
         announce(keep=0)
     except KeyboardInterrupt:
-        # Interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the command line):
-        # the epoch in progress is lost, the last finished one is kept.
-        if unsaved is not None:
-            save(last_path, "last", unsaved["epoch"], unsaved)
+        # The epoch in progress is lost; the last finished one is kept (not where the checkpoints
+        # are thrown away after the fit: resume=False).
+        keep = (result.epochs_done, None) if live else (unsaved["epoch"], unsaved) if unsaved is not None else (0, None)
+        if resume and keep[0] > last_queued:
+            save(last_path, "last", *keep)
             announce(keep=0)
         raise
     finally:

@@ -181,6 +181,74 @@ def test_resume_after_a_crash_between_checkpoints_matches_an_uninterrupted_run(r
     assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
 
 
+class Interrupter(Callback):
+    """Ctrl-C at the end of epoch `after_epoch`, or at the first logged step of epoch `in_epoch`."""
+
+    def __init__(self, after_epoch: int | None = None, in_epoch: int | None = None, steps_per_epoch: int = 0) -> None:
+        self.after_epoch, self.in_epoch, self.steps_per_epoch = after_epoch, in_epoch, steps_per_epoch
+
+    def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
+        if self.in_epoch is not None and step > (self.in_epoch - 1) * self.steps_per_epoch:
+            raise KeyboardInterrupt
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == self.after_epoch:
+            raise KeyboardInterrupt
+
+
+def interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference) -> int:
+    """Fit until `interrupter` stops it, then in a new process resume to the end: the epoch the
+    interruption kept. The resumed run must end as the uninterrupted one did."""
+    model, bundle = fresh(cfg, files)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[interrupter])
+    kept = checkpoint.load_latest(tmp_path / engine.LAST)["epoch"]
+    del model, bundle
+    model, bundle = fresh(cfg, files)
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path)
+    assert result.status == "finished"
+    assert_same_weights(state_of(model), reference["final"])
+    assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
+    return kept
+
+
+def test_an_interruption_between_epochs_keeps_the_epoch_just_finished(reference, files, tmp_path):
+    """Checkpoints are due at epochs 2 and 4; Ctrl-C as epoch 3 ends keeps epoch 3."""
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(after_epoch=3), reference) == 3
+
+
+def test_an_interruption_during_an_epoch_keeps_the_one_before(reference, files, tmp_path):
+    """Ctrl-C in epoch 4's training: epoch 3, which no checkpoint holds, is written from its copy."""
+    cfg = make_cfg("train.log_every_steps=1")
+    steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
+    assert interrupted_then_resumed(cfg, files, tmp_path, Interrupter(in_epoch=4, steps_per_epoch=steps), reference) == 3
+
+
+def test_an_interruption_during_a_due_checkpoint_write_still_keeps_that_epoch(reference, files, tmp_path, monkeypatch):
+    """Ctrl-C while epoch 2's checkpoint is half written (on the CPU, in the training thread)."""
+    real = checkpoint.save_rotating
+    calls = []
+
+    def interrupted_once(state, path):
+        calls.append(state["epoch"])
+        if len(calls) == 1:
+            checkpoint._write_tmp(state, Path(path))  # the file half-way: written, not renamed
+            raise KeyboardInterrupt
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_rotating", interrupted_once)
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(), reference) == 2
+    assert calls[:2] == [2, 2]
+
+
+def test_an_interruption_writes_nothing_where_the_fit_does_not_resume(files, tmp_path):
+    cfg = make_cfg()
+    model, bundle = fresh(cfg, files)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[Interrupter(after_epoch=3)], resume=False)
+    assert checkpoint.load_latest(tmp_path / engine.LAST)["epoch"] == 2
+
+
 def test_resume_false_ignores_an_existing_checkpoint(reference, files, tmp_path):
     cfg = make_cfg("train.epochs=1")
     model, bundle = fresh(cfg, files)
