@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.errors import reason
+
 log = logging.getLogger(__name__)
 
 LEASES_EXPERIMENT = "bench-leases"
@@ -79,6 +81,18 @@ class Lease:
             self.experiment_id, f"lease {self.key}",
             {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: str(time.time())},
         )
+        try:
+            return self._choose()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or the store failed while choosing: a claim left
+            # "choosing" would hold up every contender until it went stale.
+            self._stop.set()
+            with contextlib.suppress(Exception):
+                self.tracker.delete_run(self.run_id)
+            self.run_id = None
+            raise
+
+    def _choose(self) -> bool:
         numbers = [int(c["tags"][NUMBER]) for c in self._others() if c["tags"].get(NUMBER)]
         number = 1 + max(numbers, default=0)
         self.tracker.set_tags(self.run_id, {NUMBER: str(number), CHOOSING: "0", HEARTBEAT: str(time.time())})
@@ -149,7 +163,12 @@ def hold(folder: Path, tracker, key: str, **timing):
         try:
             yield True
         finally:
-            lease.release()  # the lock file is unlocked when it is closed
+            try:
+                lease.release()  # the lock file is unlocked when it is closed
+            except Exception as exc:
+                # The store is unreachable (a cluster going down): the claim goes stale by itself,
+                # and what ended the cell (its result, an interruption) must not be replaced.
+                log.warning("lease on %s: could not release it (%s); it lapses once its heartbeat is stale", key, reason(exc))
 
 
 def _try_lock(f) -> bool:

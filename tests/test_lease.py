@@ -195,3 +195,37 @@ def test_two_processes_on_one_suite_train_every_cell_once(tmp_path, subprocess_e
         assert len(trained) == 1, (name, seed, trained)
     rows = [line.split()[:2] for out, _ in outputs for line in out.splitlines() if "/smoke/seed" in line]
     assert sorted(status for _, status in rows) == ["finished"] * 4 + ["skipped"] * 4
+
+
+def test_an_interruption_while_claiming_leaves_no_claim_behind(tracker, monkeypatch):
+    """Ctrl-C (or SIGTERM) between creating the claim and numbering it: a claim left "choosing"
+    would hold up every contender until it went stale."""
+    real = tracker.set_tags
+
+    def interrupted(run_id, tags):
+        if lease.CHOOSING in tags:
+            raise KeyboardInterrupt
+        real(run_id, tags)
+
+    monkeypatch.setattr(tracker, "set_tags", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lease.Lease(tracker, "cell").acquire()
+    monkeypatch.undo()
+    assert live_owners(tracker) == []
+    assert lease.Lease(tracker, "cell").acquire()  # at once, not after the stale time
+
+
+def test_a_release_that_fails_does_not_replace_what_ended_the_cell(tracker, tmp_path, monkeypatch, caplog):
+    """The store is gone when the cell ends (a cluster shutting down): the interruption, or the
+    cell's own result, goes on; the claim lapses by its heartbeat."""
+    def unreachable(run_id, status):
+        raise ConnectionError("tracking server unreachable")
+
+    with pytest.raises(KeyboardInterrupt):
+        with lease.hold(tmp_path / "cell", tracker, "cell") as held:
+            assert held
+            monkeypatch.setattr(tracker, "end_run", unreachable)
+            raise KeyboardInterrupt
+    with lease.hold(tmp_path / "other", tracker, "other") as held:
+        assert held
+    assert "could not release it (tracking server unreachable)" in caplog.text
