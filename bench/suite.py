@@ -166,7 +166,7 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
     run_id = existing.info.run_id if existing is not None else None
     try:
         if run_id is not None:
-            tracker.reopen_run(run_id)
+            tracker.reopen_run(run_id, existing.data.tags)
             ckdir = cell.checkpoint_dir(checkpoint_root)
             if not (ckdir / engine.LAST).is_file() and tracker.fetch_checkpoints(run_id, ckdir):
                 log.info("%s: resuming from the checkpoint in MLflow run %s", cell.name, run_id)

@@ -34,6 +34,8 @@ from bench.errors import unusable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")
+# How an attempt at a run ended, when it did not finish: cleared when the run is taken up again.
+OUTCOME_TAGS = ("bench.failure", "bench.failure_reason", "bench.failure_epoch", "bench.interrupted_by")
 
 for noisy in ("alembic", "mlflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -174,7 +176,12 @@ class Tracker:
             raise RuntimeError(f"MLflow put run {run.info.run_id} in experiment {run.info.experiment_id}, not {experiment_id}")
         return run.info.run_id
 
-    def reopen_run(self, run_id: str) -> None:
+    def reopen_run(self, run_id: str, tags: dict[str, str] | None = None) -> None:
+        """The run RUNNING again, without the tags of how its last attempt ended (`tags`: the
+        run's tags as found): a run that failed or was interrupted and now finishes says so alone."""
+        for key in OUTCOME_TAGS:
+            if key in (tags or {}):
+                self.client.delete_tag(run_id, key)
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
     def end_run(self, run_id: str, status: str) -> None:

@@ -358,3 +358,21 @@ def test_a_cell_rerun_with_only_non_result_settings_changed_is_the_same_cell(in_
     assert last["config_hash"] == changed[0].cfg.config_hash()
     [again] = run(plan("train.compile=true"), in_tmp, uri)
     assert (again.status, again.run_id) == ("skipped", done.run_id)
+
+
+def test_a_failed_run_taken_up_again_and_finished_keeps_no_failure_tags(in_tmp):
+    """A cell whose last attempt failed (out of memory, say) or was interrupted, then finishes in
+    the same run: its tags say how it ended, not how an earlier attempt did."""
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    [cell] = plan()
+    tracker = Tracker(uri)
+    run_id = tracker.start_run(tracker.experiment_id(EXPERIMENT), cell.run_name, cell.tags)
+    tracker.set_tags(run_id, {"bench.failure": "out_of_memory", "bench.failure_reason": "OutOfMemoryError: CUDA out of memory",
+                              "bench.interrupted_by": "SIGTERM", "bench.status": "failed"})
+    tracker.end_run(run_id, "FAILED")
+    [outcome] = run([cell], in_tmp, uri)
+    assert (outcome.status, outcome.run_id) == ("finished", run_id)
+    finished = MlflowClient(uri).get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["bench.status"] == "finished"
+    assert not {"bench.failure", "bench.failure_reason", "bench.interrupted_by"} & set(finished.data.tags)
