@@ -367,7 +367,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     run_id = ctx.tracker.start_run(ctx.experiment_id, f"{study}-trial{trial.number}", tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     ckpt = ctx.checkpoint_root / study / f"trial{trial.number}"
-    state, failure = "FAIL", {}
+    state, failure, status = "FAIL", {}, None
     try:
         cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
         trial.set_user_attr("data.val_size", cfg.data.val_size)  # the split the objective was measured on
@@ -382,6 +382,15 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
             failure = {"bench.failure": "nonfinite_loss", "bench.failure_reason": "the training loss was not finite"}
         else:
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
+    except KeyboardInterrupt as exc:
+        # Preempted (SIGTERM) or Ctrl-C: optuna fails the trial at once, where a process killed
+        # outright leaves it to the heartbeat, which queues a retry. Queue the retry here: the
+        # next `bench tune` on the study trains the same values (the recipe's trial stays the recipe).
+        keep = {k: v for k, v in trial.user_attrs.items() if k == "bench.recipe"}
+        trial.study.enqueue_trial(trial.params, user_attrs={**keep, "bench.retry_of": trial.number})
+        failure = {"bench.failure": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")}
+        status = "KILLED"
+        raise
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
         failure = failure_tags(exc)
@@ -390,7 +399,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         for key, value in failure.items():
             trial.set_user_attr(key, value)
         ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
-        ctx.tracker.end_run(run_id, "FAILED" if state == "FAIL" else "FINISHED")
+        ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
         shutil.rmtree(ckpt, ignore_errors=True)
     if state == "PRUNED":
         raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")

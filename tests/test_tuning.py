@@ -233,6 +233,44 @@ def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_p
     assert (dead.info.status, dead.data.tags["optuna.state"]) == ("FAILED", "FAIL")
 
 
+def test_a_trial_stopped_by_sigterm_is_queued_again_with_its_parameters(tmp_path, subprocess_env):
+    """Preemption: optuna fails an interrupted trial at once (no heartbeat to run out), so the
+    trial queues its own retry; the next command trains it."""
+    args = [sys.executable, "-m", "bench", *TUNE, "--trials", "3", "--sampler", "random"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    stopped = None
+    deadline = time.time() + 240
+    while stopped is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
+        except Exception:  # not created yet
+            continue
+        running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and t.number == 1]
+        if running and running[0].intermediate_values:
+            proc.terminate()
+            stopped = running[0]
+    _, err = proc.communicate(timeout=60)
+    assert stopped is not None, err
+    assert proc.returncode == 143, err
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL
+    assert study.trials[1].user_attrs["bench.failure"] == "interrupted"
+    [queued] = [t for t in study.trials if t.user_attrs.get("bench.retry_of") == 1]
+    assert queued.state == optuna.trial.TrialState.WAITING
+    _, children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [child] = [c for c in children if c.data.tags["optuna.trial"] == "1"]
+    assert (child.info.status, child.data.tags["bench.interrupted_by"]) == ("KILLED", "SIGTERM")
+
+    again = subprocess.run(args, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
+    assert len(study.get_trials(states=tuning.FINISHED)) == 3
+    retried = study.trials[queued.number]
+    assert retried.params == stopped.params and retried.state in tuning.FINISHED
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
