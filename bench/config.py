@@ -177,6 +177,16 @@ class RunConfig(Section):
         values = {k: v for k, v in self.result_values().items() if k != "seed"}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
+    def earlier_hash(self) -> str | None:
+        """The hash bench gave this config before `config_hash` counted only the result keys
+        (every key, seed excluded, as the config had them then); None where no earlier version
+        could have run it (the scheduler stepped before each epoch came after). Runs and
+        checkpoints made then are found by it and carried over."""
+        flat = {k: v for k, v in self.flat().items() if k != "seed"}
+        if flat.pop("schedule.step_before_epoch"):
+            return None
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
 
 def _field_marks(model: type[BaseModel], prefix: str = "") -> dict[str, dict[str, Any]]:
     """Each field's json_schema_extra by dotted key, through the nested sections."""

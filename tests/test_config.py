@@ -394,3 +394,21 @@ def test_a_weights_file_counts_by_its_content(tmp_path):
     assert config.weights_identity(str(copy), imagenet_prefix=digest[:8]) == "imagenet"
     assert config.imagenet_sha256_prefix() == "f37072fd"
     assert config.weights_identity(str(tmp_path / "missing.pth")) == str(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("experiment, profile, sets, before", [
+    # The hashes bench gave these configs before the hash counted only the result keys.
+    ("bottleneck-cifar10", "smoke", [], "b2734f207511"),
+    ("bottleneck-cifar10", "paper", [], "474161d37c51"),
+    ("bottleneck-cifar10", "paper", ["optim.lr=0.05"], "e30a4daa8fad"),
+    ("hw4-resnet-cifar100", "smoke", [], "b0ecc5a3be99"),
+    ("resnet18-finetune-cifar100", "smoke", [], "63851a220e98"),
+    ("resnetb-cifar10", "smoke", ["optim.lr=0.05", "schedule.step_before_epoch=false"], "1ecb18de9088"),
+])
+def test_the_earlier_hash_is_the_one_bench_gave_the_same_config_before(experiment, profile, sets, before):
+    assert config.load(experiment, profile=profile, seed=0, sets=sets).earlier_hash() == before
+
+
+def test_no_earlier_hash_for_a_config_no_earlier_bench_could_run():
+    assert config.load("resnetb-cifar10", profile="paper").schedule.step_before_epoch
+    assert config.load("resnetb-cifar10", profile="paper").earlier_hash() is None

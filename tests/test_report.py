@@ -256,6 +256,20 @@ def test_on_the_full_data_the_recipe_gets_a_verdict_and_other_configs_are_labell
     assert "Other configs, in rows of their own: `optim.lr=0.05`" in report.markdown(s, {})
 
 
+def test_recipe_runs_made_before_the_hash_counted_only_result_keys_are_the_recipes():
+    """A store written by an earlier bench: its recipe runs carry the hash of every key. They are
+    the recipe's row, a seed run under both hashes counted once (the newest)."""
+    mine = {"resnetb-cifar10": report.Recipe("new", {}, earlier_hash="old")}
+    recs = [record("resnetb-cifar10", s, [0.5, v], config_hash="old", start=s) for s, v in enumerate([0.60, 0.62, 0.64])]
+    recs.append(record("resnetb-cifar10", 2, [0.5, 0.70], config_hash="new", start=10))
+    recs.append(record("resnetb-cifar10", 0, [0.5, 0.90], config_hash="other", start=11, params={"optim.lr": "0.05"}))
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", recipes=mine, paper=mine)
+    recipe_row, other = s.rows
+    assert recipe_row.is_recipe and list(recipe_row.runs.seed) == [0, 1, 2]
+    assert list(recipe_row.runs.final_test_acc) == [0.60, 0.62, 0.70]
+    assert not other.is_recipe and list(other.runs.final_test_acc) == [0.90]
+
+
 def test_runs_trained_without_a_validation_split_compare_on_the_final_test_accuracy():
     """R1 and R2 train on all 50k images (data.val_size = 0): no val_acc, no best checkpoint."""
     recs = [record("hw4-resnet-cifar100", s, [0.3] * 99 + [v], val=0) for s, v in enumerate([0.630, 0.636, 0.628])]

@@ -376,3 +376,29 @@ def test_a_failed_run_taken_up_again_and_finished_keeps_no_failure_tags(in_tmp):
     assert finished.info.status == "FINISHED"
     assert finished.data.tags["bench.status"] == "finished"
     assert not {"bench.failure", "bench.failure_reason", "bench.interrupted_by"} & set(finished.data.tags)
+
+
+def test_a_cell_run_by_an_earlier_bench_is_carried_over_and_resumed(in_tmp, monkeypatch):
+    """Its run carries the hash of every key and its checkpoints sit in the directory of that hash
+    (as an earlier bench left them): the cell resumes them in the same run, not from scratch."""
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    sets = ("schedule.step_before_epoch=false",)  # what every earlier run had
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
+        [partial] = run(plan(*sets), in_tmp, uri)
+    [cell] = plan(*sets)
+    before = cell.cfg.earlier_hash()
+    tracker = Tracker(uri)
+    tracker.set_tags(partial.run_id, {"bench.config_hash": before})
+    old_dir = cell.checkpoint_dir(in_tmp / "ck").with_name(f"smoke-seed0-{before}")
+    cell.checkpoint_dir(in_tmp / "ck").rename(old_dir)
+
+    [done] = run(plan(*sets), in_tmp, uri)
+    assert (done.status, done.epochs, done.run_id) == ("finished", 2, partial.run_id)
+    client = MlflowClient(uri)
+    tags = client.get_run(partial.run_id).data.tags
+    assert (tags["bench.config_hash"], tags["bench.config_hash_before"]) == (cell.cfg.config_hash(), before)
+    assert steps(client, done.run_id, "train_loss") == [1, 2]  # epoch 1 resumed from, not trained again
+    assert not (old_dir / engine.LAST).exists()
+    [again] = run(plan(*sets), in_tmp, uri)
+    assert again.status == "skipped"

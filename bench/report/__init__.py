@@ -26,13 +26,14 @@ class Recipe:
 
     config_hash: str
     params: dict[str, str]
+    earlier_hash: str | None = None  # the hash bench gave the same config before (bench.config.RunConfig.earlier_hash)
 
 
 def recipe(experiment: str, profile: str) -> Recipe:
     """The experiment's recipe under the profile: `config.load` with no --set."""
     cfg = config.load(experiment, profile=profile, seed=0)
     params = cfg.params()
-    return Recipe(cfg.config_hash(), {k: params[k] for k in cfg.result_keys() if k != "seed"})
+    return Recipe(cfg.config_hash(), {k: params[k] for k in cfg.result_keys() if k != "seed"}, cfg.earlier_hash())
 
 
 @dataclass
@@ -182,7 +183,11 @@ def summarize(
         diff = [] if mine.config_hash == theirs.config_hash else differing(mine.params, theirs.params)
         figures = reference.headline(curves, reported[name])
         empty = results.runs.iloc[0:0]
-        rows.append(_row(results, reported[name], figures, groups.pop(mine.config_hash, empty), diff, excluded, None))
+        # Runs of the recipe made before the hash counted only result keys (not yet carried over
+        # by a `bench run`) are the recipe's too; a seed run under both counts once, the newest.
+        parts = [g for g in (groups.pop(mine.config_hash, None), groups.pop(mine.earlier_hash, None)) if g is not None]
+        ours = pd.concat(parts).sort_values("start_time").drop_duplicates("seed", keep="last").sort_values("seed", ignore_index=True) if parts else empty
+        rows.append(_row(results, reported[name], figures, ours, diff, excluded, None))
         variants = [(variant_label(runs, mine), runs) for runs in groups.values()]
         rows += [_row(results, reported[name], figures, runs, diff, {}, label) for label, runs in sorted(variants, key=lambda v: v[0])]
     by_name = {r.experiment: r for r in rows if r.is_recipe}
