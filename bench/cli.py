@@ -56,7 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, help="worker processes sharing the study (default: one per visible GPU, else 1); "
                    "0 only creates the study and its MLflow parent run, for workers started elsewhere")
     t.add_argument("--worker-of", help=argparse.SUPPRESS)  # the parent run's id: set in worker processes
-    t.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     t.add_argument("--best", action="store_true", help="print the best trial and the `bench run` command that trains it, then exit")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     t.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
@@ -161,7 +160,7 @@ def cmd_tune(args) -> int:
     stores.probe("Optuna storage", url)
     store = tuning.storage(url, args.heartbeat)
     study = tuning.open_study(
-        store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, args.worker_index, store, name), space),
+        store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, store, name, alone=not args.worker_of), space),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
         experiment=args.experiment, profile=args.profile,
     )
@@ -176,6 +175,8 @@ def cmd_tune(args) -> int:
         parent = tuning.ParentRun.attach(tracker, exp_id, args.worker_of)
     else:
         parent = tuning.ParentRun(tracker, exp_id, study, space, profile=args.profile, storage_url=url)
+        for number in tuning.queue_interrupted(study):  # a process killed before it queued the retry
+            print(f"trial {number} was interrupted: queued again with its values", file=sys.stderr)
     count = 1 if args.worker_of else args.workers if args.workers is not None else workers.default_count(args.device)
     done = tuning.finished(study)
     print(f"study {name} in {redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
@@ -224,7 +225,7 @@ def _worker_args(args, study: str, parent_run_id: str, index: int) -> list[str]:
             "--study", study, "--pruner", args.pruner, "--sampler", args.sampler, "--seed", str(args.seed),
             "--heartbeat", str(args.heartbeat), "--device", workers.device_for(args.device, index),
             "--checkpoint-dir", str(args.checkpoint_dir),
-            "--worker-of", parent_run_id, "--worker-index", str(index)]
+            "--worker-of", parent_run_id]
     for flag, value in (("--timeout", args.timeout), ("--epochs", args.epochs), ("--data-dir", args.data_dir)):
         if value is not None:
             argv += [flag, str(value)]

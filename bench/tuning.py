@@ -171,23 +171,29 @@ def sampler(name: str, seed: int | None, space: list[Param]) -> optuna.samplers.
     return Unrepeated(base, space, seed)
 
 
-def sampler_seed(seed: int, worker_index: int, store, study_name: str) -> int | None:
-    """The sampler's seed, drawn from `seed`, the worker's index and the number of trials the study
-    holds already. A continued study gets a new seed, so its sampler does not replay the draws that
-    made its first trials (TPE's random start-up, the random sampler); the same commands on a fresh
-    store still make the same trials. Workers of one `--workers` command differ by index. A process
-    that joins a study other processes are running (on other machines) gets a fresh seed: it cannot
-    know how many trials it will find, and must not draw what another joiner draws."""
+def sampler_seed(seed: int, store, study_name: str, *, alone: bool) -> int | None:
+    """The sampler's seed for a process alone on its study: drawn from `seed` and the number of
+    trials the study holds already. A continued study gets a new seed, so its sampler does not
+    replay the draws that made its first trials (TPE's random start-up, the random sampler), and
+    the same commands on a fresh store make the same trials. None (fresh entropy) for the workers
+    of a `--workers` command and for a process that finds trials of other processes running:
+    their trials depend on timing and cannot be repeated, and they must not draw in step with
+    each other (worker i of two machines' commands would, with seeds of their own)."""
+    if not alone:
+        return None
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
     except KeyError:  # a new study
         held = 0
     else:
+        with warnings.catch_warnings():  # experimental, as the heartbeats are
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a trial of a process killed before is not running
         trials = study.get_trials(deepcopy=False)
-        if not worker_index and any(t.state == TrialState.RUNNING for t in trials):
+        if any(t.state == TrialState.RUNNING for t in trials):
             return None
         held = len(trials)
-    digest = hashlib.sha256(repr((seed, worker_index, held)).encode()).digest()
+    digest = hashlib.sha256(repr((seed, held)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
@@ -200,13 +206,24 @@ def _queued(trial: optuna.trial.FrozenTrial) -> bool:
     return "fixed_params" in trial.system_attrs or "failed_trial" in trial.system_attrs
 
 
+def _turned_away(trial: optuna.trial.FrozenTrial) -> bool:
+    """Ended before training: its values were another trial's, or the study was full."""
+    return trial.user_attrs.get("bench.failure") == "repeat" or bool(trial.user_attrs.get("bench.surplus"))
+
+
 def tried(trials: list[optuna.trial.FrozenTrial], but: int | None = None) -> set[tuple]:
     """The value sets the trials hold, other than trial `but`'s: run, running, or queued (the
-    recipe, a dead trial's retry)."""
+    recipe, a dead trial's retry); a trial turned away before training holds none."""
     return {
         _key(t.params or t.system_attrs.get("fixed_params", {}))
-        for t in trials if t.number != but and (t.params or "fixed_params" in t.system_attrs)
+        for t in trials if t.number != but and (t.params or "fixed_params" in t.system_attrs) and not _turned_away(t)
     }
+
+
+def all_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Every trial of the study. Under the hyperband pruner a sampler is handed a view of one
+    bracket's trials (its `get_trials` filters them); the storage holds them all."""
+    return study._storage.get_all_trials(study._study_id, deepcopy=False)
 
 
 def untried_sets(study: optuna.Study, space: list[Param]) -> int | None:
@@ -216,6 +233,13 @@ def untried_sets(study: optuna.Study, space: list[Param]) -> int | None:
         return None
     taken = tried(study.get_trials(deepcopy=False))
     return sum(_key(values) not in taken for values in grid)
+
+
+def spent(study: optuna.Study, space: list[Param]) -> bool:
+    """A finite search space with no untried set left and no queued trial (a queued retry holds
+    a set counted as tried, and is still to run)."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return not waiting and untried_sets(study, space) == 0
 
 
 class Unrepeated(optuna.samplers.BaseSampler):
@@ -243,9 +267,13 @@ class Unrepeated(optuna.samplers.BaseSampler):
     def sample_relative(self, study, trial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if not search_space:
             return {}
-        taken = tried(study.get_trials(deepcopy=False), trial.number)
+        taken = tried(all_trials(study), trial.number)
+        # The base's own relative draw first (Optuna 5's TPE is multivariate: it draws the values
+        # together, from what it learnt of them together), the parameters it leaves one by one.
+        relative = {n: d for n, d in self.base.infer_relative_search_space(study, trial).items() if n in search_space}
         for _ in range(self.BASE_DRAWS):
-            values = {n: self.base.sample_independent(study, trial, n, d) for n, d in search_space.items()}
+            values = dict(self.base.sample_relative(study, trial, relative)) if relative else {}
+            values.update({n: self.base.sample_independent(study, trial, n, d) for n, d in search_space.items() if n not in values})
             if _key(values) not in taken:
                 return values
         grid = _grid(search_space, self.GRID_LIMIT)
@@ -383,11 +411,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         else:
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
     except KeyboardInterrupt as exc:
-        # Preempted (SIGTERM) or Ctrl-C: optuna fails the trial at once, where a process killed
-        # outright leaves it to the heartbeat, which queues a retry. Queue the retry here: the
-        # next `bench tune` on the study trains the same values (the recipe's trial stays the recipe).
-        keep = {k: v for k, v in trial.user_attrs.items() if k == "bench.recipe"}
-        trial.study.enqueue_trial(trial.params, user_attrs={**keep, "bench.retry_of": trial.number})
+        # Preempted (SIGTERM) or Ctrl-C: optuna fails the trial; `optimize` queues its retry.
         failure = {"bench.failure": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")}
         status = "KILLED"
         raise
@@ -407,10 +431,12 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
 
 
 def _repeats(trial: optuna.Trial) -> bool:
-    """True when another trial holds the values this one drew (two workers drew at the same
-    instant, or the space has no untried set left); a queued trial keeps its values."""
+    """True when an earlier trial holds the values this one drew (two workers drew at the same
+    instant, or the space has no untried set left): of two such trials the later one gives way,
+    so the values are trained once. A queued trial keeps its values."""
     trials = trial.study.get_trials(deepcopy=False)
-    return not _queued(next(t for t in trials if t.number == trial.number)) and _key(trial.params) in tried(trials, trial.number)
+    me = next(t for t in trials if t.number == trial.number)
+    return not _queued(me) and _key(trial.params) in tried([t for t in trials if t.number < trial.number])
 
 
 # --- the study's MLflow parent run ------------------------------------------------------------------
@@ -533,18 +559,41 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
             time.sleep(poll_s)
             continue
         waiting = False
-        if untried_sets(study, ctx.space) == 0:
+        if spent(study, ctx.space):
             return f"every set of values of the search space has been tried: {done} of {trials} trials finished"
-        study.optimize(
-            lambda trial: objective(trial, ctx, limit=trials), n_trials=1, gc_after_trial=True,
-            callbacks=[parent, report, lambda _, trial: ended.append(trial)], catch=(Surplus, Repeat, TrialFailed),
-        )
+        try:
+            study.optimize(
+                lambda trial: objective(trial, ctx, limit=trials), n_trials=1, gc_after_trial=True,
+                callbacks=[parent, report, lambda _, trial: ended.append(trial)], catch=(Surplus, Repeat, TrialFailed),
+            )
+        except KeyboardInterrupt:
+            queue_interrupted(study)  # optuna has failed the trial by now
+            raise
         last = ended[-1]
-        failures = failures + 1 if last.state == TrialState.FAIL and "bench.failure" in last.user_attrs else 0
+        # Failures of the trials themselves; one turned away before training is not one.
+        failed = last.state == TrialState.FAIL and "bench.failure" in last.user_attrs and not _turned_away(last)
+        failures = failures + 1 if failed else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             why = last.user_attrs.get("bench.failure_reason", last.user_attrs["bench.failure"])
             return f"{failures} trials in a row failed, the last with {why}; stopped with {finished(study)} of {trials} trials finished"
     return None
+
+
+def queue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue a copy, with the same values, of each trial that an interruption (SIGTERM, Ctrl-C)
+    failed and that has no retry yet: optuna fails such a trial at once, where a trial whose
+    process was killed outright is failed by its heartbeat, which queues the retry. Called when
+    the interruption happens, and by `bench tune` before it starts (a process killed while it
+    queued the retry). The numbers of the trials queued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("bench.retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    queued = []
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("bench.failure") == "interrupted" and t.number not in retried and t.params:
+            recipe = {k: v for k, v in t.user_attrs.items() if k == "bench.recipe"}
+            study.enqueue_trial(t.params, user_attrs={**recipe, "bench.retry_of": t.number})
+            queued.append(t.number)
+    return queued
 
 
 def best_command(experiment: str, profile: str, params: dict[str, Any], *, fixed: list[str] = (), epochs: int | None = None, seeds: int = 3) -> str:

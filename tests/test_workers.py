@@ -27,14 +27,14 @@ def test_workers_share_the_cpu_threads(monkeypatch):
     assert workers.thread_env(32)["OMP_NUM_THREADS"] == "1"
 
 
-def test_sampler_seeds_repeat_alone_and_differ_between_workers_and_continuations(tmp_path):
-    store = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = tuning.sampler_seed(7, 0, store, "s")  # a new study
+def test_sampler_seeds_repeat_alone_and_are_fresh_for_workers_and_joiners(tmp_path):
+    store = tuning.storage(f"sqlite:///{tmp_path / 'optuna.db'}", 60)
+    first = tuning.sampler_seed(7, store, "s", alone=True)  # a new study
     study = optuna.create_study(study_name="s", storage=store)
-    assert tuning.sampler_seed(7, 0, store, "s") == first  # nobody else at work: repeatable
-    assert tuning.sampler_seed(7, 2, store, "s") not in (first, None)  # worker 2 of --workers
-    assert tuning.sampler_seed(8, 0, store, "s") != first
+    assert tuning.sampler_seed(7, store, "s", alone=True) == first  # nobody else at work: repeatable
+    assert tuning.sampler_seed(7, store, "s", alone=False) is None  # a worker of --workers
+    assert tuning.sampler_seed(8, store, "s", alone=True) != first
     study.optimize(lambda t: 0.0, n_trials=1)
-    assert tuning.sampler_seed(7, 0, store, "s") not in (first, None)  # continued: new draws
+    assert tuning.sampler_seed(7, store, "s", alone=True) not in (first, None)  # continued: new draws
     study.ask()  # a trial running in another process
-    assert tuning.sampler_seed(7, 0, store, "s") is None  # a process that joins: its own stream
+    assert tuning.sampler_seed(7, store, "s", alone=True) is None  # a process that joins: its own stream
