@@ -391,12 +391,14 @@ def fit(
             if compile_time is not None:
                 metrics["compile_time_s"], compile_time = compile_time, None
             result.epochs_done, result.last_metrics = epoch, metrics
-            live = True
             # The best checkpoint is chosen on validation accuracy, never on test accuracy.
             if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
                 result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
                 save(best_path, "best", epoch)
             stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
+            # From here the model holds the finished epoch, its best checkpoint is written and the
+            # callbacks have its metrics: an interruption may keep it as it is.
+            live = True
             due = epoch % cfg.train.checkpoint_every == 0 and time.monotonic() - last_saved >= cfg.train.checkpoint_min_interval_s
             if due or epoch == epochs or stop or epoch == stop_after:
                 save(last_path, "last", epoch)

@@ -182,10 +182,13 @@ def test_resume_after_a_crash_between_checkpoints_matches_an_uninterrupted_run(r
 
 
 class Interrupter(Callback):
-    """Ctrl-C at the end of epoch `after_epoch`, or at the first logged step of epoch `in_epoch`."""
+    """Ctrl-C where the test asks: in an epoch's end callbacks, at the announcement of a
+    checkpoint, or at the first logged step of epoch `in_epoch`."""
 
-    def __init__(self, after_epoch: int | None = None, in_epoch: int | None = None, steps_per_epoch: int = 0) -> None:
-        self.after_epoch, self.in_epoch, self.steps_per_epoch = after_epoch, in_epoch, steps_per_epoch
+    def __init__(self, after_epoch: int | None = None, at_checkpoint: tuple[str, int] | None = None,
+                 in_epoch: int | None = None, steps_per_epoch: int = 0) -> None:
+        self.after_epoch, self.at_checkpoint = after_epoch, at_checkpoint
+        self.in_epoch, self.steps_per_epoch = in_epoch, steps_per_epoch
 
     def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
         if self.in_epoch is not None and step > (self.in_epoch - 1) * self.steps_per_epoch:
@@ -195,26 +198,39 @@ class Interrupter(Callback):
         if epoch == self.after_epoch:
             raise KeyboardInterrupt
 
+    def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
+        if (kind, epoch) == self.at_checkpoint:
+            raise KeyboardInterrupt
+
 
 def interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference) -> int:
     """Fit until `interrupter` stops it, then in a new process resume to the end: the epoch the
-    interruption kept. The resumed run must end as the uninterrupted one did."""
+    interruption kept (0: none). The resumed run must end as the uninterrupted one did."""
     model, bundle = fresh(cfg, files)
     with pytest.raises(KeyboardInterrupt):
         engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[interrupter])
-    kept = checkpoint.load_latest(tmp_path / engine.LAST)["epoch"]
+    kept = checkpoint.load_latest(tmp_path / engine.LAST)
     del model, bundle
     model, bundle = fresh(cfg, files)
     result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path)
     assert result.status == "finished"
     assert_same_weights(state_of(model), reference["final"])
     assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
-    return kept
+    assert (result.best_epoch, result.best_val_acc) == (reference["result"].best_epoch, reference["result"].best_val_acc)
+    assert checkpoint.load(tmp_path / engine.BEST)["epoch"] == reference["result"].best_epoch
+    return 0 if kept is None else kept["epoch"]
 
 
 def test_an_interruption_between_epochs_keeps_the_epoch_just_finished(reference, files, tmp_path):
-    """Checkpoints are due at epochs 2 and 4; Ctrl-C as epoch 3 ends keeps epoch 3."""
-    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(after_epoch=3), reference) == 3
+    """Checkpoints are due at epochs 2 and 4; Ctrl-C as epoch 1's best checkpoint is announced
+    (epoch 1 is always the best so far) keeps epoch 1."""
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(at_checkpoint=("best", 1)), reference) == 1
+
+
+def test_an_interruption_in_the_callbacks_of_an_epoch_keeps_the_one_before(reference, files, tmp_path):
+    """Ctrl-C while the callbacks take epoch 3's metrics (they may not have logged them): epoch 3
+    is trained again, from epoch 2's checkpoint."""
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(after_epoch=3), reference) == 2
 
 
 def test_an_interruption_during_an_epoch_keeps_the_one_before(reference, files, tmp_path):
@@ -239,6 +255,23 @@ def test_an_interruption_during_a_due_checkpoint_write_still_keeps_that_epoch(re
     monkeypatch.setattr(checkpoint, "save_rotating", interrupted_once)
     assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(), reference) == 2
     assert calls[:2] == [2, 2]
+
+
+def test_an_interruption_during_a_best_checkpoint_write_keeps_no_epoch_without_it(reference, files, tmp_path, monkeypatch):
+    """Ctrl-C while epoch 1's best checkpoint is written: keeping epoch 1 would leave no best.pt
+    for it and its metrics unlogged, so the run starts again from nothing."""
+    real = checkpoint.save
+    calls = []
+
+    def interrupted_once(state, path):
+        calls.append(state["epoch"])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save", interrupted_once)
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(), reference) == 0
+    assert calls[:2] == [1, 1]
 
 
 def test_an_interruption_writes_nothing_where_the_fit_does_not_resume(files, tmp_path):
