@@ -7,7 +7,6 @@ cell before the first one trains.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 import traceback
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import checkpoint, config, data, engine, lease
+from bench import config, data, engine, lease
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, reason
@@ -154,31 +153,26 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
             return CellOutcome(cell, "busy", 0, None, None, 0.0, None)
         existing = tracker.find_cell_run(exp_id, cell.tags)  # the holder before us may have finished it
         if existing is None:
-            existing = _carry_over(cell, tracker, exp_id, checkpoint_root)
+            existing = _carry_over(cell, tracker, exp_id)
         if existing is not None and existing.info.status == "FINISHED":
             return _skipped(cell, existing)
         return _train(cell, existing, exp_id, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
 
 
-def _carry_over(cell: Cell, tracker: Tracker, exp_id: str, checkpoint_root: Path):
-    """The cell's run from before `bench.config_hash` counted only the result keys, if any: it
-    gets the cell's hash (the old one kept in `bench.config_hash_before`) and its checkpoints move
-    to the cell's directory, so it is skipped or resumed rather than trained again. The caller
-    holds the cell's lease, so one process carries it over."""
+def _carry_over(cell: Cell, tracker: Tracker, exp_id: str):
+    """The cell's finished run from before `bench.config_hash` counted only the result keys, if
+    any: it gets the cell's hash (the old one kept in `bench.config_hash_before`), so the cell is
+    skipped rather than trained again. An unfinished one is left alone: resuming it would mix the
+    epochs of two versions of bench in one run (and an earlier bench may still be training it).
+    The caller holds the cell's lease, so one process carries it over."""
     before = cell.cfg.earlier_hash()
     if before is None or before == cell.cfg.config_hash():
         return None
     run = tracker.find_cell_run(exp_id, {**cell.tags, "bench.config_hash": before})
-    if run is None:
+    if run is None or run.info.status != "FINISHED":
         return None
-    old_dir = Path(checkpoint_root) / cell.experiment / f"{cell.profile}-seed{cell.cfg.seed}-{before}"
-    new_dir = cell.checkpoint_dir(checkpoint_root)
-    if old_dir.is_dir() and not (new_dir / engine.LAST).exists():
-        for name in (engine.LAST, engine.BEST, checkpoint.previous(Path(engine.LAST)).name):
-            if (old_dir / name).is_file():
-                os.replace(old_dir / name, new_dir / name)
     tracker.set_tags(run.info.run_id, {"bench.config_hash": cell.cfg.config_hash(), "bench.config_hash_before": before})
-    log.info("%s: carried over run %s (config hash %s before)", cell.name, run.info.run_id, before)
+    log.info("%s: carried over finished run %s (config hash %s before)", cell.name, run.info.run_id, before)
     return tracker.find_cell_run(exp_id, cell.tags)
 
 

@@ -378,27 +378,29 @@ def test_a_failed_run_taken_up_again_and_finished_keeps_no_failure_tags(in_tmp):
     assert not {"bench.failure", "bench.failure_reason", "bench.interrupted_by"} & set(finished.data.tags)
 
 
-def test_a_cell_run_by_an_earlier_bench_is_carried_over_and_resumed(in_tmp, monkeypatch):
-    """Its run carries the hash of every key and its checkpoints sit in the directory of that hash
-    (as an earlier bench left them): the cell resumes them in the same run, not from scratch."""
+def test_a_cell_finished_by_an_earlier_bench_is_carried_over_and_an_unfinished_one_is_not(in_tmp, monkeypatch):
+    """Its run carries the hash of every key (as an earlier bench tagged it): a finished one is the
+    cell's, skipped; an unfinished one is left as it is and the cell trains in a new run."""
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     sets = ("schedule.step_before_epoch=false",)  # what every earlier run had
-    with monkeypatch.context() as mp:
-        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
-        [partial] = run(plan(*sets), in_tmp, uri)
     [cell] = plan(*sets)
     before = cell.cfg.earlier_hash()
-    tracker = Tracker(uri)
-    tracker.set_tags(partial.run_id, {"bench.config_hash": before})
-    old_dir = cell.checkpoint_dir(in_tmp / "ck").with_name(f"smoke-seed0-{before}")
-    cell.checkpoint_dir(in_tmp / "ck").rename(old_dir)
-
-    [done] = run(plan(*sets), in_tmp, uri)
-    assert (done.status, done.epochs, done.run_id) == ("finished", 2, partial.run_id)
-    client = MlflowClient(uri)
-    tags = client.get_run(partial.run_id).data.tags
-    assert (tags["bench.config_hash"], tags["bench.config_hash_before"]) == (cell.cfg.config_hash(), before)
-    assert steps(client, done.run_id, "train_loss") == [1, 2]  # epoch 1 resumed from, not trained again
-    assert not (old_dir / engine.LAST).exists()
+    [first] = run(plan(*sets), in_tmp, uri)
+    tracker, client = Tracker(uri), MlflowClient(uri)
+    tracker.set_tags(first.run_id, {"bench.config_hash": before})
     [again] = run(plan(*sets), in_tmp, uri)
-    assert again.status == "skipped"
+    assert (again.status, again.run_id) == ("skipped", first.run_id)
+    tags = client.get_run(first.run_id).data.tags
+    assert (tags["bench.config_hash"], tags["bench.config_hash_before"]) == (cell.cfg.config_hash(), before)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "fit", functools.partial(engine.fit, max_epochs=1))
+        [partial] = run(plan(*sets, "optim.lr=0.01"), in_tmp, uri)
+    [other] = plan(*sets, "optim.lr=0.01")
+    tracker.set_tags(partial.run_id, {"bench.config_hash": other.cfg.earlier_hash()})
+    ckdir = other.checkpoint_dir(in_tmp / "ck")  # where an earlier bench kept it: under its hash
+    ckdir.rename(ckdir.with_name(f"smoke-seed0-{other.cfg.earlier_hash()}"))
+    [fresh] = run(plan(*sets, "optim.lr=0.01"), in_tmp, uri)
+    assert fresh.status == "finished" and fresh.run_id != partial.run_id
+    assert steps(client, fresh.run_id, "train_loss") == [1, 2]
+    assert client.get_run(partial.run_id).data.tags["bench.config_hash"] == other.cfg.earlier_hash()
