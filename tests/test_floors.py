@@ -1,6 +1,8 @@
-"""The version floors in pyproject.toml: each is at least what the code needs, and what is
-installed meets it. A floor lowered below the first release that has what the code calls fails
-here, and so does an environment older than the floors it claims."""
+"""The version floors in pyproject.toml against NEEDS, the table below of the first release of
+each dependency that has what the code calls (found in each project's changelog, and checked by
+installing every floor at once and running the tests): a floor lowered below its entry fails
+here, and so does an environment older than the floors it claims. A new call that needs a newer
+release goes into NEEDS with the code that makes it; this test cannot find such a call itself."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ NEEDS: dict[str, tuple[str, str]] = {
     "optuna-dashboard": ("0.15", "serves an Optuna 5 study (test_tuning)"),
     "psycopg": ("3.1.4", "the first 3.1 with binary wheels for Python 3.11"),
     "pgserver": ("0.1", "PostgreSQL server binaries for the scale-out tests"),
+    "packaging": ("22", "Requirement and Version as this test reads them (strict PEP 440 versions)"),
 }
 
 
