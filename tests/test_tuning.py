@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -265,24 +266,32 @@ def test_tune_runs_a_study_tracked_as_one_parent_with_a_child_per_trial(in_tmp, 
     assert f"best trial {study.best_trial.number}: val_acc {study.best_value:.4f}" in capsys.readouterr().out
 
 
-def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_path, subprocess_env):
-    args = [sys.executable, "-m", "bench", *TUNE, "--trials", "3", "--heartbeat", "1", "--sampler", "random"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _stopped_in_trial_1(args, tmp_path, env, sig: int) -> tuple[subprocess.Popen, optuna.trial.FrozenTrial | None, str]:
+    """Start `bench tune`, send `sig` in the middle of trial 1 (after its first epoch): the
+    process (ended), trial 1 as it was then, and the process's stderr."""
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    killed = None
+    stopped = None
     deadline = time.time() + 240
-    while killed is None and time.time() < deadline and proc.poll() is None:
+    while stopped is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
         try:
             study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
         except Exception:  # not created yet
             continue
         running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and t.number == 1]
-        if running and running[0].intermediate_values:  # in the middle of trial 1, after its first epoch
-            proc.kill()
-            killed = running[0]
-    proc.wait(timeout=30)
-    assert killed is not None, proc.stderr.read()
+        if running and running[0].intermediate_values:
+            proc.send_signal(sig)
+            stopped = running[0]
+    _, err = proc.communicate(timeout=60)
+    return proc, stopped, err
+
+
+def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_path, subprocess_env):
+    args = [sys.executable, "-m", "bench", *TUNE, "--trials", "3", "--heartbeat", "1", "--sampler", "random"]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    _, killed, err = _stopped_in_trial_1(args, tmp_path, subprocess_env, signal.SIGKILL)
+    assert killed is not None, err
     time.sleep(3)  # past the grace period of two heartbeats
 
     again = subprocess.run(args, cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300)
@@ -302,24 +311,11 @@ def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_p
 
 
 def test_a_trial_stopped_by_sigterm_is_queued_again_with_its_parameters(tmp_path, subprocess_env):
-    """Preemption: optuna fails an interrupted trial at once (no heartbeat to run out), so the
-    trial queues its own retry; the next command trains it."""
+    """Preemption: optuna fails an interrupted trial at once (no heartbeat to run out), so its
+    retry is queued by the command; the next command trains it."""
     args = [sys.executable, "-m", "bench", *TUNE, "--trials", "3", "--sampler", "random"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    stopped = None
-    deadline = time.time() + 240
-    while stopped is None and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
-        except Exception:  # not created yet
-            continue
-        running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and t.number == 1]
-        if running and running[0].intermediate_values:
-            proc.terminate()
-            stopped = running[0]
-    _, err = proc.communicate(timeout=60)
+    proc, stopped, err = _stopped_in_trial_1(args, tmp_path, subprocess_env, signal.SIGTERM)
     assert stopped is not None, err
     assert proc.returncode == 143, err
     study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
