@@ -282,6 +282,17 @@ def test_an_interruption_writes_nothing_where_the_fit_does_not_resume(files, tmp
     assert checkpoint.load_latest(tmp_path / engine.LAST)["epoch"] == 2
 
 
+def test_a_run_with_nothing_left_to_train_announces_its_final_checkpoints_again(reference, files):
+    """Killed after its final checkpoint was written, before the callbacks (MLflow's upload) heard
+    of it: the rerun trains nothing and announces them, so the store ends with the final weights."""
+    model, bundle = fresh(reference["cfg"], files)
+    rec = Recorder()
+    result = engine.fit(model, bundle, reference["cfg"], checkpoint_dir=reference["dir"], callbacks=[rec])
+    assert result.epochs_done == 4 and rec.epochs == []
+    assert [(kind, path.name, epoch) for kind, path, epoch in rec.checkpoints] == [
+        ("best", engine.BEST, reference["result"].best_epoch), ("last", engine.LAST, 4)]
+
+
 def test_resume_false_ignores_an_existing_checkpoint(reference, files, tmp_path):
     cfg = make_cfg("train.epochs=1")
     model, bundle = fresh(cfg, files)
