@@ -141,7 +141,7 @@ def cmd_run(args) -> int:
 def cmd_tune(args) -> int:
     import os
 
-    from bench import engine, suite, tuning, workers
+    from bench import engine, sampling, suite, tuning, workers
     from bench.tracking import Tracker, resolve_uri, ui_command
 
     for value, flag, least in ((args.trials, "--trials", 1), (args.epochs, "--epochs", 1), (args.heartbeat, "--heartbeat", 1), (args.workers, "--workers", 0)):
@@ -160,7 +160,7 @@ def cmd_tune(args) -> int:
     stores.probe("Optuna storage", url)
     store = tuning.storage(url, args.heartbeat)
     study = tuning.open_study(
-        store, name, sampler_=tuning.sampler(args.sampler, tuning.sampler_seed(args.seed, store, name, alone=not args.worker_of), space),
+        store, name, sampler_=sampling.sampler(args.sampler, sampling.sampler_seed(args.seed, store, name, alone=not args.worker_of), space),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
         experiment=args.experiment, profile=args.profile,
     )
@@ -175,7 +175,7 @@ def cmd_tune(args) -> int:
         parent = tuning.ParentRun.attach(tracker, exp_id, args.worker_of)
     else:
         parent = tuning.ParentRun(tracker, exp_id, study, space, profile=args.profile, storage_url=url)
-        for number in tuning.queue_interrupted(study):  # a process killed before it queued the retry
+        for number in sampling.queue_interrupted(study):  # a process killed before it queued the retry
             print(f"trial {number} was interrupted: queued again with its values", file=sys.stderr)
     count = 1 if args.worker_of else args.workers if args.workers is not None else workers.default_count(args.device)
     done = tuning.finished(study)

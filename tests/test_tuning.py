@@ -17,7 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench import cli, config, tuning
+from bench import cli, config, sampling, tuning
 from bench.errors import UserError
 
 from conftest import TINY_SETS
@@ -101,8 +101,8 @@ def _session(storage: str, trials: int, sampler: str, space: list[tuning.Param],
     """One `bench tune --trials N` as the command opens the study, with a quick objective of the
     drawn values in place of training."""
     store = tuning.storage(storage, 60)
-    seed = tuning.sampler_seed(0, store, "s", alone=True)
-    study = tuning.open_study(store, "s", sampler_=tuning.sampler(sampler, seed, space), pruner_=tuning.pruner("none", 1),
+    seed = sampling.sampler_seed(0, store, "s", alone=True)
+    study = tuning.open_study(store, "s", sampler_=sampling.sampler(sampler, seed, space), pruner_=tuning.pruner("none", 1),
                               first_trial=tuning.recipe_values(space, cfg), experiment="resnetb-cifar10", profile="smoke")
 
     def quick(trial):
@@ -130,14 +130,14 @@ def test_a_continued_study_draws_no_set_twice_and_the_same_commands_make_the_sam
 def test_a_categorical_only_space_is_tried_once_each_then_reported_spent(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
     space = [tuning.Param("data.batch_size", "categorical", choices=(16, 32, 64))]
-    study.sampler = tuning.sampler("tpe", 0, space)
+    study.sampler = sampling.sampler("tpe", 0, space)
     study.enqueue_trial({"data.batch_size": 32})
-    assert tuning.untried_sets(study, space) == 2
+    assert sampling.untried_sets(study, space) == 2
     # TPE alone draws the best choice again and again once it has a model (n_startup_trials=1).
     study.sampler.base = optuna.samplers.TPESampler(seed=0, n_startup_trials=1)
     study.optimize(lambda t: t.suggest_categorical("data.batch_size", [16, 32, 64]) / 64, n_trials=3)
     assert sorted(t.params["data.batch_size"] for t in study.trials) == [16, 32, 64]
-    assert tuning.untried_sets(study, space) == 0
+    assert sampling.untried_sets(study, space) == 0
 
 
 class CountingTPE(optuna.samplers.TPESampler):
@@ -156,7 +156,7 @@ def test_tpe_still_draws_the_values_together():
     space = [tuning.Param("optim.lr", "float", low=1e-3, high=1.0, log=True),
              tuning.Param("optim.weight_decay", "float", low=1e-6, high=1e-2, log=True)]
     study = optuna.create_study(direction="maximize")
-    study.sampler = tuning.sampler("tpe", 0, space)
+    study.sampler = sampling.sampler("tpe", 0, space)
     study.sampler.base = CountingTPE(seed=0, n_startup_trials=3)
     study.optimize(lambda t: -sum(abs(math.log10(p.suggest(t))) for p in space), n_trials=8)
     assert study.sampler.base.together == 5
@@ -167,7 +167,7 @@ def test_under_hyperband_no_set_is_drawn_twice():
     space = [tuning.Param("data.batch_size", "categorical", choices=tuple(range(8))),
              tuning.Param("model.stem_width", "categorical", choices=tuple(range(5)))]
     study = optuna.create_study(direction="maximize", pruner=tuning.pruner("hyperband", 3))
-    study.sampler = tuning.sampler("tpe", 0, space)
+    study.sampler = sampling.sampler("tpe", 0, space)
 
     def objective(trial):
         a, b = (p.suggest(trial) for p in space)
@@ -186,10 +186,10 @@ def test_of_two_trials_that_drew_the_same_values_the_later_gives_way_and_holds_n
     first, second = study.ask(), study.ask()  # two workers, drawing at the same instant
     for trial in (first, second):
         trial.suggest_categorical("data.batch_size", [32])
-    assert not tuning._repeats(first) and tuning._repeats(second)
+    assert not sampling.repeats(first) and sampling.repeats(second)
     second.set_user_attr("bench.failure", "repeat")
     study.tell(second, state=optuna.trial.TrialState.FAIL)
-    assert tuning.tried([study.trials[second.number]]) == set()  # its values still count as untried
+    assert sampling.tried([study.trials[second.number]]) == set()  # its values still count as untried
 
 
 def test_a_finite_space_is_not_spent_while_a_retry_waits():
@@ -200,10 +200,10 @@ def test_a_finite_space_is_not_spent_while_a_retry_waits():
     trial.suggest_categorical("data.batch_size", [32])
     trial.set_user_attr("bench.failure", "interrupted")
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-    assert tuning.spent(study, space)
-    assert tuning.queue_interrupted(study) == [trial.number]
-    assert not tuning.spent(study, space)  # the retry holds a tried set and is still to run
-    assert tuning.queue_interrupted(study) == []  # queued once
+    assert sampling.spent(study, space)
+    assert sampling.queue_interrupted(study) == [trial.number]
+    assert not sampling.spent(study, space)  # the retry holds a tried set and is still to run
+    assert sampling.queue_interrupted(study) == []  # queued once
     [retry] = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert retry.user_attrs["bench.retry_of"] == trial.number
 
@@ -345,7 +345,7 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = _smoke()
     space = tuning.search_space("resnetb-cifar10", cfg)
-    tuning.open_study(tuning.storage(storage, 60), "resnetb-cifar10-smoke", sampler_=tuning.sampler("tpe", 0, space),
+    tuning.open_study(tuning.storage(storage, 60), "resnetb-cifar10-smoke", sampler_=sampling.sampler("tpe", 0, space),
                       pruner_=tuning.pruner("median", 3), first_trial=tuning.recipe_values(space, cfg),
                       experiment="resnetb-cifar10", profile="smoke")
     port = _free_port()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from bench import tuning, workers
+from bench import sampling, tuning, workers
 
 
 @pytest.mark.parametrize("device, gpus, expected", [
@@ -29,12 +29,12 @@ def test_workers_share_the_cpu_threads(monkeypatch):
 
 def test_sampler_seeds_repeat_alone_and_are_fresh_for_workers_and_joiners(tmp_path):
     store = tuning.storage(f"sqlite:///{tmp_path / 'optuna.db'}", 60)
-    first = tuning.sampler_seed(7, store, "s", alone=True)  # a new study
+    first = sampling.sampler_seed(7, store, "s", alone=True)  # a new study
     study = optuna.create_study(study_name="s", storage=store)
-    assert tuning.sampler_seed(7, store, "s", alone=True) == first  # nobody else at work: repeatable
-    assert tuning.sampler_seed(7, store, "s", alone=False) is None  # a worker of --workers
-    assert tuning.sampler_seed(8, store, "s", alone=True) != first
+    assert sampling.sampler_seed(7, store, "s", alone=True) == first  # nobody else at work: repeatable
+    assert sampling.sampler_seed(7, store, "s", alone=False) is None  # a worker of --workers
+    assert sampling.sampler_seed(8, store, "s", alone=True) != first
     study.optimize(lambda t: 0.0, n_trials=1)
-    assert tuning.sampler_seed(7, store, "s", alone=True) not in (first, None)  # continued: new draws
+    assert sampling.sampler_seed(7, store, "s", alone=True) not in (first, None)  # continued: new draws
     study.ask()  # a trial running in another process
-    assert tuning.sampler_seed(7, store, "s", alone=True) is None  # a process that joins: its own stream
+    assert sampling.sampler_seed(7, store, "s", alone=True) is None  # a process that joins: its own stream
