@@ -131,15 +131,15 @@ def load_latest(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def snapshot(state: Any) -> Any:
-    """A copy of `state` whose tensors are cloned to the CPU: training may change the originals
-    while the copy is written."""
+def snapshot(state: Any, device: str | torch.device | None = "cpu") -> Any:
+    """A copy of `state` whose tensors are cloned (to `device`; None: where each one is): training
+    may change the originals while the copy waits or is written."""
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        return state.detach().to(device or state.device, copy=True)
     if isinstance(state, dict):
-        return {k: snapshot(v) for k, v in state.items()}
+        return {k: snapshot(v, device) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(snapshot(v) for v in state)
+        return type(state)(snapshot(v, device) for v in state)
     return state
 
 

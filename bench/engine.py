@@ -268,17 +268,6 @@ def _set_rng_state(state: dict[str, torch.Tensor], data_gen: torch.Generator, de
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _copy(state):
-    """`state` with every tensor cloned where it is (no copy to the host)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: _copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_copy(v) for v in state)
-    return state
-
-
 def fit(
     model: nn.Module,
     data,
@@ -322,7 +311,10 @@ def fit(
             for cb in callbacks:
                 cb.on_checkpoint(kind, path, epoch)
 
-    def state(epoch: int) -> dict:
+    config_hash = cfg.config_hash()
+
+    def current(epoch: int) -> dict:
+        """What a checkpoint after `epoch` holds, the tensors as the model and optimizer have them."""
         return {
             "epoch": epoch,
             "model": model.state_dict(),
@@ -331,7 +323,7 @@ def fit(
             "rng": _rng_state(data.generator, device),
             "best": (result.best_epoch, result.best_val_acc, result.best_test_acc),
             "metrics": result.last_metrics,
-            "config_hash": cfg.config_hash(),
+            "config_hash": config_hash,
         }
 
     def save(path: Path, kind: str, epoch: int, taken: dict | None = None) -> None:
@@ -341,12 +333,13 @@ def fit(
         nonlocal last_queued
         announce(keep=1)
         write = checkpoint.save_rotating if kind == "last" else checkpoint.save
-        saver.submit(write, taken if taken is not None else state(epoch), path, (kind, path, epoch))
+        saver.submit(write, taken if taken is not None else current(epoch), path, (kind, path, epoch))
         if kind == "last":
             last_queued = epoch
 
     forward, compile_time = model, None
     stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
+    nothing_to_train = state is not None and result.epochs_done >= stop_after  # a finished run, resumed
     if cfg.train.compile and result.epochs_done < stop_after:
         forward, compile_time = compile_and_warm_up(model, data, optimizer, step, cfg.eval.mode)
     for cb in callbacks:
@@ -357,7 +350,6 @@ def fit(
     # Between two epochs the model itself holds it (`live`); during an epoch, the copy of its
     # state taken on the device after the epoch before (`unsaved`), when no checkpoint holds that.
     last_queued, live, unsaved = result.epochs_done, False, None
-    nothing_to_train = state is not None and result.epochs_done >= stop_after
     try:
         steps_per_epoch = len(data.train)
         for epoch in range(result.epochs_done + 1, stop_after + 1):
@@ -404,7 +396,7 @@ def fit(
                 save(last_path, "last", epoch)
                 last_saved, unsaved = time.monotonic(), None
             else:
-                unsaved = _copy(state(epoch))
+                unsaved = checkpoint.snapshot(current(epoch), device=None)
             announce()
             if stop:
                 result.status = "stopped"
