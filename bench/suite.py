@@ -20,7 +20,7 @@ from tqdm import tqdm
 from bench import config, data, engine, lease
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
-from bench.errors import UserError, reason
+from bench.errors import UserError, failure_tags, reason
 from bench.models import create_model
 from bench.tracking import MlflowRun, Tracker, environment_tags
 
@@ -212,17 +212,6 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         cell, result.status, result.epochs_done, result.last_metrics.get("test_acc"), result.best_test_acc,
         time.perf_counter() - started, run_id,
     )
-
-
-def failure_tags(exc: BaseException) -> dict[str, str]:
-    """`bench.failure` (out_of_memory, or error) and `bench.failure_reason` (the exception's type
-    and the first line of its message) for a run that an exception ended."""
-    oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-    return {
-        "bench.status": "failed",
-        "bench.failure": "out_of_memory" if oom else "error",
-        "bench.failure_reason": f"{type(exc).__name__}: {reason(exc)}"[:5000],
-    }
 
 
 def _end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> None:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from bench import config, data, engine, sampling
 from bench.callbacks import Callback, ConsoleProgress
-from bench.errors import UserError, unusable
+from bench.errors import UserError, failure_tags, unusable
 from bench.models import create_model
 from bench.urls import redact
 
@@ -227,7 +227,6 @@ class TrialContext:
 
 
 def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) -> float:
-    from bench.suite import failure_tags
     from bench.tracking import MlflowRun, environment_tags
 
     if limit is not None and _surplus(trial, limit):
