@@ -251,6 +251,22 @@ def test_an_error_before_training_fails_that_cell_and_the_suite_goes_on(in_tmp, 
     assert run.data.tags["bench.failure_reason"].startswith(("IsADirectoryError", "OSError")), run.data.tags
 
 
+def test_a_cell_whose_checkpoint_directory_cannot_be_made_fails_and_the_suite_goes_on(in_tmp, capsys):
+    """The error comes before the cell has a run (its lock and lease need the directory): that cell
+    fails, with no run to mark, and the next one trains."""
+    from bench import suite
+
+    first = suite.plan(["resnetb-cifar10"], profile="smoke", seeds=1, sets=TINY_SETS, epochs=1)[0]
+    blocked = first.checkpoint_dir(in_tmp / "checkpoints")
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the checkpoint directory goes")
+    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", "--seeds", "2", *TINY_ARGS])
+    out, err = capsys.readouterr()
+    assert rc == 1, err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("resnetb-cifar10/")}
+    assert rows == {"resnetb-cifar10/smoke/seed0": "failed", "resnetb-cifar10/smoke/seed1": "finished"}
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 

@@ -274,6 +274,19 @@ def test_an_interruption_during_a_best_checkpoint_write_keeps_no_epoch_without_i
     assert calls[:2] == [1, 1]
 
 
+@pytest.mark.parametrize("where, kept", [("between epochs", 1), ("in the callbacks", 2), ("during an epoch", 3)])
+def test_with_the_background_writer_an_interruption_keeps_the_same_epochs(where, kept, reference, files, tmp_path, monkeypatch):
+    """On an accelerator checkpoints are written by a thread while training goes on; the epoch an
+    interruption keeps, and the run resumed from it, are the same as with the CPU's inline writes."""
+    real = checkpoint.Saver
+    monkeypatch.setattr(checkpoint, "Saver", lambda background: real(background=True))
+    cfg = make_cfg("train.log_every_steps=1")
+    steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
+    interrupter = {"between epochs": Interrupter(at_checkpoint=("best", 1)), "in the callbacks": Interrupter(after_epoch=3),
+                   "during an epoch": Interrupter(in_epoch=4, steps_per_epoch=steps)}[where]
+    assert interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference) == kept
+
+
 def test_an_interruption_writes_nothing_where_the_fit_does_not_resume(files, tmp_path):
     cfg = make_cfg()
     model, bundle = fresh(cfg, files)
