@@ -28,9 +28,15 @@ TIME_METRICS = {"epoch_time_s", "train_time_s", "images_per_s"}  # wall-clock: d
 KILLS = 5
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A command in the foreground of a terminal gets Ctrl-C's SIGINT; a test run started as a
+    # background job of a non-interactive shell (as CI may be) hands its children SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cwd: Path, env: dict[str, str], args: list[str] = ARGS) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
 
 
 def timed_run(cwd: Path, env: dict[str, str]) -> tuple[float, float]:
