@@ -18,6 +18,13 @@ TAG_COLUMNS = (
 INT_COLUMNS = ("seed", "epochs_done", "best_epoch", "data_train", "data_val", "data_test")
 RUN_KEYS = ["experiment", "profile", "seed", "config_hash", "run_id"]
 SUMMARY_METRICS = ("best_val_acc", "best_test_acc")  # logged once, at the best epoch
+STEP_METRICS = ("train_step_loss",)  # logged every few optimizer steps, not per epoch
+
+
+def per_epoch(metric: str) -> bool:
+    """Whether a metric is one value per epoch (step = epoch): not a per-step loss, nor one of
+    MLflow's system metrics (system/..., sampled every few seconds). Only these are read."""
+    return metric not in STEP_METRICS and not metric.startswith("system/")
 
 
 @dataclass
@@ -60,12 +67,18 @@ def _run_columns(rows: list[dict]) -> list[str]:
     return fixed + extra
 
 
-def load(tracking_uri: str, experiments: list[str]) -> Results:
-    """Every run of the named experiments in the tracking store."""
+def load(tracking_uri: str, experiments: list[str], profile: str | None = None) -> Results:
+    """The suite's runs of the named experiments (of one profile, when given) in the tracking
+    store, with their per-epoch metrics. The server picks them by their bench.* tags, so tuning
+    trials and the step and system metrics, which the report does not use, are never read."""
     from bench.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
-    return frames([rec for name in experiments for rec in tracker.read_runs(name)])
+    records = []
+    for name in experiments:
+        where = {"bench.experiment": name, **({"bench.profile": profile} if profile else {})}
+        records += tracker.read_runs(name, where, per_epoch)
+    return frames(records)
 
 
 # --- Optuna studies ------------------------------------------------------------------------------
@@ -106,12 +119,14 @@ def trial_frame(study: str, experiment: str, profile: str, trials: list) -> pd.D
 
 
 def load_studies(storage_url: str, experiments: list[str]) -> Studies:
-    """Every Optuna study in the storage that tunes one of the named experiments, sorted by name."""
+    """Every Optuna study in the storage that tunes one of the named experiments, sorted by name.
+    Studies are told apart by their names and attributes alone: the trials of other studies are
+    never read (optuna.get_all_study_summaries would read them all to count them)."""
     import optuna
 
     store = optuna.storages.RDBStorage(storage_url, skip_table_creation=True)  # read only: never make tables
     frames, handles = [], {}
-    for s in sorted(optuna.get_all_study_summaries(store, include_best_trial=False), key=lambda s: s.study_name):
+    for s in sorted(store.get_all_studies(), key=lambda s: s.study_name):
         owner = study_owner(s.study_name, s.user_attrs, experiments)
         if owner is None or owner[0] not in experiments:
             continue

@@ -219,14 +219,17 @@ class Tracker:
         """Soft-delete a run: searches and the UI no longer show it."""
         self.client.delete_run(run_id)
 
-    def read_runs(self, experiment: str) -> list[dict[str, Any]]:
-        """Every run of an experiment as plain data: info, params, tags and each metric's history
-        as (step, value) pairs in step order. An experiment that does not exist has no runs."""
+    def read_runs(self, experiment: str, where: dict[str, str], history: Callable[[str], bool]) -> list[dict[str, Any]]:
+        """The runs of an experiment that carry the tags `where` (the server filters them: tuning
+        trials and other runs without them are never read) as plain data: info, params, tags and
+        the history of each metric for which `history(key)` holds, as (step, value) pairs in step
+        order. An experiment that does not exist has no runs."""
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 return []
-            runs = self.client.search_runs([exp.experiment_id], max_results=50000)
+            query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in sorted(where.items()))
+            runs = self.client.search_runs([exp.experiment_id], filter_string=query, max_results=50000)
             return [
                 {
                     "run_id": r.info.run_id,
@@ -237,7 +240,7 @@ class Tracker:
                     "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
                     "history": {
                         key: sorted((m.step, m.value) for m in self.client.get_metric_history(r.info.run_id, key))
-                        for key in sorted(r.data.metrics)
+                        for key in sorted(r.data.metrics) if history(key)
                     },
                 }
                 for r in runs

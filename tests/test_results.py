@@ -65,3 +65,66 @@ def test_empty_store_gives_empty_frames(tmp_path):
     res = results.load(f"sqlite:///{tmp_path / 'empty.db'}", ["resnetb-cifar10"])
     assert res.runs.empty and res.metrics.empty
     assert "final_test_acc" not in res.runs.columns
+
+
+# --- what the report reads: the server filters, foreign runs and studies are never fetched -------
+
+
+@pytest.fixture
+def statements():
+    """Every SQL statement run through SQLAlchemy (MLflow's and Optuna's stores), with its bound
+    parameters as text: what was asked of the database, to prove what was never fetched."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    seen: list[tuple[str, str]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        seen.append((statement, repr(parameters)))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_foreign_runs_and_step_metrics_are_never_fetched(store, statements):
+    uri, ids = store
+    tracker = Tracker(uri)
+    exp_id = tracker.experiment_id("resnetb-cifar10")
+    # A tuning trial in the same MLflow experiment (no cell tags) and a smoke run read with --profile paper.
+    trial = tracker.start_run(exp_id, "study-trial0", {"bench.kind": "trial"})
+    tracker.client.log_batch(trial, metrics=[Metric("test_acc", 0.9, 0, 1)])
+    tracker.end_run(trial, "FINISHED")
+    paper = _log_run(tracker, "resnetb-cifar10", 0, [0.3, 0.4], profile="paper")
+    tracker.client.log_batch(paper, metrics=[Metric("train_step_loss", 1.0, 0, s) for s in (10, 20)]
+                             + [Metric("system/cpu_utilization_percentage", 50.0, 0, s) for s in (0, 1)])
+    statements.clear()
+    res = results.load(uri, ["resnetb-cifar10"], profile="paper")
+    assert list(res.runs.run_id) == [paper] and set(res.metrics.metric) == {"test_acc", "train_loss"}
+    asked = " ".join(p for _, p in statements)
+    assert paper in asked  # the recorder sees the runs that are read
+    for foreign in (trial, ids[0], ids[1]):
+        assert foreign not in asked
+    assert "train_step_loss" not in asked and "system/cpu" not in asked
+    # Without a profile, the smoke runs are read too; the trial still is not.
+    statements.clear()
+    assert set(results.load(uri, ["resnetb-cifar10"]).runs.run_id) == {paper, ids[0], ids[1]}
+    assert trial not in " ".join(p for _, p in statements)
+
+
+def test_the_trials_of_foreign_studies_are_never_read(tmp_path, statements):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ids = {}
+    for name in ("resnetb-cifar10-smoke", "someone-elses-study"):
+        study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+        ids[name] = study._study_id
+    statements.clear()
+    found = results.load_studies(url, ["resnetb-cifar10"])
+    assert sorted(found.handles) == ["resnetb-cifar10-smoke"] and len(found.trials) == 3
+    trial_reads = [p for sql, p in statements if "FROM trials" in sql and "study_id" in sql]
+    assert f"({ids['resnetb-cifar10-smoke']}," in " ".join(trial_reads)  # the recorder sees the study that is read
+    assert not any(f"({ids['someone-elses-study']}," in p for p in trial_reads)
