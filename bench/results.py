@@ -18,6 +18,7 @@ TAG_COLUMNS = (
 INT_COLUMNS = ("seed", "epochs_done", "best_epoch", "data_train", "data_val", "data_test")
 RUN_KEYS = ["experiment", "profile", "seed", "config_hash", "run_id"]
 SUMMARY_METRICS = ("best_val_acc", "best_test_acc")  # logged once, at the best epoch
+TIME_METRICS = ("train_time_s", "epoch_time_s")  # per epoch; each run also gets its total_<metric>
 STEP_METRICS = ("train_step_loss",)  # logged every few optimizer steps, not per epoch
 
 
@@ -29,7 +30,7 @@ def per_epoch(metric: str) -> bool:
 
 @dataclass
 class Results:
-    runs: pd.DataFrame  # run_id, run_name, mlflow_status, start_time, the TAG_COLUMNS, final_<metric>, best_*, params by dotted key
+    runs: pd.DataFrame  # run_id, run_name, mlflow_status, start_time, the TAG_COLUMNS, final_<metric>, best_*, total_<time metric>, params by dotted key
     metrics: pd.DataFrame  # experiment, profile, seed, config_hash, run_id, metric, epoch, value
 
 
@@ -48,6 +49,8 @@ def frames(records: list[dict]) -> Results:
                 row[metric] = history[-1][1]
                 continue
             row[f"final_{metric}"] = history[-1][1]
+            if metric in TIME_METRICS:
+                row[f"total_{metric}"] = sum(value for _, value in history)
             metric_rows += [(metric, int(step), float(value)) + (rec["run_id"],) for step, value in history]
         row.update(rec["params"])
         run_rows.append(row)
@@ -83,13 +86,18 @@ def load(tracking_uri: str, experiments: list[str], profile: str | None = None) 
 
 # --- Optuna studies ------------------------------------------------------------------------------
 
-TRIAL_COLUMNS = ["study", "experiment", "profile", "number", "state", "value", "epochs", "duration_s", "recipe", "mlflow_run_id"]
+TRIAL_COLUMNS = [
+    "study", "experiment", "profile", "number", "state", "value", "epochs", "duration_s", "datetime_start", "datetime_complete",
+    "recipe", "mlflow_run_id",
+]
+INTERMEDIATE_COLUMNS = ["study", "number", "epoch", "value"]
 
 
 @dataclass
 class Studies:
     trials: pd.DataFrame  # TRIAL_COLUMNS, then the trial's params by dotted key
     handles: dict  # study name -> optuna.Study, for optuna's own plots
+    intermediate: pd.DataFrame  # INTERMEDIATE_COLUMNS: what each trial reported to the pruner, per epoch
 
 
 def study_owner(name: str, user_attrs: dict, experiments: list[str]) -> tuple[str, str] | None:
@@ -110,12 +118,23 @@ def trial_frame(study: str, experiment: str, profile: str, trials: list) -> pd.D
             "study": study, "experiment": experiment, "profile": profile, "number": t.number, "state": t.state.name,
             "value": t.value, "epochs": len(t.intermediate_values),
             "duration_s": t.duration.total_seconds() if t.duration is not None else None,
+            "datetime_start": _iso(t.datetime_start), "datetime_complete": _iso(t.datetime_complete),
             "recipe": bool(t.user_attrs.get("bench.recipe", False)), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
         }
         row.update(t.params)
         rows.append(row)
     extra = sorted({k for r in rows for k in r} - set(TRIAL_COLUMNS))
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS + extra)
+
+
+def _iso(when) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def intermediate_frame(study: str, trials: list) -> pd.DataFrame:
+    """One row per (trial, epoch) of one study: the value the trial reported to the pruner."""
+    rows = [(study, t.number, int(step), float(v)) for t in trials for step, v in sorted(t.intermediate_values.items())]
+    return pd.DataFrame(rows, columns=INTERMEDIATE_COLUMNS)
 
 
 def load_studies(storage_url: str, experiments: list[str]) -> Studies:
@@ -125,16 +144,18 @@ def load_studies(storage_url: str, experiments: list[str]) -> Studies:
     import optuna
 
     store = optuna.storages.RDBStorage(storage_url, skip_table_creation=True)  # read only: never make tables
-    frames, handles = [], {}
+    frames, steps, handles = [], [], {}
     for s in sorted(store.get_all_studies(), key=lambda s: s.study_name):
         owner = study_owner(s.study_name, s.user_attrs, experiments)
         if owner is None or owner[0] not in experiments:
             continue
         study = optuna.load_study(study_name=s.study_name, storage=store)
         handles[s.study_name] = study
-        frames.append(trial_frame(s.study_name, *owner, study.get_trials(deepcopy=False)))
+        trials = study.get_trials(deepcopy=False)
+        frames.append(trial_frame(s.study_name, *owner, trials))
+        steps.append(intermediate_frame(s.study_name, trials))
     if not frames:
-        return Studies(trials=pd.DataFrame(columns=TRIAL_COLUMNS), handles={})
+        return Studies(trials=pd.DataFrame(columns=TRIAL_COLUMNS), handles={}, intermediate=pd.DataFrame(columns=INTERMEDIATE_COLUMNS))
     trials = pd.concat(frames, ignore_index=True)
     trials = trials[TRIAL_COLUMNS + sorted(set(trials.columns) - set(TRIAL_COLUMNS))]
-    return Studies(trials=trials, handles=handles)
+    return Studies(trials=trials, handles=handles, intermediate=pd.concat(steps, ignore_index=True))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from bench import config, report, results
+from bench import config, reference, report, results
 
 ALL = ["hw4-resnet-cifar100", "resnet18-finetune-cifar100", "bottleneck-cifar10", "resnetb-cifar10"]
 # The runs' config hash "h1" is each experiment's recipe, under this profile and the paper's.
@@ -169,11 +170,12 @@ def test_write_gives_identical_bytes_and_links_that_resolve(summary, tmp_path):
     first = report.write(summary, tmp_path / "a")
     second = report.write(report.summarize(paper_results(), ALL, suite="all", **NO_DIFF), tmp_path / "b")
     names = sorted(p.name for p in first.parent.iterdir())
-    assert names == ["README.md", "bottleneck_vs_resnet_b.png", "test_acc.png", "train_loss.png"]
+    figures = ["bottleneck_vs_resnet_b.png", "final_test_acc_spread.png", "lr.png", "test_acc.png", "train_loss.png"]
+    assert names == sorted(["README.md", "epochs.csv", "reported.csv", "runs.csv", *figures])  # no val_acc: none logged
     for name in names:
         assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", first.read_text())
-    assert sorted(links) == ["bottleneck_vs_resnet_b.png", "test_acc.png", "train_loss.png"]
+    assert sorted(links) == figures
     for link in links:
         assert (first.parent / link).is_file()
     assert (first.parent / "test_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -299,3 +301,77 @@ def test_an_interval_past_0_percent_is_cut_there_and_says_so():
     assert row.final.low == 0.0 and row.final.clipped
     assert "4.33 % [0.00, 33.94] (t interval cut at the bound)" in report.summary_table(s)
     assert row.verdict == "below"  # 66.97 % lies above the printed interval's 33.94 % + 1 point
+
+
+# --- the exports: what a pandas user rebuilds the report from ------------------------------------
+
+
+def _store_with_everything():
+    """The paper suite, another config of R4, and runs the report leaves out."""
+    recs = [record(name, seed, [v / 2, v], best=v - 0.001) for name, values in FINALS.items() for seed, v in enumerate(values)]
+    recs += [record("resnetb-cifar10", s, [0.4, v], config_hash="h2", params={"optim.lr": "0.05"}, start=5) for s, v in enumerate([0.91, 0.94])]
+    recs.append(record("resnetb-cifar10", 0, [0.3], profile="smoke"))
+    recs.append(record("resnetb-cifar10", 3, [0.3], status="RUNNING"))
+    for rec in recs:
+        rec["history"]["lr"] = [(e, 0.1 / e) for e in range(1, len(rec["history"]["test_acc"]) + 1)]
+        rec["history"]["val_acc"] = [(e, v - 0.01) for e, v in rec["history"]["test_acc"]]
+    return results.frames(recs)
+
+
+def _summary_cells(text: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The summary table of the markdown: {(experiment, row): {column: cell}}."""
+    lines = text.split("## Did it reproduce?")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for line in lines[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        name = re.match(r".*\(`([^`]+)`\)(?:, other config: (.*))?$", cells["reported run"])
+        out[(name.group(1), name.group(2) or "recipe")] = cells
+    return out
+
+
+def test_the_summary_table_is_rebuilt_from_runs_csv_alone(tmp_path):
+    summary = report.summarize(_store_with_everything(), ALL, suite="all", **NO_DIFF)
+    shown = _summary_cells(report.write(summary, tmp_path).read_text())
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert len(runs) == 12 + 2 + 2 and runs.report_row.isna().sum() == 2  # every run; the left-out ones in no row
+    rebuilt = {}
+    for (experiment, row), g in runs.dropna(subset=["report_row"]).groupby(["experiment", "report_row"]):
+        acc = g.final_test_acc
+        low, high = sps.t.interval(0.95, len(acc) - 1, loc=acc.mean(), scale=sps.sem(acc))
+        cut = " (t interval cut at the bound)" if low < 0 or high > 1 else ""
+        rebuilt[(experiment, row)] = {
+            "suite final, mean [95 % CI]": f"{100 * acc.mean():.2f} % [{100 * max(low, 0):.2f}, {100 * min(high, 1):.2f}]{cut}",
+            "seeds": str(len(g)),
+            "sd over seeds": f"{100 * acc.std():.2f} pt",
+            "device-hours per seed": f"{g.total_epoch_time_s.mean() / 3600:.3g} h",
+            "parameters": f"{g.model_parameters.iloc[0] / 1e6:.2f} M",
+            "GFLOPs per image": f"{g.gflops_per_image.iloc[0]:.3g}",
+        }
+    assert set(rebuilt) == set(shown) and ("resnetb-cifar10", "config h2") in rebuilt
+    for key, cells in rebuilt.items():
+        assert {c: shown[key][c] for c in cells} == cells, key
+    # The model's cost is the config's: counted on the model that `bench run` builds.
+    from bench.models import count_parameters, create_model
+
+    hw4 = config.load("hw4-resnet-cifar100", profile="paper")
+    model = create_model(hw4.model.name, num_classes=100, **hw4.model.options)
+    assert runs[runs.experiment == "hw4-resnet-cifar100"].model_parameters.iloc[0] == count_parameters(model)
+
+
+def test_epochs_csv_has_one_row_per_run_and_epoch_with_every_metric(tmp_path):
+    res = _store_with_everything()
+    report.write(report.summarize(res, ALL, suite="all", **NO_DIFF), tmp_path)
+    epochs = pd.read_csv(tmp_path / "epochs.csv")
+    assert list(epochs.columns) == [*results.RUN_KEYS, "epoch", "epoch_time_s", "lr", "test_acc", "train_loss", "train_time_s", "val_acc"]
+    assert len(epochs) == len(res.metrics[res.metrics.metric == "test_acc"])
+    one = epochs[epochs.run_id == res.runs.run_id.iloc[0]]
+    assert list(one.epoch) == [1, 2] and list(one.lr) == pytest.approx([0.1, 0.05])
+    reported = pd.read_csv(tmp_path / "reported.csv")
+    assert set(reported.experiment) == set(ALL) and list(reported.columns) == list(reference.CURVE_COLUMNS)
+
+
+def test_val_acc_and_lr_figures_are_drawn_when_logged(tmp_path):
+    text = report.write(report.summarize(_store_with_everything(), ALL, suite="all", **NO_DIFF), tmp_path).read_text()
+    assert "![Validation accuracy against epoch](val_acc.png)" in text and "![Learning rate against epoch](lr.png)" in text
+    assert "![Final test accuracy per seed and config](final_test_acc_spread.png)" in text

@@ -100,7 +100,7 @@ def test_write_adds_the_plots_links_them_and_repeats_the_bytes(storage, tmp_path
     text = first.read_text()
     assert "## Tuning" in text and "### Study `tuned-by-hand`: hw4-resnet-cifar100, profile `smoke`" in text
     for stem in ("tuning_tuned-by-hand", "tuning_resnetb-cifar10-paper"):
-        for kind in ("history", "parallel"):
+        for kind in ("history", "parallel", "intermediate", "timeline"):
             assert f"({stem}_{kind}.png)" in text
     assert "(tuning_tuned-by-hand_importances.png)" in text
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
@@ -116,11 +116,14 @@ def test_plots_that_need_complete_trials_are_left_out_and_said_so(tmp_path):
     make_study(url, "bottleneck-cifar10-smoke", trials=[TRIALS[0], TRIALS[2]])  # one complete trial
     found = results.load_studies(url, ALL)
     drawn = section.draw(found, tmp_path)
-    assert drawn["hw4-resnet-cifar100-smoke"] == {}
-    assert set(drawn["bottleneck-cifar10-smoke"]) == {"history", "parallel"}
-    assert set(drawn["resnetb-cifar10-smoke"]) == {"history", "importances", "parallel"}
+    # What the pruner saw and when the trials ran need no complete trial.
+    assert set(drawn["hw4-resnet-cifar100-smoke"]) == {"intermediate", "timeline"}
+    assert set(drawn["bottleneck-cifar10-smoke"]) == {"history", "parallel", "intermediate", "timeline"}
+    assert set(drawn["resnetb-cifar10-smoke"]) == {"history", "importances", "parallel", "intermediate", "timeline"}
     text = section.markdown(found, drawn)
     parts = dict(zip(re.findall(r"### Study `([^`]+)`", text), re.split(r"### Study ", text)[1:]))
-    assert "No complete trial yet" in parts["hw4-resnet-cifar100-smoke"] and "![" not in parts["hw4-resnet-cifar100-smoke"]
+    pruned_only = parts["hw4-resnet-cifar100-smoke"]
+    assert "No complete trial yet" in pruned_only and "_history.png" not in pruned_only
+    assert "(tuning_hw4-resnet-cifar100-smoke_intermediate.png)" in pruned_only and "_timeline.png)" in pruned_only
     assert "Parameter importances need two complete trials" in parts["bottleneck-cifar10-smoke"]
     assert "Parameter importances need" not in parts["resnetb-cifar10-smoke"]

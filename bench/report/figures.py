@@ -1,7 +1,8 @@
 """The report's figures (seaborn on matplotlib's Agg canvas, no pyplot state).
 
-Each reported curve is a line with markers; the suite's seeds are their mean with a 95 % t band,
-the same interval as the report's tables. Figures are drawn in matplotlib's default style (not the
+Each reported curve is a line with markers; the suite's seeds are thin lines, one per seed, beside
+their mean with a 95 % t band, the same interval as the report's tables. The spread figure puts
+each seed's final test accuracy as a point, one column per config. Figures are drawn in matplotlib's default style (not the
 user's matplotlibrc) and saved without a software or date stamp, so the same runs give the same
 bytes.
 """
@@ -18,9 +19,11 @@ from matplotlib.figure import Figure
 
 from bench import report, stats
 
-LABELS = {"test_acc": "test accuracy", "train_loss": "training loss"}
-FILES = {"test_acc": "test_acc.png", "train_loss": "train_loss.png", "comparison": "bottleneck_vs_resnet_b.png"}
+LABELS = {"test_acc": "test accuracy", "train_loss": "training loss", "val_acc": "validation accuracy", "lr": "learning rate"}
+CURVES = ("test_acc", "train_loss", "val_acc", "lr")  # val_acc and lr drawn when some run or reported curve has them
+FILES = {**{m: f"{m}.png" for m in CURVES}, "comparison": "bottleneck_vs_resnet_b.png", "spread": "final_test_acc_spread.png"}
 REPORTED_STYLE = {"color": "0.15", "marker": "o", "markersize": 3, "linewidth": 1}
+SEED_STYLE = {"linewidth": 0.7, "alpha": 0.45}
 DPI = 100
 
 
@@ -29,12 +32,18 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _suite_line(ax, ours: pd.DataFrame, label: str, color: str) -> None:
+    for i, (_, seed) in enumerate(ours.groupby("run_id", sort=False)):  # in the frame's order: by seed
+        ax.plot(seed.epoch, seed.value, color=color, label="one seed" if i == 0 else "_nolegend_", **SEED_STYLE)
     sns.lineplot(data=ours, x="epoch", y="value", estimator="mean", errorbar=stats.t_band, ax=ax, label=label, color=color)
 
 
-def _clip(ax, metric: str) -> None:
+def _clip(ax, metric: str, values: pd.Series) -> None:
     """Keep the axis inside what the metric can take: a wide band of a few seeds would otherwise
-    stretch it below zero (or above one for an accuracy)."""
+    stretch it below zero (or above one for an accuracy). Learning rates, which schedules divide
+    by tens, are on a log scale."""
+    if metric == "lr" and len(values) and (values > 0).all():
+        ax.set_yscale("log")
+        return
     low, high = ax.get_ylim()
     ax.set_ylim(max(low, 0.0), min(high, 1.0) if metric.endswith("_acc") else high)
 
@@ -57,11 +66,12 @@ def metric_figure(summary, metric: str, path: Path) -> None:
         if len(ours):
             _suite_line(ax, ours, f"suite, {summary.profile} ({_seeds(ours)} seeds)", "C0")
         else:
-            ax.text(0.5, 0.5, "no suite runs", transform=ax.transAxes, ha="center", va="center")
+            missing = "no suite runs" if row.runs.empty else f"no {metric} logged"
+            ax.text(0.5, 0.5, missing, transform=ax.transAxes, ha="center", va="center")
         ax.set_title(f"{row.reported.label}", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel(LABELS[metric])
-        _clip(ax, metric)
+        _clip(ax, metric, pd.concat([theirs.value, ours.value]))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     for ax in axes[len(rows):]:
@@ -85,9 +95,43 @@ def comparison_figure(summary, path: Path) -> None:
     ax.set_title(f"Bottleneck against ResNet-B on CIFAR-10\n{test}", fontsize=10)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
-    _clip(ax, "test_acc")
+    _clip(ax, "test_acc", pd.Series(dtype=float))
     ax.legend(fontsize=8, loc="best")
     _save(fig, path)
+
+
+def row_name(row) -> str:
+    return row.experiment if row.is_recipe else f"{row.experiment}\n{row.label}"
+
+
+def spread_figure(summary, path: Path) -> None:
+    """Each seed's final test accuracy, one row per config (other configs included), a box behind
+    the points and the reported final figure as a cross."""
+    finals = pd.DataFrame(
+        [(row_name(r), v) for r in summary.rows for v in r.runs.get("final_test_acc", pd.Series(dtype=float)).dropna()],
+        columns=["config", "final_test_acc"],
+    )
+    names = [row_name(r) for r in summary.rows]
+    fig = Figure(figsize=(7, 1.2 + 0.55 * len(names)), layout="constrained")
+    ax = fig.subplots()
+    sns.boxplot(data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="0.9", width=0.5, showfliers=False)
+    sns.swarmplot(data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="C0", size=5, label="one seed")
+    reported = [(i, r.figures["final_test_acc"]) for i, r in enumerate(summary.rows) if r.figures["final_test_acc"] is not None]
+    if reported:
+        ax.scatter([v for _, v in reported], [i for i, _ in reported], marker="x", color="0.15", zorder=3, label="reported")
+    ax.set_xlabel(f"final test accuracy ({summary.profile})")
+    ax.set_ylabel("")
+    ax.tick_params(axis="y", labelsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    keep = dict(zip(labels, handles))  # seaborn labels every swarm; one entry each
+    ax.legend(keep.values(), keep.keys(), fontsize=8, loc="best")
+    _save(fig, path)
+
+
+def _drawn(summary, metric: str) -> bool:
+    """Whether a recipe's runs or a reported curve has the metric."""
+    experiments = [r.experiment for r in summary.recipe_rows]
+    return (summary.metrics.metric == metric).any() or (summary.curves.experiment.isin(experiments) & (summary.curves.metric == metric)).any()
 
 
 def draw_all(summary, out_dir: Path) -> dict[str, str]:
@@ -95,9 +139,13 @@ def draw_all(summary, out_dir: Path) -> dict[str, str]:
     written = {}
     # matplotlib's defaults (not the user's matplotlibrc) and seaborn's theme, undone afterwards.
     with matplotlib.style.context("default"), sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
-        for metric in ("test_acc", "train_loss"):
-            metric_figure(summary, metric, out_dir / FILES[metric])
-            written[metric] = FILES[metric]
+        for metric in CURVES:
+            if metric in ("test_acc", "train_loss") or _drawn(summary, metric):
+                metric_figure(summary, metric, out_dir / FILES[metric])
+                written[metric] = FILES[metric]
+        if any(not r.runs.empty for r in summary.rows):
+            spread_figure(summary, out_dir / FILES["spread"])
+            written["spread"] = FILES["spread"]
         names = {r.experiment for r in summary.recipe_rows}
         if set(report.BOTTLENECK_PAIR) <= names:
             comparison_figure(summary, out_dir / FILES["comparison"])

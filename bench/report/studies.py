@@ -1,5 +1,6 @@
 """The report's tuning section: one part per Optuna study, with optuna's matplotlib plots
-(optimization history, parameter importances, parallel coordinates) and a table of the best trials.
+(optimization history, parameter importances, parallel coordinates, the intermediate values the
+pruner saw and the timeline of the trials) and a table of the best trials.
 
 Tables come from the trials frame of `results.load_studies`; the plots are optuna's own, drawn on
 the study handles it returns. Both are sorted and formatted so the same studies give the same bytes.
@@ -23,6 +24,8 @@ PLOTS = {
     "history": "Optimization history",
     "importances": "Parameter importances",
     "parallel": "Parallel coordinates",
+    "intermediate": "Intermediate values (val_acc per epoch, as the pruner saw them)",
+    "timeline": "Timeline (when each trial ran, and how it ended)",
 }
 DPI = 100
 
@@ -42,7 +45,25 @@ def _draw(kind: str, study: optuna.Study):
     if kind == "importances":
         # PED-ANOVA, optuna's default evaluator, is deterministic; it needs two complete trials.
         return vis.plot_param_importances(study, target_name="val_acc")
+    if kind == "intermediate":
+        return vis.plot_intermediate_values(study)
+    if kind == "timeline":
+        return vis.plot_timeline(study)
     return vis.plot_parallel_coordinate(study, target_name="val_acc")
+
+
+def drawable(kind: str, trials: pd.DataFrame) -> bool:
+    """Whether optuna can draw the plot: the timeline needs a started trial, the intermediate
+    values a reported epoch, importances two complete trials with different values, the others
+    a complete trial."""
+    complete = trials[trials.state == "COMPLETE"]
+    if kind == "timeline":
+        return trials.datetime_start.notna().any()
+    if kind == "intermediate":
+        return bool((trials.epochs > 0).any())
+    if kind == "importances":
+        return complete.value.nunique() >= 2
+    return not complete.empty
 
 
 def draw(studies: Studies, out_dir: Path) -> dict[str, dict[str, str]]:
@@ -59,10 +80,9 @@ def draw(studies: Studies, out_dir: Path) -> dict[str, dict[str, str]]:
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
         for name, study in sorted(studies.handles.items()):
             trials = studies.trials[studies.trials.study == name]
-            complete = trials[trials.state == "COMPLETE"]
             written[name] = {}
             for kind in PLOTS:
-                if complete.empty or (kind == "importances" and complete.value.nunique() < 2):
+                if not drawable(kind, trials):
                     continue
                 ax = _draw(kind, study)
                 fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
@@ -119,8 +139,10 @@ def markdown(studies: Studies, figures: dict[str, dict[str, str]]) -> str:
         parts.append(f"### Study `{name}`: {first.experiment}, profile `{first.profile}`\n")
         parts.append(counts_text(trials) + ".\n")
         complete = trials[trials.state == "COMPLETE"]
+        drawn = figures.get(name, {})
         if complete.empty:
-            parts.append("No complete trial yet: nothing to plot.\n")
+            parts.append("No complete trial yet.\n")
+            parts += [f"![{PLOTS[kind]}, {name}]({drawn[kind]})\n" for kind in ("intermediate", "timeline") if kind in drawn]
             continue
         best = complete.sort_values(["value", "number"], ascending=[False, True], kind="stable").iloc[0]
         parts.append(
@@ -129,7 +151,6 @@ def markdown(studies: Studies, figures: dict[str, dict[str, str]]) -> str:
         )
         parts += best_table(trials)
         parts.append("")
-        drawn = figures.get(name, {})
         for kind, title in PLOTS.items():
             if kind in drawn:
                 parts.append(f"![{title}, {name}]({drawn[kind]})\n")
