@@ -375,3 +375,29 @@ def test_val_acc_and_lr_figures_are_drawn_when_logged(tmp_path):
     text = report.write(report.summarize(_store_with_everything(), ALL, suite="all", **NO_DIFF), tmp_path).read_text()
     assert "![Validation accuracy against epoch](val_acc.png)" in text and "![Learning rate against epoch](lr.png)" in text
     assert "![Final test accuracy per seed and config](final_test_acc_spread.png)" in text
+
+
+def test_other_configs_that_change_the_model_are_counted_on_their_own_model():
+    from bench.models import cost
+
+    base = report.recipe("resnetb-cifar10", "smoke")
+    tiny = {"model.widths": "[4, 8, 8]", "model.blocks_per_stage": "1", "model.stem_width": "4"}
+    recs = [record("resnetb-cifar10", s, [0.3], profile="smoke", config_hash=h, params={**base.params, **p}, start=s)
+            for s, (h, p) in enumerate([(base.config_hash, {}), ("tiny", tiny), ("lr", {"optim.lr": "0.5"}),
+                                        ("gone", {"model.widths": "not a list"})])]
+    s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="x", profile="smoke")
+    costs = {r.label or "recipe": r.cost for r in s.rows}
+    smoke = cost.of_config(config.load("resnetb-cifar10", profile="smoke"))
+    assert costs["recipe"] == smoke and costs["optim.lr=0.5"] == smoke  # the learning rate changes no model
+    sets = [f"{k}={v}" for k, v in tiny.items()]
+    assert costs["model.blocks_per_stage=1, model.stem_width=4, model.widths=[4, 8, 8]"] == cost.of_config(
+        config.load("resnetb-cifar10", profile="smoke", sets=sets)) != smoke
+    assert costs["model.widths=not a list"] is None  # values that no longer make a config: "-"
+    line = next(l for l in report.summary_table(s).splitlines() if "not a list" in l)
+    assert "| - | - |" in line
+    # A bool option is logged as Python's True and read back as TOML's true.
+    ft = report.recipe("resnet18-finetune-cifar100", "smoke")
+    runs = results.frames([record("resnet18-finetune-cifar100", 0, [0.3], profile="smoke", config_hash="f",
+                                  params={**ft.params, "model.freeze_backbone": "True"})]).runs
+    frozen = report.summary.variant_cost(runs, "resnet18-finetune-cifar100", "smoke", ft, None)
+    assert frozen == cost.of_config(config.load("resnet18-finetune-cifar100", profile="smoke", sets=["model.freeze_backbone=true"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from mlflow.entities import Metric, RunTag
 
@@ -91,15 +92,18 @@ def test_foreign_runs_and_step_metrics_are_never_fetched(store, statements):
     uri, ids = store
     tracker = Tracker(uri)
     exp_id = tracker.experiment_id("resnetb-cifar10")
-    # A tuning trial in the same MLflow experiment (no cell tags) and a smoke run read with --profile paper.
-    trial = tracker.start_run(exp_id, "study-trial0", {"bench.kind": "trial"})
-    tracker.client.log_batch(trial, metrics=[Metric("test_acc", 0.9, 0, 1)])
-    tracker.end_run(trial, "FINISHED")
     paper = _log_run(tracker, "resnetb-cifar10", 0, [0.3, 0.4], profile="paper")
     tracker.client.log_batch(paper, metrics=[Metric("train_step_loss", 1.0, 0, s) for s in (10, 20)]
                              + [Metric("system/cpu_utilization_percentage", 50.0, 0, s) for s in (0, 1)])
+    before = results.load(uri, ["resnetb-cifar10"], profile="paper")
+    # A tuning trial in the same MLflow experiment (no cell tags); the smoke runs are of another profile.
+    trial = tracker.start_run(exp_id, "study-trial0", {"bench.kind": "trial"})
+    tracker.client.log_batch(trial, metrics=[Metric("test_acc", 0.9, 0, 1)])
+    tracker.end_run(trial, "FINISHED")
     statements.clear()
     res = results.load(uri, ["resnetb-cifar10"], profile="paper")
+    pd.testing.assert_frame_equal(res.runs, before.runs)  # the report reads the same frames
+    pd.testing.assert_frame_equal(res.metrics, before.metrics)
     assert list(res.runs.run_id) == [paper] and set(res.metrics.metric) == {"test_acc", "train_loss"}
     asked = " ".join(p for _, p in statements)
     assert paper in asked  # the recorder sees the runs that are read

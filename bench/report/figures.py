@@ -10,6 +10,7 @@ bytes.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -101,7 +102,8 @@ def comparison_figure(summary, path: Path) -> None:
 
 
 def row_name(row) -> str:
-    return row.experiment if row.is_recipe else f"{row.experiment}\n{row.label}"
+    """The experiment, and below it another config's label wrapped to fit beside the axis."""
+    return row.experiment if row.is_recipe else row.experiment + "\n" + textwrap.fill(row.label, 34)
 
 
 def spread_figure(summary, path: Path) -> None:
@@ -112,7 +114,7 @@ def spread_figure(summary, path: Path) -> None:
         columns=["config", "final_test_acc"],
     )
     names = [row_name(r) for r in summary.rows]
-    fig = Figure(figsize=(7, 1.2 + 0.55 * len(names)), layout="constrained")
+    fig = Figure(figsize=(8, 1.2 + 0.2 * sum(n.count("\n") + 2 for n in names)), layout="constrained")
     ax = fig.subplots()
     sns.boxplot(data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="0.9", width=0.5, showfliers=False)
     sns.swarmplot(data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="C0", size=5, label="one seed")
