@@ -2,9 +2,9 @@
 
 Each reported curve is a line with markers; the suite's seeds are thin lines, one per seed, beside
 their mean with a 95 % t band, the same interval as the report's tables. The spread figure puts
-each seed's final test accuracy as a point, one column per config. Figures are drawn in matplotlib's default style (not the
-user's matplotlibrc) and saved without a software or date stamp, so the same runs give the same
-bytes.
+each seed's final test accuracy as a point, one row per config. Figures are drawn in
+matplotlib's default style (not the user's matplotlibrc) and saved without a software or date
+stamp, so the same runs give the same bytes.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, metadata={"Software": None})
 
 
-def _suite_line(ax, ours: pd.DataFrame, label: str, color: str) -> None:
+def _suite_line(ax, ours: pd.DataFrame, label: str, color: str, seed_label: str = "one seed") -> None:
     for i, (_, seed) in enumerate(ours.groupby("run_id", sort=False)):  # in the frame's order: by seed
-        ax.plot(seed.epoch, seed.value, color=color, label="one seed" if i == 0 else "_nolegend_", **SEED_STYLE)
+        ax.plot(seed.epoch, seed.value, color=color, label=seed_label if i == 0 else "_nolegend_", **SEED_STYLE)
     sns.lineplot(data=ours, x="epoch", y="value", estimator="mean", errorbar=stats.t_band, ax=ax, label=label, color=color)
 
 
@@ -88,7 +88,7 @@ def comparison_figure(summary, path: Path) -> None:
         theirs = summary.curves[(summary.curves.experiment == name) & (summary.curves.metric == "test_acc")]
         ours = summary.metrics[summary.metrics.run_id.isin(recipes[name]) & (summary.metrics.metric == "test_acc")]
         if len(ours):
-            _suite_line(ax, ours, f"{label}, suite ({_seeds(ours)} seeds)", color)
+            _suite_line(ax, ours, f"{label}, suite ({_seeds(ours)} seeds)", color, f"{label}, one seed")
         if len(theirs):
             ax.plot(theirs.epoch, theirs.value, label=f"{label}, reported", color=color, marker="o", markersize=4, linestyle="--", linewidth=1)
     w = summary.comparison
