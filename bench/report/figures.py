@@ -68,6 +68,8 @@ def metric_figure(summary, metric: str, path: Path) -> None:
             _suite_line(ax, ours, f"suite, {summary.profile} ({_seeds(ours)} seeds)", "C0")
         else:
             missing = "no suite runs" if row.runs.empty else f"no {metric} logged"
+            if metric == "val_acc" and not row.runs.empty and (row.runs.data_val.fillna(-1) == 0).all():
+                missing = "no validation split (data.val_size = 0)"
             ax.text(0.5, 0.5, missing, transform=ax.transAxes, ha="center", va="center")
         ax.set_title(f"{row.reported.label}", fontsize=10)
         ax.set_xlabel("epoch")
