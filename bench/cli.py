@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from bench import config, hostmem, stores
+from bench import config, console, hostmem, stores
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
 from bench.urls import redact, scrub
@@ -21,7 +21,8 @@ DEFAULT_OPTUNA = "sqlite:///optuna.db"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description="Re-run, compare and tune four published CIFAR ResNet runs.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    debug = "show tracebacks, bench's debug log and the libraries' output (MLflow's run links, MLflow's and Optuna's logs, warnings)"
+    p.add_argument("--debug", action="store_true", help=debug)
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="experiments, suites, profiles and models")
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     pf.add_argument("--profile", default="smoke", help="the profile whose batch sizes, image sizes and checkpoint interval to use (default smoke)")
     pf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
+    for command in sub.choices.values():  # --debug also after the command's name, where it is usually typed
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return p
 
 
@@ -179,7 +182,8 @@ def cmd_tune(args) -> int:
             print(f"trial {number} was interrupted: queued again with its values", file=sys.stderr)
     count = 1 if args.worker_of else args.workers if args.workers is not None else workers.default_count(args.device)
     done = tuning.finished(study)
-    print(f"study {name} in {redact(url)}: {done} of {args.trials} trials finished", file=sys.stderr)
+    if not args.worker_of:
+        print(f"study {name} in {redact(url)}: {done} of {args.trials} trials finished; watch it: optuna-dashboard {redact(url)}", file=sys.stderr)
     if count == 0:
         print(f"study {name} and its MLflow parent run {parent.run_id} are ready; start workers with the same command")
         return 0
@@ -211,7 +215,8 @@ def cmd_tune(args) -> int:
         return 1 if stopped else 0  # the process that started the workers reports and closes the parent run
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
-    print(f"See the study: optuna-dashboard {redact(url)}   and the runs: {ui_command(redact(uri))}")
+    where = parent.url if parent.url.startswith("http") else f"{ui_command(redact(uri))}, then open {parent.url} at the address it serves"
+    print(f"See the study's runs: {where}")
     _print_best(study, args, tuning)
     return 0 if tuning.finished(study) >= args.trials or (args.timeout and not stopped) else 1
 
@@ -225,7 +230,7 @@ def _worker_args(args, study: str, parent_run_id: str, index: int) -> list[str]:
             "--study", study, "--pruner", args.pruner, "--sampler", args.sampler, "--seed", str(args.seed),
             "--heartbeat", str(args.heartbeat), "--device", workers.device_for(args.device, index),
             "--checkpoint-dir", str(args.checkpoint_dir),
-            "--worker-of", parent_run_id]
+            "--worker-of", parent_run_id] + (["--debug"] if args.debug else [])
     for flag, value in (("--timeout", args.timeout), ("--epochs", args.epochs), ("--data-dir", args.data_dir)):
         if value is not None:
             argv += [flag, str(value)]
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     urls = _guard_passwords(args)
     hostmem.keep_freed_memory()  # before any work: training re-uses its memory every step
-    with _stopping_on_sigterm():
+    with _stopping_on_sigterm(), console.terminal(args.debug):
         return _dispatch(args, urls)
 
 

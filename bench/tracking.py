@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -19,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 from urllib.request import url2pathname
 
 import numpy as np
@@ -29,6 +28,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from bench import console
 from bench.callbacks import Callback
 from bench.errors import unusable
 
@@ -38,7 +38,7 @@ CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_ha
 OUTCOME_TAGS = ("bench.failure", "bench.failure_reason", "bench.failure_epoch", "bench.interrupted_by")
 
 for noisy in ("alembic", "mlflow"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.quiet(noisy)
 
 
 def resolve_uri(arg: str | None) -> str:
@@ -47,6 +47,17 @@ def resolve_uri(arg: str | None) -> str:
 
 def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the MLflow UI shows the run: a link on a tracking server (without its credentials),
+    else the path to open after the address `mlflow ui` serves (MLflow 3's #/experiments/<id>/runs/<id>)."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return path
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}{parts.path.rstrip('/')}/{path}"
 
 
 def git_commit() -> str | None:

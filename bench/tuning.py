@@ -22,7 +22,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from bench import config, data, engine, sampling
+from bench import config, console, data, engine, sampling
 from bench.callbacks import Callback, ConsoleProgress
 from bench.errors import UserError, failure_tags, unusable
 from bench.models import create_model
@@ -31,7 +31,7 @@ from bench.urls import redact
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_acc"
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+console.quiet("optuna")
 
 
 # --- the search space ---------------------------------------------------------------------------
@@ -177,8 +177,12 @@ def open_study(store, name: str, *, sampler_, pruner_, first_trial: dict[str, An
     """Create the study or load it; a new study gets the reported recipe as its first trial.
 
     The study records its experiment and profile (user attributes), so that `bench report` finds
-    it whatever its name."""
+    it whatever its name, and names its objective val_acc."""
     study = optuna.create_study(study_name=name, storage=store, sampler=sampler_, pruner=pruner_, direction="maximize", load_if_exists=True)
+    if study.metric_names != [OBJECTIVE]:  # optuna-dashboard's name for the value; also for a study made before it was set
+        with warnings.catch_warnings():  # experimental since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
     for key, value in (("bench.experiment", experiment), ("bench.profile", profile)):
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
@@ -227,7 +231,7 @@ class TrialContext:
 
 
 def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) -> float:
-    from bench.tracking import MlflowRun, environment_tags
+    from bench.tracking import MlflowRun, environment_tags, run_url
 
     if limit is not None and _surplus(trial, limit):
         trial.set_user_attr("bench.surplus", True)
@@ -240,8 +244,12 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     # No cell tags (bench.experiment, .profile, .seed, .config_hash): `bench run` must never take a
     # trial's run for a suite cell's, nor `bench report` count it among the seeds.
     tags = {"mlflow.parentRunId": ctx.parent_run_id, "optuna.study": study, "optuna.trial": str(trial.number), "bench.kind": "trial"}
-    run_id = ctx.tracker.start_run(ctx.experiment_id, f"{study}-trial{trial.number}", tags)
+    run_name = f"{study}-trial{trial.number}"
+    run_id = ctx.tracker.start_run(ctx.experiment_id, run_name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
+    url = run_url(ctx.tracker.uri, ctx.experiment_id, run_id)
+    trial.set_user_attr("mlflow_run_url", url)
+    note_run(trial, run_name, url, ctx.tracker.uri)
     ckpt = ctx.checkpoint_root / study / f"trial{trial.number}"
     state, failure, status = "FAIL", {}, None
     try:
@@ -278,13 +286,34 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     return float(result.best_val_acc) if state == "COMPLETE" else math.nan  # optuna fails a trial whose value is nan
 
 
+def note_run(trial: optuna.Trial, run_name: str, url: str, tracking_uri: str) -> None:
+    """The trial's note in optuna-dashboard (markdown, shown beside its values): its MLflow run,
+    as a link on a tracking server, else with the `mlflow ui` command to open it. Nothing without
+    optuna-dashboard: the user attributes mlflow_run_id and mlflow_run_url hold the same."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    from bench.tracking import ui_command
+
+    if url.startswith("http"):
+        body = f"MLflow run [{run_name}]({url})"
+    else:
+        body = f"MLflow run `{run_name}`: `{ui_command(redact(tracking_uri))}`, then open `{url}` at the address it serves"
+    save_note(trial, body + "\n")
+
+
 # --- the study's MLflow parent run ------------------------------------------------------------------
 
 
 class ParentRun:
-    """One MLflow run per study: the search space as params, the best value and params as it goes."""
+    """One MLflow run per study: the search space as params, the best value and params as it goes.
+    The run's tags name the study and its storage (password hidden); the study's user attributes
+    mlflow_run_id and mlflow_run_url name the run (`url`, set where the study is opened, not in a worker)."""
 
     def __init__(self, tracker, experiment_id: str, study: optuna.Study, space: list[Param], *, profile: str, storage_url: str) -> None:
+        from bench.tracking import run_url
+
         self.tracker, self.client = tracker, tracker.client
         name = study.study_name
         found = tracker.client.search_runs(
@@ -299,6 +328,10 @@ class ParentRun:
             self.run_id = tracker.start_run(experiment_id, name, tags)
             for p in space:
                 self.client.log_param(self.run_id, f"search.{p.name}", p.describe())
+        self.url = run_url(tracker.uri, experiment_id, self.run_id)
+        for key, value in (("mlflow_run_id", self.run_id), ("mlflow_run_url", self.url)):
+            if study.user_attrs.get(key) != value:
+                study.set_user_attr(key, value)
 
     @classmethod
     def attach(cls, tracker, experiment_id: str, run_id: str) -> "ParentRun":

@@ -404,3 +404,13 @@ def test_a_cell_finished_by_an_earlier_bench_is_carried_over_and_an_unfinished_o
     assert fresh.status == "finished" and fresh.run_id != partial.run_id
     assert steps(client, fresh.run_id, "train_loss") == [1, 2]
     assert client.get_run(partial.run_id).data.tags["bench.config_hash"] == other.cfg.earlier_hash()
+
+
+@pytest.mark.parametrize("uri, url", [
+    ("http://bench:s3cret@mlflow.lab:5000/", "http://mlflow.lab:5000/#/experiments/3/runs/abc"),  # a link, no password in it
+    ("https://lab.org/mlflow", "https://lab.org/mlflow/#/experiments/3/runs/abc"),
+    ("sqlite:///mlflow.db", "#/experiments/3/runs/abc"),  # the path to open in `mlflow ui`
+    ("postgresql://bench:s3cret@db/mlflow", "#/experiments/3/runs/abc"),
+])
+def test_a_run_url_links_a_tracking_server_and_is_a_ui_path_elsewhere(uri, url):
+    assert tracking.run_url(uri, "3", "abc") == url

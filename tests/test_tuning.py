@@ -365,10 +365,33 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
         assert body is not None, f"optuna-dashboard did not answer (exit {server.poll()})"
         names = [s["study_name"] for s in body["study_summaries"]]
         assert names == ["resnetb-cifar10-smoke"]
+        with DIRECT.open(f"http://127.0.0.1:{port}/api/studies/{body['study_summaries'][0]['study_id']}", timeout=30) as resp:
+            assert json.load(resp)["objective_names"] == ["val_acc"]  # the value's name in the dashboard
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert server.returncode is not None
+
+
+def test_without_optuna_dashboard_trials_still_name_their_runs_and_an_older_study_gets_its_objective_name(in_tmp, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # not installed: importing it raises ImportError
+    storage = "sqlite:///optuna.db"
+    optuna.create_study(study_name="resnetb-cifar10-smoke", storage=storage, direction="maximize")  # made before val_acc was named
+    assert cli.main([*TUNE, "--trials", "1"]) == 0
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
+    assert study.metric_names == ["val_acc"]
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.trial"] == "0"
+    # The path to open in `mlflow ui`, as the parent run's at the end of the output.
+    assert study.trials[0].user_attrs["mlflow_run_url"] == f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    parent = study.user_attrs["mlflow_run_url"]
+    assert parent == f"#/experiments/{run.info.experiment_id}/runs/{run.data.tags['mlflow.parentRunId']}"
+    assert f"See the study's runs: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open {parent}" in capsys.readouterr().out
+    monkeypatch.undo()
+    from optuna_dashboard import get_note
+
+    assert get_note(optuna.Trial(study, study.trials[0]._trial_id)) == ""
 
 
 @pytest.mark.parametrize(
