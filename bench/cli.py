@@ -265,7 +265,7 @@ def cmd_report(args) -> int:
     check_writable(out, "--out")
     studies = _studies(args.storage, names)
     stores.probe("tracking store", uri)
-    found = results.load(uri, names, args.profile)
+    found = results.load(uri, names)
     if found.runs.empty:
         raise UserError(f"no runs of suite {args.suite!r} in {redact(uri)}; train them first: bench run --suite {args.suite}")
     summary = report.summarize(found, names, suite=args.suite, profile=args.profile)

@@ -70,17 +70,17 @@ def _run_columns(rows: list[dict]) -> list[str]:
     return fixed + extra
 
 
-def load(tracking_uri: str, experiments: list[str], profile: str | None = None) -> Results:
-    """The suite's runs of the named experiments (of one profile, when given) in the tracking
-    store, with their per-epoch metrics. The server picks them by their bench.* tags, so tuning
-    trials and the step and system metrics, which the report does not use, are never read."""
+def load(tracking_uri: str, experiments: list[str]) -> Results:
+    """The suite's runs of the named experiments in the tracking store, with their per-epoch
+    metrics. The server picks them by their bench.experiment tag, so tuning trials and the step
+    and system metrics, which the report does not use, are never read. Runs of every profile are
+    read: the report counts the other profiles' runs among those it leaves out."""
     from bench.tracking import Tracker
 
     tracker = Tracker(tracking_uri)
     records = []
     for name in experiments:
-        where = {"bench.experiment": name, **({"bench.profile": profile} if profile else {})}
-        records += tracker.read_runs(name, where, per_epoch)
+        records += tracker.read_runs(name, {"bench.experiment": name}, per_epoch)
     return frames(records)
 
 

@@ -127,3 +127,51 @@ def test_plots_that_need_complete_trials_are_left_out_and_said_so(tmp_path):
     assert "(tuning_hw4-resnet-cifar100-smoke_intermediate.png)" in pruned_only and "_timeline.png)" in pruned_only
     assert "Parameter importances need two complete trials" in parts["bottleneck-cifar10-smoke"]
     assert "Parameter importances need" not in parts["resnetb-cifar10-smoke"]
+
+
+def test_a_running_trial_leaves_the_timeline_as_it_was(tmp_path):
+    # Optuna draws a running trial up to the clock of the moment it draws: the same store would
+    # give a new figure every time while a worker trains.
+    import datetime as dt
+    import hashlib
+    import time
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="resnetb-cifar10-smoke", storage=url, direction="maximize")
+    now = dt.datetime.now()
+    lr = {"optim.lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=0, state=optuna.trial.TrialState.COMPLETE, value=0.5, datetime_start=now - dt.timedelta(minutes=10),
+        datetime_complete=now - dt.timedelta(minutes=5), params={"optim.lr": 0.01}, distributions=lr, user_attrs={},
+        system_attrs={}, intermediate_values={1: 0.4, 2: 0.5}, trial_id=0))
+    running = study.ask()
+    running.suggest_float("optim.lr", 1e-3, 0.1, log=True)
+    running.report(0.3, 1)
+    found = results.load_studies(url, ALL)
+    digests = []
+    for i in range(2):
+        out = tmp_path / f"report{i}"
+        out.mkdir()
+        drawn = section.draw(found, out)["resnetb-cifar10-smoke"]
+        digests.append(hashlib.sha256((out / drawn["timeline"]).read_bytes()).hexdigest())
+        time.sleep(1.5)
+    assert digests[0] == digests[1]
+
+
+def test_failed_trials_alone_draw_no_intermediate_values_and_an_empty_study_is_named(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="resnetb-cifar10-smoke", storage=url, direction="maximize")
+    lr = {"optim.lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}
+    study.add_trial(optuna.trial.create_trial(params={"optim.lr": 0.01}, distributions=lr, intermediate_values={1: 0.2},
+                                              state=optuna.trial.TrialState.FAIL))
+    optuna.create_study(study_name="bottleneck-cifar10-smoke", storage=url)  # created, never run
+    found = results.load_studies(url, ALL)
+    drawn = section.draw(found, tmp_path)
+    assert "intermediate" not in drawn["resnetb-cifar10-smoke"]  # optuna would draw empty axes
+    text = section.markdown(found, drawn)
+    assert "### Study `bottleneck-cifar10-smoke`" in text and "No trials yet." in text
+
+
+def test_studies_whose_names_differ_only_in_replaced_characters_get_their_own_files():
+    assert section.file_stem("resnetb-cifar10-smoke") == "tuning_resnetb-cifar10-smoke"  # a plain name stays as it is
+    assert section.file_stem("resnetb smoke a") != section.file_stem("resnetb smoke_a")

@@ -8,6 +8,7 @@ the study handles it returns. Both are sorted and formatted so the same studies 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -31,7 +32,12 @@ DPI = 100
 
 
 def file_stem(study: str) -> str:
-    return "tuning_" + re.sub(r"[^A-Za-z0-9._-]+", "_", study)
+    """A file name for the study's plots and tables; where characters had to be replaced, a short
+    hash of the name keeps two studies ("a b", "a_b") from writing the same files."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", study)
+    if safe != study:
+        safe += "-" + hashlib.sha256(study.encode()).hexdigest()[:8]
+    return "tuning_" + safe
 
 
 def params_of(trials: pd.DataFrame) -> list[str]:
@@ -48,8 +54,16 @@ def _draw(kind: str, study: optuna.Study):
     if kind == "intermediate":
         return vis.plot_intermediate_values(study)
     if kind == "timeline":
-        return vis.plot_timeline(study)
+        return vis.plot_timeline(_ended(study))
     return vis.plot_parallel_coordinate(study, target_name="val_acc")
+
+
+def _ended(study: optuna.Study) -> optuna.Study:
+    """The study's trials that have ended, in memory: optuna draws a running trial up to the clock
+    of the moment it draws, and the same store must give the same figure."""
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+    return copy
 
 
 def drawable(kind: str, trials: pd.DataFrame) -> bool:
@@ -58,9 +72,9 @@ def drawable(kind: str, trials: pd.DataFrame) -> bool:
     a complete trial."""
     complete = trials[trials.state == "COMPLETE"]
     if kind == "timeline":
-        return trials.datetime_start.notna().any()
-    if kind == "intermediate":
-        return bool((trials.epochs > 0).any())
+        return bool((trials.datetime_start.notna() & trials.state.isin(["COMPLETE", "PRUNED", "FAIL"])).any())
+    if kind == "intermediate":  # optuna draws the complete, pruned and running trials only
+        return bool(((trials.epochs > 0) & trials.state.isin(["COMPLETE", "PRUNED", "RUNNING"])).any())
     if kind == "importances":
         return complete.value.nunique() >= 2
     return not complete.empty
@@ -135,6 +149,9 @@ def markdown(studies: Studies, figures: dict[str, dict[str, str]]) -> str:
     ]
     for name in sorted(studies.handles):
         trials = studies.trials[studies.trials.study == name].sort_values("number", kind="stable")
+        if trials.empty:
+            parts.append(f"### Study `{name}`\n\nNo trials yet.\n")
+            continue
         first = trials.iloc[0]
         parts.append(f"### Study `{name}`: {first.experiment}, profile `{first.profile}`\n")
         parts.append(counts_text(trials) + ".\n")
