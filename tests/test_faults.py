@@ -95,13 +95,15 @@ def reference(tmp_path_factory, env):
     return {"cwd": cwd, "startup": startup, "per_epoch": per_epoch}
 
 
-def kill_at(proc: subprocess.Popen, moment: float, cap: str) -> bool:
+def kill_at(proc: subprocess.Popen, moment: float, cap: str) -> str | None:
     """SIGKILL `proc` at `moment` seconds, or at once when it prints `cap`, whichever comes first.
-    False when it exited by itself before either."""
+    None once killed; how it ended when it exited by itself before either."""
     capped = threading.Event()
+    tail: list[str] = []
 
     def read() -> None:  # also drains stderr, which would block a chatty run once the pipe is full
         for line in proc.stderr:
+            tail[:] = (tail + [line])[-15:]
             if cap in line:
                 capped.set()
 
@@ -112,11 +114,11 @@ def kill_at(proc: subprocess.Popen, moment: float, cap: str) -> bool:
         capped.wait(0.01)
     if proc.poll() is not None:
         reader.join()
-        return False
+        return f"exit {proc.returncode}:\n" + "".join(tail)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     reader.join()
-    return True
+    return None
 
 
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(reference, tmp_path, env):
@@ -130,8 +132,9 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(reference, tmp
         # start-up is a cold one and later ones can be much quicker, so a kill comes no later than
         # three epochs past where the run resumed: five kills leave epochs for the last run to train.
         moment = rng.uniform(reference["startup"] / 2, reference["startup"] + 3 * reference["per_epoch"])
-        if not kill_at(proc, moment, cap=f": epoch {resumed + 3}/{EPOCHS}"):
-            pytest.fail(f"the run finished before kill {kills + 1} (at {moment:.1f} s, resumed after epoch {resumed})")
+        ended = kill_at(proc, moment, cap=f": epoch {resumed + 3}/{EPOCHS}")
+        if ended is not None:
+            pytest.fail(f"the run ended before kill {kills + 1} (at {moment:.1f} s, resumed after epoch {resumed}), {ended}")
         kills += 1
         moments.append((round(moment, 2), checkpointed_epoch(tmp_path)))
     # The kills landed in training, not only in start-up: the run got further between them.
