@@ -200,3 +200,20 @@ def test_register_errors(in_tmp, capsys):
     client.delete_logged_model(model.model_id)
     with pytest.raises(UserError, match="has no logged model"):
         logged_model.register(client, EXPERIMENT, "smoke", SETS)
+
+
+@pytest.mark.parametrize("experiment", [EXPERIMENT, "resnet18-finetune-cifar100"])
+def test_the_classifier_prepares_images_as_the_suites_evaluation_does(experiment):
+    """The input pipeline alone (an identity network): the suite's test batches, bit for bit,
+    at 32 px and resized (the fine-tune's smoke profile: 64 px)."""
+    from bench import data
+    from bench.models.packaged import ImageClassifier
+
+    cfg = suite.plan([experiment], profile="smoke", seeds=1)[0].cfg
+    bundle = data.build(cfg.data, seed=0, device=CPU, files=suite.files_for(cfg, None))
+    pipeline = ImageClassifier(torch.nn.Identity(), mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), image_size=cfg.data.image_size, batch_statistics=False, channels_last=False)
+    x, _ = next(iter(bundle.test))
+    assert x.shape[-1] == cfg.data.image_size
+    images = bundle.test.images[: len(x)]
+    assert torch.equal(pipeline(images.permute(0, 2, 3, 1)), x)
+    assert torch.equal(pipeline(images.float() / 255), x)
