@@ -217,3 +217,23 @@ def test_the_classifier_prepares_images_as_the_suites_evaluation_does(experiment
     images = bundle.test.images[: len(x)]
     assert torch.equal(pipeline(images.permute(0, 2, 3, 1)), x)
     assert torch.equal(pipeline(images.float() / 255), x)
+
+
+def test_no_model_for_a_tuning_trial_an_unfinished_fit_or_a_run_without_an_example(in_tmp):
+    from bench.engine import FitResult
+    from bench.tracking import MlflowRun
+
+    tracker = Tracker(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    cfg = suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)[0].cfg
+    example = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    finished = FitResult(status="finished", epochs_done=3, checkpoint_dir=in_tmp / "none")  # no checkpoint to read
+    cases = [
+        (dict(log_checkpoints=False, model_example=example), finished),  # a tuning trial
+        (dict(model_example=example), FitResult(status="stopped", epochs_done=2, checkpoint_dir=in_tmp / "none")),
+        (dict(), finished),
+    ]
+    for kwargs, result in cases:
+        run_id = tracker.start_run(tracker.experiment_id(EXPERIMENT), "no-model", {})
+        MlflowRun(tracker, run_id, cfg, **kwargs).on_fit_end(result)
+        tracker.end_run(run_id, "FINISHED")
+        assert models_of(tracker.client, tracker.client.get_run(run_id)) == [], kwargs
