@@ -74,17 +74,18 @@ def _bench_models_by_value():
 
 def log(client: MlflowClient, uri: str, run_id: str, cfg, checkpoint_file, epoch: int, example: np.ndarray) -> None:
     """Log the weights in `checkpoint_file` (saved after `epoch`) as the run's model, unless the
-    run has one already (a finished run resumed with nothing left to train); one left unfinished
-    by a process that died while logging it is logged into again. `example`: a few uint8 test
-    images, N x 32 x 32 x 3."""
+    run has one already (a finished run resumed with nothing left to train). One left unfinished
+    by a process that died while logging it is deleted and logged anew (MLflow links a model to
+    a run once). `example`: a few uint8 test images, N x 32 x 32 x 3."""
     run = client.get_run(run_id)
     found = logged_model(client, run.info.experiment_id, run_id)
-    if found is not None and found.status == LoggedModelStatus.READY:
-        return
+    if found is not None:
+        if found.status == LoggedModelStatus.READY:
+            return
+        client.delete_logged_model(found.model_id)
     # Created here, in the run's experiment: Model.log would put a model of a run that is not the
     # thread's active run in the default experiment.
-    model_id = found.model_id if found is not None else client.create_logged_model(
-        run.info.experiment_id, name=NAME, source_run_id=run_id, params=run.data.params).model_id
+    model_id = client.create_logged_model(run.info.experiment_id, name=NAME, source_run_id=run_id, params=run.data.params).model_id
     model = package(cfg, torch.load(checkpoint_file, map_location="cpu", weights_only=True)["model"])
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow.entities import LoggedModelStatus
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from bench import cli, engine, logged_model, suite
@@ -159,6 +159,15 @@ def test_a_resumed_or_rerun_cell_logs_one_model(in_tmp, monkeypatch):
     [skipped] = run(cells, in_tmp, uri)
     assert skipped.status == "skipped"
     assert len(models_of(client, client.get_run(done.run_id))) == 1
+    # Killed while logging it: the unfinished model is replaced by a finished one.
+    client.delete_logged_model(model.model_id)
+    pending = client.create_logged_model(client.get_run(done.run_id).info.experiment_id, name="model", source_run_id=done.run_id)
+    client.log_outputs(done.run_id, [LoggedModelOutput(pending.model_id, step=1)])
+    client.set_terminated(done.run_id, "KILLED")
+    [last] = run(cells, in_tmp, uri)
+    assert last.status == "finished"
+    [logged] = models_of(client, client.get_run(done.run_id))
+    assert logged.model_id != pending.model_id and logged.status == LoggedModelStatus.READY
 
 
 def test_batch_statistics_and_final_weights_where_the_recipe_has_no_validation_split(in_tmp, monkeypatch):
