@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--storage", help="Optuna storage whose studies of the suite's experiments make the tuning section "
                      f"(default $BENCH_OPTUNA_STORAGE, else {DEFAULT_OPTUNA} when ./optuna.db exists; none: no tuning section)")
 
+    reg = sub.add_parser("register", help="register the best seed's trained model of a config in MLflow's Model Registry")
+    reg.add_argument("experiment", metavar="EXPERIMENT", help="the experiment whose recipe's runs to choose from (see `bench list`)")
+    reg.add_argument("--profile", default="paper", help="the profile of the runs, and the alias it gets (default paper)")
+    reg.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="the config's overrides, as `bench run` was given them (repeatable)")
+    reg.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
     pf = sub.add_parser("perf", help="throughput of the data pipeline, the engine and tracking against plain PyTorch")
     pf.add_argument("--model", dest="models", action="append", metavar="NAME", help="a model to measure (repeatable; default all four)")
     pf.add_argument("--quick", action="store_true", help="fewer images and epochs, one measurement per side: a first look")
@@ -304,6 +310,19 @@ def _studies(storage: str | None, experiments: list[str]):
         raise unusable("Optuna storage", url, exc, hint) from None
 
 
+def cmd_register(args) -> int:
+    from bench import logged_model
+    from bench.tracking import Tracker, resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    stores.check("tracking store", uri)
+    stores.probe("tracking store", uri)
+    model_uri, run_name, version = logged_model.register(Tracker(uri).client, args.experiment, args.profile, args.sets)
+    print(f"Registered the model of {run_name} as {args.experiment} version {version}, alias {args.profile}: {model_uri}")
+    print(f"Load it: MLFLOW_TRACKING_URI={redact(uri)} python -c \"import mlflow; model = mlflow.pytorch.load_model('{model_uri}')\"")
+    return 0
+
+
 def cmd_perf(args) -> int:
     import json
 
@@ -333,7 +352,7 @@ def _check_writable(path: Path) -> None:
         raise UserError(f"--json {path}: {folder} is not a writable directory")
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report, "perf": cmd_perf}
+COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report, "register": cmd_register, "perf": cmd_perf}
 
 
 _shown_urls: list[str] = []  # the store URLs of the running command, whose passwords logs must not show

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import config, data, engine, lease
+from bench import config, data, engine, lease, logged_model
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
@@ -196,7 +196,8 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
         tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
         tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
-        callbacks = [MlflowRun(tracker, run_id, cfg, tags), ConsoleProgress(label)]
+        example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
+        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example), ConsoleProgress(label)]
         result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks)
         tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
     except KeyboardInterrupt as exc:

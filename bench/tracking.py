@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from bench import console
+from bench import console, engine, logged_model
 from bench.callbacks import Callback
 from bench.errors import unusable
 
@@ -272,11 +272,17 @@ class MlflowRun(Callback):
     run logs only the epochs and steps after those already in the store, so no step is logged twice.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *, log_checkpoints: bool = True) -> None:
+    def __init__(
+        self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *,
+        log_checkpoints: bool = True, model_example: np.ndarray | None = None,
+    ) -> None:
         self.tracker, self.client, self.run_id, self.cfg = tracker, tracker.client, run_id, cfg
         self.writer = tracker.writer(run_id)
         self.extra_tags = extra_tags or {}
         self.log_checkpoints = log_checkpoints  # tuning trials keep their metrics, not their weights
+        # A few uint8 test images (N x 32 x 32 x 3): a finished run logs its model with them as the
+        # input example; None logs no model.
+        self.model_example = model_example
         self._best: Path | None = None  # a best checkpoint written since the last upload
         self._logged_epoch = self._logged_step = 0
         self._steps: list[Metric] = []  # train_step_loss values, sent with the epoch's batch
@@ -332,6 +338,13 @@ class MlflowRun(Callback):
         config_json = json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
         self.writer.submit(_log_text, self.client, self.run_id, config_json, "config.json")
         self._log_summary(result)
+        if result.status == "finished" and self.log_checkpoints and self.model_example is not None:
+            # After the summary in the same queue: the metrics at the model's step are in the
+            # store when MLflow links them to it.
+            best = result.best_epoch is not None
+            file = result.checkpoint_dir / (engine.BEST if best else engine.LAST)
+            epoch = result.best_epoch if best else result.epochs_done
+            self.writer.submit(logged_model.log, self.client, _absolute(self.tracker.uri), self.run_id, self.cfg, file, epoch, self.model_example)
         self.writer.flush()
 
     def _log_summary(self, result) -> None:
