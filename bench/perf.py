@@ -303,7 +303,7 @@ def measure_model(
 ) -> dict[str, Any]:
     cfg = perf_config(experiment, profile, budget)
     embedded = cifar.load_cifar(cfg.data.dataset, None)
-    files = cifar.CifarFiles(_tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False, embedded.location)
+    files = cifar.CifarFiles(_tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False, embedded.location, embedded.digest)
     out: dict[str, Any] = {"experiment": experiment, "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size}
 
     images = _tiled(embedded.train, budget.pipeline_images)

@@ -44,7 +44,7 @@ def files() -> cifar.CifarFiles:
     """Every other image of the embedded subset (500 train, 250 test): all ten classes, half the time."""
     full = cifar.load_cifar("cifar10", None)
     half = lambda s: cifar.Split(s.images[::2].clone(), s.labels[::2].clone())  # noqa: E731
-    return cifar.CifarFiles(half(full.train), half(full.test), full.classes, full.complete, full.location)
+    return cifar.CifarFiles(half(full.train), half(full.test), full.classes, full.complete, full.location, full.digest)
 
 
 def fresh(cfg: config.RunConfig, files: cifar.CifarFiles):
