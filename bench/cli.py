@@ -177,7 +177,7 @@ def cmd_tune(args) -> int:
         return _print_best(study, args, tuning)
     stores.probe("tracking store", uri)
     tracker = Tracker(uri)
-    exp_id = tracker.experiment_id(args.experiment)
+    exp_id = tracker.experiment_id(args.experiment, config.about_markdown(args.experiment))
     engine.resolve_device(args.device)  # a device that is not there stops here, before any worker starts
     suite.preflight([suite.Cell(args.profile, base)], args.data_dir)
     if args.worker_of:

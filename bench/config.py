@@ -129,6 +129,10 @@ class TrainConfig(Section):
     compile: bool = Field(default=False, json_schema_extra=NOT_RESULT)
     # 0: per-epoch metrics only; N: also train_step_loss, the mean loss of every N steps.
     log_every_steps: int = Field(default=0, ge=0, json_schema_extra=NOT_RESULT)
+    # MLflow's system metrics (CPU, memory, disk, network, GPU) sampled on a thread while the run
+    # trains, every `system_metrics_interval_s` seconds: what the machine did, not what was learned.
+    system_metrics: bool = Field(default=True, json_schema_extra=NOT_RESULT)
+    system_metrics_interval_s: float = Field(default=10.0, gt=0, json_schema_extra=NOT_RESULT)
 
 
 class EvalConfig(Section):
@@ -182,10 +186,14 @@ class RunConfig(Section):
         (every key, seed excluded, as the config had them then); None where no earlier version
         could have run it (the scheduler stepped before each epoch came after). Runs and
         checkpoints made then are found by it and carried over."""
-        flat = {k: v for k, v in self.flat().items() if k != "seed"}
+        flat = {k: v for k, v in self.flat().items() if k not in ("seed", *LATER_KEYS)}
         if flat.pop("schedule.step_before_epoch"):
             return None
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Keys added after `earlier_hash`'s version, which its hash never held; none changes a result.
+LATER_KEYS = ("train.system_metrics", "train.system_metrics_interval_s")
 
 
 def _field_marks(model: type[BaseModel], prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -329,6 +337,22 @@ def read_experiment(name: str) -> dict[str, Any]:
     if name not in list_experiments():
         raise UserError(f"unknown experiment {name!r}; known: {', '.join(list_experiments())}")
     return read_toml(experiments_dir() / f"{name}.toml")
+
+
+def about_markdown(name: str) -> str:
+    """The experiment file's title and [about] table (what was reported, the sources, the gaps) as
+    markdown: the description of its MLflow experiment and runs."""
+    exp = read_experiment(name)
+    about = exp.get("about") if isinstance(exp.get("about"), dict) else {}
+    parts = [f"# {exp.get('title', name)}"]
+    if about.get("reported"):
+        parts.append(f"**Reported:** {about['reported']}")
+    sources = about.get("sources")
+    if sources:
+        parts.append("**Sources:**\n\n" + "\n".join(f"- {s}" for s in (sources if isinstance(sources, list) else [sources])))
+    if about.get("gaps"):
+        parts.append(f"**Gaps:** {str(about['gaps']).strip()}")
+    return "\n\n".join(parts) + "\n"
 
 
 def read_profile(name: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import checkpoint
+
+try:
+    import resource
+except ImportError:  # Windows: psutil reads the peak working set there
+    resource = None
 from bench.callbacks import Callback
 from bench.errors import UserError
 
@@ -146,6 +152,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory of training so far, in MiB: on CUDA the caching allocator's peak of tensor
+    memory since `fit` reset it; elsewhere the process's peak resident set since it started
+    (getrusage: the MPS and CPU allocators keep no peak of their own)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if resource is None:
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 
 
 def train_one_epoch(
@@ -305,6 +324,8 @@ def fit(
         result.last_metrics = dict(state["metrics"])
 
     saver = checkpoint.Saver(background=device.type != "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb: this fit's, not an earlier one's in the process
 
     def announce(keep: int | None = None) -> None:
         for kind, path, epoch in saver.done(keep):
@@ -380,6 +401,7 @@ def fit(
             metrics["epoch_time_s"] = time.perf_counter() - started
             metrics["train_time_s"] = train_time
             metrics["images_per_s"] = seen / train_time
+            metrics["peak_memory_mb"] = peak_memory_mb(device)
             if compile_time is not None:
                 metrics["compile_time_s"], compile_time = compile_time, None
             result.epochs_done, result.last_metrics = epoch, metrics

@@ -7,7 +7,8 @@ For each model, on the current device, in one process:
 - training: the engine with full MLflow tracking (a temporary SQLite store: params, per-epoch
   metrics, checkpoints) against a bare PyTorch loop over pre-made batches in memory, with the same
   model, optimizer, batch, memory format and autocast;
-- tracking: the time spent in the MLflow callback, per epoch and as a share of the epoch;
+- tracking: the time spent in the MLflow callback and the CPU time of MLflow's system-metrics
+  sampling thread, per epoch and as a share of the epoch;
 - FLOP/s achieved in training against a matrix-multiply probe of the device.
 
 The images are the embedded CIFAR subset (throughput does not depend on which images they are).
@@ -189,7 +190,7 @@ def perf_config(experiment: str, profile: str, budget: Budget) -> config.RunConf
 class SuiteTiming:
     images_per_s: float  # from the start of fit to the end of its last epoch
     whole_run_images_per_s: float  # the same images over the whole fit, closing included
-    tracking_s: float  # in MLflow hooks during the epochs
+    tracking_s: float  # in MLflow hooks during the epochs, and the system-metrics thread's CPU time
     closing_s: float  # after the last epoch: the last checkpoint written and uploaded, the final flush
     closing_tracking_s: float  # the MLflow part of closing_s
 
@@ -205,7 +206,8 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
     # The artifacts (checkpoints) in the temporary directory too, not in ./mlruns.
     experiment_id = tracker.client.create_experiment(cfg.experiment, artifact_location=(workdir / "artifacts").as_uri())
     run_id = tracker.start_run(experiment_id, "perf", {})
-    timed = _Timed(MlflowRun(tracker, run_id, cfg))
+    mlflow_run = MlflowRun(tracker, run_id, cfg)
+    timed = _Timed(mlflow_run)
     engine.synchronize(device)
     started = time.perf_counter()
     result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / "checkpoints", callbacks=[timed], resume=False, evaluate_test=False)
@@ -213,7 +215,8 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
     ended = time.perf_counter()
     assert result.status == "finished", result.status
     images = result.epochs_done * bundle.train.num_images
-    return SuiteTiming(images / (timed.last_epoch_end - started), images / (ended - started), timed.seconds,
+    sampling_s = mlflow_run.monitor.cpu_s if mlflow_run.monitor is not None else 0.0
+    return SuiteTiming(images / (timed.last_epoch_end - started), images / (ended - started), timed.seconds + sampling_s,
                        ended - timed.last_epoch_end, timed.closing)
 
 
@@ -303,7 +306,7 @@ def measure_model(
 ) -> dict[str, Any]:
     cfg = perf_config(experiment, profile, budget)
     embedded = cifar.load_cifar(cfg.data.dataset, None)
-    files = cifar.CifarFiles(_tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False, embedded.location)
+    files = cifar.CifarFiles(_tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False, embedded.location, embedded.digest)
     out: dict[str, Any] = {"experiment": experiment, "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size}
 
     images = _tiled(embedded.train, budget.pipeline_images)

@@ -22,7 +22,7 @@ from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
 from bench.models import create_model
-from bench.tracking import MlflowRun, Tracker, environment_tags
+from bench.tracking import NOTE, MlflowRun, Tracker, environment_tags
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,16 @@ class Cell:
 
     @property
     def run_name(self) -> str:
-        return f"{self.experiment}-{self.profile}-seed{self.cfg.seed}"
+        """Two configs of one experiment and profile differ in the UI by their hash's first digits;
+        the seeds of one config share everything before `-seed`."""
+        return f"{self.experiment}-{self.profile}-{self.cfg.config_hash()[:8]}-seed{self.cfg.seed}"
+
+    @property
+    def description(self) -> str:
+        """The run's description in the MLflow UI (markdown): the experiment's, then the cell's."""
+        about = config.read_profile(self.profile).get("description")
+        profile = f"profile `{self.profile}`" + (f" ({about})" if about else "")
+        return f"{config.about_markdown(self.experiment)}\n**This run:** {profile}, seed {self.cfg.seed}, config `{self.cfg.config_hash()}`\n"
 
     @property
     def key(self) -> str:
@@ -197,7 +206,9 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
         tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
         example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
-        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example), ConsoleProgress(label)]
+        tags[NOTE] = cell.description
+        tracker.log_environment(run_id)
+        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts), ConsoleProgress(label)]
         result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks)
         tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
     except KeyboardInterrupt as exc:
@@ -236,7 +247,7 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
     that another process is training is put off until the others are done, then waited for: it
     ends skipped once that process finishes it, or is taken over if that process dies."""
     for name in dict.fromkeys(c.experiment for c in cells):
-        tracker.experiment_id(name)  # the store is reachable and every experiment exists first
+        tracker.experiment_id(name, config.about_markdown(name))  # the store is reachable and every experiment exists first
     outcomes: dict[int, CellOutcome] = {}
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, position=0) if tty else None

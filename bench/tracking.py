@@ -8,6 +8,7 @@ an unfinished one and continues it under the same run id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -16,23 +17,33 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse, urlsplit
 from urllib.request import url2pathname
 
+import mlflow
 import numpy as np
 import torch
 import torchvision
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.data.dataset import Dataset
+from mlflow.data.schema import TensorDatasetSchema
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from torch.utils.collect_env import get_pretty_env_info
 
 from bench import console, engine, logged_model
 from bench.callbacks import Callback
 from bench.errors import unusable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+NOTE = "mlflow.note.content"  # an experiment's or a run's description (markdown) in the MLflow UI
 CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")
 # How an attempt at a run ended, when it did not finish: cleared when the run is taken up again.
 OUTCOME_TAGS = ("bench.failure", "bench.failure_reason", "bench.failure_epoch", "bench.interrupted_by")
@@ -60,29 +71,62 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{parts.scheme}://{host}{parts.path.rstrip('/')}/{path}"
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """The output of a git command in the package's checkout; None outside one or without git."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_commit() -> str | None:
+    return _git("rev-parse", "HEAD")
+
+
 def environment_tags(device_name: str) -> dict[str, str]:
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     tags = {
         "bench.python": platform.python_version(),
         "bench.torch": torch.__version__,
         "bench.torchvision": torchvision.__version__,
         "bench.numpy": np.__version__,
+        "bench.mlflow": mlflow.__version__,
+        "bench.optuna": metadata.version("optuna"),  # not imported: tracking has no use for optuna
+        "bench.cuda": torch.version.cuda or "none",  # the CUDA torch was built with
+        "bench.cudnn": str(cudnn) if cudnn else "none",
         "bench.device": device_name,
     }
     commit = git_commit()
     if commit:
         tags["bench.git_commit"] = commit
         tags["mlflow.source.git.commit"] = commit
+        # Changes not committed (untracked files too, outside .gitignore): the commit alone does
+        # not say what ran.
+        tags["bench.git_dirty"] = str(bool(_git("status", "--porcelain"))).lower()
     return tags
+
+
+@functools.cache
+def environment_report() -> Future:
+    """torch.utils.collect_env's report of this machine (the run's environment.txt), made once per
+    process on a thread of its own: it takes seconds (1-5 s on a 2-core CPU, mostly the commands it
+    starts: pip, lscpu, nvidia-smi), so it is started early and read when a run ends."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-env").submit(get_pretty_env_info)
+
+
+class SystemMetrics(SystemMetricsMonitor):
+    """MLflow's system metrics monitor (metrics `system/...`: CPU, memory, disk, network, and GPUs
+    through pynvml) with the CPU time its thread spent, in `cpu_s` once it has stopped: what
+    sampling costs the run (`bench perf` counts it with the tracking time)."""
+
+    cpu_s = 0.0
+
+    def monitor(self) -> None:
+        try:
+            super().monitor()
+        finally:
+            self.cpu_s = time.thread_time()
 
 
 def _absolute(uri: str) -> str:
@@ -140,6 +184,8 @@ class Tracker:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._writers: dict[str, Writer] = {}
+        self._monitors: dict[str, SystemMetrics] = {}
+        self._environment: set[str] = set()  # runs that get environment.txt when they end
         try:
             with _schema_lock(_absolute(uri)):
                 self.client = MlflowClient(tracking_uri=_absolute(uri))
@@ -153,24 +199,40 @@ class Tracker:
             self._writers[run_id] = Writer()
         return self._writers[run_id]
 
+    def monitor_system(self, run_id: str, interval_s: float) -> SystemMetrics:
+        """Start sampling the machine into the run every `interval_s` seconds, until `end_run`.
+        A resumed run's samples continue after the steps it has."""
+        monitor = SystemMetrics(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=_absolute(self.uri))
+        monitor.start()
+        self._monitors[run_id] = monitor
+        return monitor
+
+    def log_environment(self, run_id: str) -> None:
+        """The run gets `environment.txt`, torch.utils.collect_env's report, when it ends (however
+        it ends); the report is started now, once per process."""
+        environment_report()
+        self._environment.add(run_id)
+
     def logged_steps(self, run_id: str, key: str) -> int:
         """The highest step logged for metric `key` in the run (0 if none): a resumed run logs only
         the steps after it, so no step appears twice."""
         return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
-    def experiment_id(self, name: str) -> str:
-        """The experiment's id, created on first use; also proves the store is reachable."""
+    def experiment_id(self, name: str, description: str | None = None) -> str:
+        """The experiment's id, created on first use; also proves the store is reachable.
+        `description` (markdown) becomes the experiment's description in the MLflow UI."""
         try:
             exp = self.client.get_experiment_by_name(name)
-            if exp is not None:
-                return exp.experiment_id
-            try:
-                return self.client.create_experiment(name)
-            except MlflowException:  # another process created it first: use theirs
-                exp = self.client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-                return exp.experiment_id
+            if exp is None:
+                try:
+                    return self.client.create_experiment(name, tags=None if description is None else {NOTE: description})
+                except MlflowException:  # another process created it first: use theirs
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+            if description is not None and exp.tags.get(NOTE) != description:
+                self.client.set_experiment_tag(exp.experiment_id, NOTE, description)
+            return exp.experiment_id
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
             raise unusable("tracking store", self.uri, exc) from None
 
@@ -197,7 +259,13 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str) -> None:
         writer = self._writers.pop(run_id, None)
+        monitor = self._monitors.pop(run_id, None)
         try:
+            if monitor is not None:
+                monitor.finish()  # now: the thread would see the run ended only at its next sample
+            if run_id in self._environment:
+                self._environment.discard(run_id)
+                _log_text(self.client, run_id, environment_report().result(), "environment.txt")
             if writer is not None:
                 writer.close()
         finally:
@@ -261,6 +329,44 @@ class Tracker:
 
 
 CHECKPOINTS = "checkpoints"  # the run's latest last.pt and best.pt: its final weights, or where to resume
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}  # MLflow's dataset contexts by part
+
+
+class ImageSplit(Dataset):
+    """A part of a run's data (bench.data.Part) as an MLflow dataset: name, source (the folder of
+    its files), digest, the images' and labels' tensor schema and, as its profile, its counts. The
+    images stay where they are: the digest is the data module's."""
+
+    def __init__(self, part) -> None:
+        self.part = part
+        super().__init__(source=LocalArtifactDatasetSource(part.source), name=part.name)
+
+    def _compute_digest(self) -> str:
+        return self.part.digest
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {"num_rows": self.part.images, "num_classes": self.part.classes}
+
+    @property
+    def schema(self) -> TensorDatasetSchema:
+        return TensorDatasetSchema(
+            features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, 32, 32), "image")]),
+            targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]),
+        )
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "schema": json.dumps(self.schema.to_dict()), "profile": json.dumps(self.profile)}
+
+
+def dataset_inputs(parts: dict[str, Any], logged: set[tuple[str, str]] = frozenset()) -> list[DatasetInput]:
+    """The parts (bench.data.Part by "train", "val", "test") as MLflow dataset inputs with their
+    context, leaving out those `logged` already, by (name, digest)."""
+    return [
+        DatasetInput(ImageSplit(part)._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, CONTEXTS[key])])
+        for key, part in parts.items()
+        if (part.name, part.digest) not in logged
+    ]
 
 
 class MlflowRun(Callback):
@@ -274,7 +380,7 @@ class MlflowRun(Callback):
 
     def __init__(
         self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *,
-        log_checkpoints: bool = True, model_example: np.ndarray | None = None,
+        log_checkpoints: bool = True, model_example: np.ndarray | None = None, datasets: dict[str, Any] | None = None,
     ) -> None:
         self.tracker, self.client, self.run_id, self.cfg = tracker, tracker.client, run_id, cfg
         self.writer = tracker.writer(run_id)
@@ -283,6 +389,8 @@ class MlflowRun(Callback):
         # A few uint8 test images (N x 32 x 32 x 3): a finished run logs its model with them as the
         # input example; None logs no model.
         self.model_example = model_example
+        self.datasets = datasets or {}  # the data's parts (bench.data.Part) the run trains and evaluates on, by "train", "val", "test"
+        self.monitor: SystemMetrics | None = None  # sampling the machine while the run trains (train.system_metrics)
         self._best: Path | None = None  # a best checkpoint written since the last upload
         self._logged_epoch = self._logged_step = 0
         self._steps: list[Metric] = []  # train_step_loss values, sent with the epoch's batch
@@ -292,10 +400,13 @@ class MlflowRun(Callback):
         # epochs after its last one) has logged epochs that it now trains again.
         self._logged_epoch = self.tracker.logged_steps(self.run_id, "train_loss")
         self._logged_step = self.tracker.logged_steps(self.run_id, "train_step_loss")
+        if self.cfg.train.system_metrics:
+            self.monitor = self.tracker.monitor_system(self.run_id, self.cfg.train.system_metrics_interval_s)
         # MLflow params are written once. A resumed cell (same config hash) may differ from its
         # run in settings that change no result (train.compile, the checkpoint interval, ...):
         # the params keep the values the run started with, bench.resumed_with the new ones.
-        logged = self.client.get_run(self.run_id).data.params
+        run = self.client.get_run(self.run_id)
+        logged = run.data.params
         changed = {k: v for k, v in self.cfg.params().items() if logged.get(k, v) != v}
         params = [Param(k, v) for k, v in self.cfg.params().items() if k not in changed]
         tags = [RunTag(k, v) for k, v in self.extra_tags.items()]
@@ -304,6 +415,10 @@ class MlflowRun(Callback):
         # MLflow caps one batch at 100 params; the resolved config is about 40 keys.
         for i in range(0, len(params), 100):
             self.writer.submit(self.client.log_batch, self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
+        # A resumed run has its datasets already (unless its data changed since).
+        inputs = dataset_inputs(self.datasets, {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs})
+        if inputs:
+            self.writer.submit(self.client.log_inputs, self.run_id, datasets=inputs)
 
     def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
         if step > self._logged_step:

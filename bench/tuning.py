@@ -231,7 +231,7 @@ class TrialContext:
 
 
 def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) -> float:
-    from bench.tracking import MlflowRun, environment_tags, run_url
+    from bench.tracking import NOTE, MlflowRun, environment_tags, run_url
 
     if limit is not None and _surplus(trial, limit):
         trial.set_user_attr("bench.surplus", True)
@@ -243,7 +243,8 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     study = trial.study.study_name
     # No cell tags (bench.experiment, .profile, .seed, .config_hash): `bench run` must never take a
     # trial's run for a suite cell's, nor `bench report` count it among the seeds.
-    tags = {"mlflow.parentRunId": ctx.parent_run_id, "optuna.study": study, "optuna.trial": str(trial.number), "bench.kind": "trial"}
+    tags = {"mlflow.parentRunId": ctx.parent_run_id, "optuna.study": study, "optuna.trial": str(trial.number), "bench.kind": "trial",
+            NOTE: f"{config.about_markdown(ctx.experiment)}\n**This run:** trial {trial.number} of study `{study}`, profile `{ctx.profile}`\n"}
     run_name = f"{study}-trial{trial.number}"
     run_id = ctx.tracker.start_run(ctx.experiment_id, run_name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
@@ -259,8 +260,10 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         bundle = data.build(cfg.data, seed=cfg.seed, device=ctx.device, files=ctx.files)
         model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(ctx.device)
         env = {**environment_tags(engine.device_name(ctx.device)), "bench.data_source": bundle.source}
+        ctx.tracker.log_environment(run_id)
         pruning = Pruning(trial)
-        callbacks = [MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False), pruning, ConsoleProgress(f"trial {trial.number}")]
+        datasets = {k: v for k, v in bundle.parts.items() if k != "test"}  # trials never see the test set
+        callbacks = [MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False, datasets=datasets), pruning, ConsoleProgress(f"trial {trial.number}")]
         result = engine.fit(model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False, evaluate_test=False)
         if result.status == "nonfinite":
             failure = {"bench.failure": "nonfinite_loss", "bench.failure_reason": "the training loss was not finite"}

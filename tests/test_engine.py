@@ -31,8 +31,8 @@ SEED = 3
 SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "train.checkpoint_min_interval_s=0",
         "schedule.name=cosine", "schedule.step_before_epoch=false"]
 COSINE_LRS = [0.025 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
-TIME_METRICS = ("epoch_time_s", "train_time_s", "images_per_s")
-METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s"}
+TIME_METRICS = ("epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb")  # measured: differ run to run
+METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb"}
 
 
 def make_cfg(*extra: str) -> config.RunConfig:
@@ -44,7 +44,7 @@ def files() -> cifar.CifarFiles:
     """Every other image of the embedded subset (500 train, 250 test): all ten classes, half the time."""
     full = cifar.load_cifar("cifar10", None)
     half = lambda s: cifar.Split(s.images[::2].clone(), s.labels[::2].clone())  # noqa: E731
-    return cifar.CifarFiles(half(full.train), half(full.test), full.classes, full.complete, full.location)
+    return cifar.CifarFiles(half(full.train), half(full.test), full.classes, full.complete, full.location, full.digest)
 
 
 def fresh(cfg: config.RunConfig, files: cifar.CifarFiles):

@@ -37,6 +37,10 @@ NEEDS: dict[str, tuple[str, str]] = {
                          "warning for MLflow's model_name fields (2.10)"),
     "numpy": ("1.26.1", "numpy._core stubs: the embedded CIFAR pickles were written by numpy 2"),
     "tomli": ("2.0", "tomllib's API on Python 3.10"),
+    "psutil": ("5.9", "cpu_percent, virtual_memory, disk_usage, net_io_counters for MLflow's system metrics "
+                      "(older 5.x have them too; not tested below 5.9)"),
+    "nvidia-ml-py": ("12.535", "nvmlDeviceGetMemoryInfo / GetUtilizationRates / GetPowerUsage for MLflow's GPU "
+                               "metrics (not tested below 12.535)"),
     "pytest": ("9.1", "caplog captures records of non-propagating loggers (MLflow's)"),
     "hypothesis": ("6.85", "st.characters(codec=..., categories=...)"),
     "optuna-dashboard": ("0.15", "serves an Optuna 5 study (test_tuning)"),

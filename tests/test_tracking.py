@@ -24,7 +24,7 @@ from conftest import TINY_SETS
 CPU = torch.device("cpu")
 EXPERIMENT = "resnetb-cifar10"
 SETS = [*TINY_SETS, "train.epochs=2"]
-METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s"]
+METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb"]
 
 
 def plan(*extra: str) -> list[suite.Cell]:
@@ -74,7 +74,7 @@ def test_one_finished_run_with_a_readable_name(first):
     [mlrun] = runs_of(first.client)
     assert mlrun.info.run_id == outcome.run_id
     assert mlrun.info.status == "FINISHED"
-    assert mlrun.info.run_name == "resnetb-cifar10-smoke-seed0"
+    assert mlrun.info.run_name == f"resnetb-cifar10-smoke-{first.cfg.config_hash()[:8]}-seed0"
     assert (first.root / "mlflow.db").is_file()
 
 

@@ -8,6 +8,7 @@ augmentation through one generator, whose state goes into checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -57,6 +58,28 @@ class Batches:
             yield self._prepare(self.images[idx]), self.labels[idx]
 
 
+@dataclass(frozen=True)
+class Part:
+    """One split as tracking records it: a name ("cifar100-train"), where its files are, a digest
+    of the images it holds and its counts."""
+
+    name: str
+    source: str
+    digest: str
+    images: int
+    classes: int
+
+
+def part_digest(files: CifarFiles, part: str, indices: Tensor | None) -> str:
+    """Changes with the files' content and with the images the part takes from them: `indices`
+    into the training set (a validation split's draw), None for all of the part's file. A few
+    hundred KB hashed: the files' MD5s were computed when they were read."""
+    h = hashlib.sha256(f"{files.digest}:{part}".encode())
+    if indices is not None:
+        h.update(indices.numpy().astype("<i8").tobytes())
+    return h.hexdigest()[:8]  # MLflow's digests are 8 characters
+
+
 @dataclass
 class DataBundle:
     train: Batches
@@ -67,6 +90,7 @@ class DataBundle:
     generator: torch.Generator
     source: str
     complete: bool
+    parts: dict[str, Part]  # "train", "val" (when there is a validation split), "test"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -82,16 +106,34 @@ def check_val_size(val_size: int, train_images: int) -> None:
         raise UserError(f"data.val_size={val_size} leaves no training images (the train set has {train_images})")
 
 
+def split_indices(n: int, val_size: int, split_seed: int) -> tuple[Tensor, Tensor]:
+    """(train, validation) indices into a training set of `n` images, each sorted: `val_size` of
+    them drawn for validation with `split_seed`."""
+    check_val_size(val_size, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
 def split_validation(train: Split, val_size: int, split_seed: int) -> tuple[Split, Split | None]:
     if val_size == 0:
         return train, None
-    check_val_size(val_size, len(train))
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    train_idx, val_idx = split_indices(len(train), val_size, split_seed)
     return (
         Split(train.images[train_idx], train.labels[train_idx]),
         Split(train.images[val_idx], train.labels[val_idx]),
     )
+
+
+def parts(files: CifarFiles, dataset: str, val_size: int, split_seed: int) -> dict[str, Part]:
+    """The train, validation (when `val_size` > 0) and test parts of a run's data."""
+    n, classes = len(files.train), NUM_CLASSES[dataset]
+    train_idx, val_idx = split_indices(n, val_size, split_seed) if val_size else (None, None)
+    chosen = {"train": (train_idx, n - val_size), "val": (val_idx, val_size), "test": (None, len(files.test))}
+    return {
+        part: Part(f"{dataset}-{part}", files.location, part_digest(files, part, idx), size, classes)
+        for part, (idx, size) in chosen.items()
+        if size
+    }
 
 
 def build(cfg, *, seed: int, device: torch.device, files: CifarFiles) -> DataBundle:
@@ -118,4 +160,5 @@ def build(cfg, *, seed: int, device: torch.device, files: CifarFiles) -> DataBun
         generator=gen,
         source=files.location,
         complete=files.complete,
+        parts=parts(files, cfg.dataset, cfg.val_size, cfg.split_seed),
     )

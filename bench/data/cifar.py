@@ -7,6 +7,8 @@ the check (a subset in the official layout) is partial: it loads with a warning 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pickle
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import check_integrity
+from torchvision.datasets.utils import calculate_md5
 
 from bench.errors import UserError
 
@@ -45,6 +47,7 @@ class CifarFiles:
     classes: list[str]
     complete: bool
     location: str
+    digest: str  # of the files read: their names and MD5s (the MD5 check computes them anyway)
 
 
 def _unpickle(path: Path, name: str):
@@ -97,7 +100,9 @@ def read_layout(name: str, root: Path) -> CifarFiles:
     test_files = [fname for fname, _ in cls.test_list if fname in present]
     if not train_files or not test_files:
         raise _missing_data_error(name, Path(root), "no train or no test file")
-    complete = all(check_integrity(str(folder / fname), md5) for fname, md5 in listed)
+    md5s = {fname: calculate_md5(str(folder / fname)) for fname in present}
+    complete = all(md5s.get(fname) == md5 for fname, md5 in listed)
+    digest = hashlib.sha256(json.dumps(md5s, sort_keys=True).encode()).hexdigest()
     train = _concat([_read_batch(folder / f, name) for f in train_files])
     test = _concat([_read_batch(folder / f, name) for f in test_files])
     classes: list[str] = []
@@ -107,7 +112,7 @@ def read_layout(name: str, root: Path) -> CifarFiles:
             classes = [str(c) for c in _unpickle(meta, name)[cls.meta["key"]]]
         except (KeyError, TypeError, IndexError) as exc:
             raise _bad_file(meta, name, f"{type(exc).__name__}: {exc}") from None
-    return CifarFiles(train, test, classes, complete, str(folder))
+    return CifarFiles(train, test, classes, complete, str(folder), digest)
 
 
 def load_cifar(name: str, root: Path | None, *, download: bool = True) -> CifarFiles:
