@@ -14,7 +14,7 @@ from pathlib import Path
 from bench import config, console, hostmem, stores
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
-from bench.urls import redact, scrub
+from bench.urls import password, redact, scrub
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     urls = _guard_passwords(args)
     hostmem.keep_freed_memory()  # before any work: training re-uses its memory every step
-    with _stopping_on_sigterm(), console.terminal(args.debug):
+    with _stopping_on_sigterm(), console.terminal(args.debug, secret=any(password(u) for u in urls)):
         return _dispatch(args, urls)
 
 

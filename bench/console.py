@@ -15,6 +15,9 @@ import os
 import warnings
 
 QUIET_LEVELS = {"mlflow": logging.WARNING, "alembic": logging.WARNING, "optuna": logging.ERROR}
+# Warnings raised in these packages, and Optuna's "... is experimental" wherever it is attributed:
+# torch's stay, as one is the only sign of a nondeterministic operation (warn_only).
+QUIET_WARNINGS_FROM = r"(mlflow|optuna|optuna_dashboard|alembic|sqlalchemy|pydantic|matplotlib|seaborn)(\.|$)"
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 _debug = False
 
@@ -27,8 +30,10 @@ def quiet(name: str) -> None:
 
 
 @contextlib.contextmanager
-def terminal(debug: bool):
-    """The console of one command; the levels, variables and warning filters before it come back after."""
+def terminal(debug: bool, secret: bool = False):
+    """The console of one command; the levels, variables and warning filters before it come back after.
+    `secret`: a store URL of the command holds a password, which MLflow's link lines would print
+    (they are print() calls, not log records bench can scrub): they stay hidden under --debug too."""
     global _debug
     names = [*QUIET_LEVELS, "bench"]
     levels = {name: logging.getLogger(name).level for name in names}
@@ -37,6 +42,8 @@ def terminal(debug: bool):
     try:
         with warnings.catch_warnings():
             if debug:
+                if secret:
+                    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
                 logging.getLogger("bench").setLevel(logging.DEBUG)
                 for name in QUIET_LEVELS:
                     logging.getLogger(name).setLevel(logging.INFO)  # the libraries' own default
@@ -44,7 +51,8 @@ def terminal(debug: bool):
                 os.environ.update(QUIET_ENV)
                 for name in QUIET_LEVELS:
                     quiet(name)
-                warnings.simplefilter("ignore")  # bench warns through logging: these are the libraries'
+                warnings.filterwarnings("ignore", module=QUIET_WARNINGS_FROM)
+                warnings.filterwarnings("ignore", message=r".* is experimental")
             yield
     finally:
         _debug = False

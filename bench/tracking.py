@@ -129,7 +129,7 @@ class SystemMetrics(SystemMetricsMonitor):
             self.cpu_s = time.thread_time()
 
 
-def _absolute(uri: str) -> str:
+def absolute_uri(uri: str) -> str:
     """sqlite:///relative.db made absolute: MLflow caches one store per URI string in a process,
     so a relative path would keep pointing at the directory where it was first opened."""
     prefix = "sqlite:///"
@@ -187,8 +187,8 @@ class Tracker:
         self._monitors: dict[str, SystemMetrics] = {}
         self._environment: set[str] = set()  # runs that get environment.txt when they end
         try:
-            with _schema_lock(_absolute(uri)):
-                self.client = MlflowClient(tracking_uri=_absolute(uri))
+            with _schema_lock(absolute_uri(uri)):
+                self.client = MlflowClient(tracking_uri=absolute_uri(uri))
                 self.client.search_experiments(max_results=1)  # creates a new store's tables
         except Exception as exc:  # mlflow raises many types for an unsupported, malformed or unreachable URI
             raise unusable("tracking store", uri, exc) from None
@@ -202,7 +202,7 @@ class Tracker:
     def monitor_system(self, run_id: str, interval_s: float) -> SystemMetrics:
         """Start sampling the machine into the run every `interval_s` seconds, until `end_run`.
         A resumed run's samples continue after the steps it has."""
-        monitor = SystemMetrics(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=_absolute(self.uri))
+        monitor = SystemMetrics(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=absolute_uri(self.uri))
         monitor.start()
         self._monitors[run_id] = monitor
         return monitor
@@ -459,7 +459,7 @@ class MlflowRun(Callback):
             best = result.best_epoch is not None
             file = result.checkpoint_dir / (engine.BEST if best else engine.LAST)
             epoch = result.best_epoch if best else result.epochs_done
-            self.writer.submit(logged_model.log, self.client, _absolute(self.tracker.uri), self.run_id, self.cfg, file, epoch, self.model_example)
+            self.writer.submit(logged_model.log, self.client, absolute_uri(self.tracker.uri), self.run_id, self.cfg, file, epoch, self.model_example)
         self.writer.flush()
 
     def _log_summary(self, result) -> None:

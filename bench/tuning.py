@@ -13,6 +13,7 @@ import shlex
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,8 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
         failure = failure_tags(exc)
+        # Where it failed, as a failed cell shows it: optuna's own warning with it is hidden without --debug.
+        log.error("trial %d of study %s failed:\n%s", trial.number, study, traceback.format_exc())
         raise TrialFailed(failure["bench.failure_reason"]) from exc
     finally:
         for key, value in failure.items():
@@ -297,12 +300,12 @@ def note_run(trial: optuna.Trial, run_name: str, url: str, tracking_uri: str) ->
         from optuna_dashboard import save_note
     except ImportError:
         return
-    from bench.tracking import ui_command
+    from bench.tracking import absolute_uri, ui_command
 
     if url.startswith("http"):
         body = f"MLflow run [{run_name}]({url})"
     else:
-        body = f"MLflow run `{run_name}`: `{ui_command(redact(tracking_uri))}`, then open `{url}` at the address it serves"
+        body = f"MLflow run `{run_name}`: `{ui_command(redact(absolute_uri(tracking_uri)))}`, then open `{url}` at the address it serves"
     save_note(trial, body + "\n")
 
 

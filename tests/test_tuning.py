@@ -4,6 +4,7 @@ study continued after SIGKILL, and optuna-dashboard reading the study."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import signal
@@ -439,7 +440,7 @@ HW4 = ["tune", "hw4-resnet-cifar100", "--profile", "smoke", "--epochs", "1", "--
          for a in ("--set", s)]]
 
 
-def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch, in_tmp, capsys):
+def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch, in_tmp, capsys, caplog):
     search = '[search]\n"optim.lr" = { type = "float", low = 1e-3, high = 0.1, log = true }\n"data.batch_size" = { type = "categorical", choices = [1016] }\n'
     _experiments_with_search(tmp_path, monkeypatch, search, "hw4-resnet-cifar100")
     # Batches of 1016 fail, the recipe's 32 trains; the draws are the same for a seed, and seed 1
@@ -456,6 +457,9 @@ def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(t
         assert (run.info.status, run.data.tags["optuna.state"]) == ("FAILED", "FAIL")
         assert run.data.tags["bench.failure_reason"] == t.user_attrs["bench.failure_reason"]
     assert f"trial {failed[0].number} " in capsys.readouterr().err
+    # Where it failed, without --debug (optuna's own warning with the traceback is hidden).
+    shown = [r.getMessage() for r in caplog.records if r.name == "bench.tuning" and r.levelno == logging.ERROR]
+    assert any(m.startswith(f"trial {failed[0].number} of study hw4-resnet-cifar100-smoke failed:") and "Traceback" in m for m in shown)
 
 
 def test_a_study_whose_every_trial_fails_stops_after_five_in_a_row_with_exit_1(tmp_path, monkeypatch, in_tmp, capsys):
