@@ -102,6 +102,10 @@ def test_subset_data_and_other_recipes_are_not_comparable():
     recs = [record("resnetb-cifar10", s, [0.2, 0.67], complete="false") for s in range(2)]
     s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", **NO_DIFF)
     assert (s.rows[0].verdict, s.rows[0].why_not_comparable) == ("not comparable", "subset of CIFAR")
+    # Said at the top, right under the title: a reader sees it before any figure.
+    title, first = report.markdown(s, {}).split("\n\n")[:2]
+    assert title.startswith("# Report:") and first.startswith("> None of these runs is the reported recipe on the full dataset")
+    assert "not comparable to the reported ones" in first
     # A profile whose recipe is not the paper's: its runs are its recipe's, and not comparable.
     recs = [record("resnetb-cifar10", s, [0.2, 0.67], params={"optim.lr": "0.05"}) for s in range(2)]
     mine = {"resnetb-cifar10": report.Recipe("h1", {"optim.lr": "0.05", "train.epochs": "2"})}
