@@ -154,12 +154,34 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+_PROC_SELF = Path("/proc/self")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory_mb`'s count afresh: this fit's peak, not one of an earlier fit (or trial)
+    in the same process. On Linux, writing 5 to clear_refs resets the resident-set peak (VmHWM);
+    where that cannot be done, the peak off CUDA stays the process's since it started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        (_PROC_SELF / "clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """The peak memory of training so far, in MiB: on CUDA the caching allocator's peak of tensor
-    memory since `fit` reset it; elsewhere the process's peak resident set since it started
-    (getrusage: the MPS and CPU allocators keep no peak of their own)."""
+    """The peak memory of training since `reset_peak_memory`, in MiB: on CUDA the caching
+    allocator's peak of tensor memory; elsewhere the process's peak resident set (VmHWM on Linux,
+    else getrusage: the MPS and CPU allocators keep no peak of their own)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in (_PROC_SELF / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     if resource is None:
         import psutil
 
@@ -324,8 +346,7 @@ def fit(
         result.last_metrics = dict(state["metrics"])
 
     saver = checkpoint.Saver(background=device.type != "cpu")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # peak_memory_mb: this fit's, not an earlier one's in the process
+    reset_peak_memory(device)  # peak_memory_mb: this fit's, not an earlier one's in the process
 
     def announce(keep: int | None = None) -> None:
         for kind, path, epoch in saver.done(keep):

@@ -282,11 +282,13 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         log.error("trial %d of study %s failed:\n%s", trial.number, study, traceback.format_exc())
         raise TrialFailed(failure["bench.failure_reason"]) from exc
     finally:
-        for key, value in failure.items():
-            trial.set_user_attr(key, value)
-        ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
-        ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        try:
+            for key, value in failure.items():
+                trial.set_user_attr(key, value)
+            ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
+        finally:  # the run ends, and its system-metrics sampling with it, whatever the stores said
+            ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+            shutil.rmtree(ckpt, ignore_errors=True)
     if state == "PRUNED":
         raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
     return float(result.best_val_acc) if state == "COMPLETE" else math.nan  # optuna fails a trial whose value is nan

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -796,3 +797,13 @@ def test_checkpoints_keep_the_minimum_interval_but_the_last_epoch_and_a_stop_alw
     result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "stopped", callbacks=[reader], max_epochs=2)
     assert result.status == "stopped"
     assert [e for kind, e in reader.seen if kind == "last"] == [2]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the resident-set peak through Linux's /proc")
+def test_the_peak_memory_a_fit_logs_is_its_own_not_the_process_s():
+    cpu = torch.device("cpu")
+    big = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB made resident, then handed back (mmap-sized)
+    del big
+    before = engine.peak_memory_mb(cpu)
+    engine.reset_peak_memory(cpu)
+    assert engine.peak_memory_mb(cpu) < before - 300

@@ -138,7 +138,15 @@ def test_changed_files_give_changed_digests(tmp_path):
     with open(folder / "test_batch", "wb") as f:
         pickle.dump(batch, f)
     after = digests(cifar.read_layout("cifar10", tmp_path))
-    assert before["test"] != after["test"] and before["train"] != after["train"]
+    # The test data's digest changes, the training data's does not: its files are the same.
+    assert before["test"] != after["test"] and before["train"] == after["train"]
+    with open(folder / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    batch["labels"][0] = (batch["labels"][0] + 1) % 10  # one label of one training image
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f)
+    again = digests(cifar.read_layout("cifar10", tmp_path))
+    assert again["train"] != after["train"] and again["test"] == after["test"]
 
 
 # --- system metrics and peak memory --------------------------------------------------------------

@@ -477,3 +477,23 @@ def test_tune_stops_when_a_finite_space_has_no_untried_values_left(tmp_path, mon
     study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
     assert sorted(t.params["data.batch_size"] for t in study.trials) == [16, 32]  # the recipe's 32 and the one choice
     assert "every set of values of the search space has been tried: 2 of 3 trials finished" in capsys.readouterr().err
+
+
+def test_a_trial_whose_outcome_tags_cannot_be_written_still_ends_its_run(monkeypatch, in_tmp):
+    # Its run would stay RUNNING, and its system metrics sampled for the rest of the process.
+    from bench.tracking import Tracker
+
+    original = Tracker.set_tags
+
+    def failing(self, run_id, tags):
+        if "optuna.state" in tags:
+            raise RuntimeError("the tracking store went away")
+        return original(self, run_id, tags)
+
+    monkeypatch.setattr(Tracker, "set_tags", failing)
+    with pytest.raises(RuntimeError, match="went away"):
+        cli.main([*HW4, "--trials", "1"])
+    client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hw4-resnet-cifar100")
+    trials = client.search_runs([exp.experiment_id], filter_string="tags.`bench.kind` = 'trial'")
+    assert trials and all(r.info.status != "RUNNING" for r in trials)

@@ -74,7 +74,8 @@ def part_digest(files: CifarFiles, part: str, indices: Tensor | None) -> str:
     """Changes with the files' content and with the images the part takes from them: `indices`
     into the training set (a validation split's draw), None for all of the part's file. A few
     hundred KB hashed: the files' MD5s were computed when they were read."""
-    h = hashlib.sha256(f"{files.digest}:{part}".encode())
+    of_files = (files.test_digest if part == "test" else files.train_digest) or files.digest
+    h = hashlib.sha256(f"{of_files}:{part}".encode())
     if indices is not None:
         h.update(indices.numpy().astype("<i8").tobytes())
     return h.hexdigest()[:8]  # MLflow's digests are 8 characters

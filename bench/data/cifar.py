@@ -48,6 +48,10 @@ class CifarFiles:
     complete: bool
     location: str
     digest: str  # of the files read: their names and MD5s (the MD5 check computes them anyway)
+    # The same of the training files and of the test files (each with the class-name file):
+    # a changed training file leaves the test data's digest as it was. Empty: `digest` for both.
+    train_digest: str = ""
+    test_digest: str = ""
 
 
 def _unpickle(path: Path, name: str):
@@ -102,7 +106,11 @@ def read_layout(name: str, root: Path) -> CifarFiles:
         raise _missing_data_error(name, Path(root), "no train or no test file")
     md5s = {fname: calculate_md5(str(folder / fname)) for fname in present}
     complete = all(md5s.get(fname) == md5 for fname, md5 in listed)
-    digest = hashlib.sha256(json.dumps(md5s, sort_keys=True).encode()).hexdigest()
+    def digest_of(names: list[str]) -> str:
+        return hashlib.sha256(json.dumps({f: md5s[f] for f in names if f in md5s}, sort_keys=True).encode()).hexdigest()
+
+    digest = digest_of(present)
+    train_digest, test_digest = digest_of([*train_files, cls.meta["filename"]]), digest_of([*test_files, cls.meta["filename"]])
     train = _concat([_read_batch(folder / f, name) for f in train_files])
     test = _concat([_read_batch(folder / f, name) for f in test_files])
     classes: list[str] = []
@@ -112,7 +120,7 @@ def read_layout(name: str, root: Path) -> CifarFiles:
             classes = [str(c) for c in _unpickle(meta, name)[cls.meta["key"]]]
         except (KeyError, TypeError, IndexError) as exc:
             raise _bad_file(meta, name, f"{type(exc).__name__}: {exc}") from None
-    return CifarFiles(train, test, classes, complete, str(folder), digest)
+    return CifarFiles(train, test, classes, complete, str(folder), digest, train_digest, test_digest)
 
 
 def load_cifar(name: str, root: Path | None, *, download: bool = True) -> CifarFiles:
