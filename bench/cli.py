@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("experiment", metavar="EXPERIMENT", help="the experiment whose recipe's runs to choose from (see `bench list`)")
     reg.add_argument("--profile", default="paper", help="the profile of the runs, and the alias it gets (default paper)")
     reg.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="the config's overrides, as `bench run` was given them (repeatable)")
+    reg.add_argument("--epochs", type=int, help="train.epochs, as `bench run` was given it")
     reg.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
     pf = sub.add_parser("perf", help="throughput of the data pipeline, the engine and tracking against plain PyTorch")
@@ -314,10 +315,12 @@ def cmd_register(args) -> int:
     from bench import logged_model
     from bench.tracking import Tracker, resolve_uri
 
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     uri = resolve_uri(args.tracking_uri)
     stores.check("tracking store", uri)
     stores.probe("tracking store", uri)
-    model_uri, run_name, version = logged_model.register(Tracker(uri).client, args.experiment, args.profile, args.sets)
+    model_uri, run_name, version = logged_model.register(Tracker(uri).client, args.experiment, args.profile, args.sets, args.epochs)
     print(f"Registered the model of {run_name} as {args.experiment} version {version}, alias {args.profile}: {model_uri}")
     print(f"Load it: MLFLOW_TRACKING_URI={redact(uri)} python -c \"import mlflow; model = mlflow.pytorch.load_model('{model_uri}')\"")
     return 0

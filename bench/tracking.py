@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # the built-in one from Python 3.11 only
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -40,8 +44,9 @@ from torch.utils.collect_env import get_pretty_env_info
 
 from bench import console, engine, logged_model
 from bench.callbacks import Callback
-from bench.errors import unusable
+from bench.errors import reason, unusable
 
+log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 NOTE = "mlflow.note.content"  # an experiment's or a run's description (markdown) in the MLflow UI
 CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")
@@ -103,16 +108,41 @@ def environment_tags(device_name: str) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = commit
         # Changes not committed (untracked files too, outside .gitignore): the commit alone does
         # not say what ran.
-        tags["bench.git_dirty"] = str(bool(_git("status", "--porcelain"))).lower()
+        status = _git("status", "--porcelain")
+        tags["bench.git_dirty"] = "unknown" if status is None else str(bool(status)).lower()
     return tags
+
+
+ENVIRONMENT_WAIT_S = 20.0  # the longest a run's end waits for the environment report
 
 
 @functools.cache
 def environment_report() -> Future:
     """torch.utils.collect_env's report of this machine (the run's environment.txt), made once per
     process on a thread of its own: it takes seconds (1-5 s on a 2-core CPU, mostly the commands it
-    starts: pip, lscpu, nvidia-smi), so it is started early and read when a run ends."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-env").submit(get_pretty_env_info)
+    starts: pip, lscpu, nvidia-smi), so it is started early and read when a run ends. A daemon
+    thread: a command it starts that hangs cannot keep the process from exiting."""
+    future: Future = Future()
+
+    def make() -> None:
+        try:
+            future.set_result(get_pretty_env_info())
+        except BaseException as exc:  # noqa: BLE001 - whatever it raised is the report's text
+            future.set_exception(exc)
+
+    threading.Thread(target=make, name="collect-env", daemon=True).start()
+    return future
+
+
+def environment_text(wait_s: float = ENVIRONMENT_WAIT_S) -> str:
+    """The environment report, or why there is none: collect_env fails on some machines (a
+    command's output it cannot decode) and its commands can hang; neither may change how a run ends."""
+    try:
+        return environment_report().result(timeout=wait_s)
+    except FutureTimeout:
+        return f"torch.utils.collect_env did not finish within {wait_s:.0f} s\n"
+    except Exception as exc:  # noqa: BLE001 - any failure of the report is its text
+        return f"torch.utils.collect_env failed: {type(exc).__name__}: {exc}\n"
 
 
 class SystemMetrics(SystemMetricsMonitor):
@@ -125,6 +155,14 @@ class SystemMetrics(SystemMetricsMonitor):
     def monitor(self) -> None:
         try:
             super().monitor()
+            if self._shutdown_event.is_set():
+                # MLflow's loop drops the samples taken since its last publication when it is
+                # stopped: a run shorter than one interval would have no system metrics at all.
+                last = self.aggregate_metrics()
+                if last:
+                    self.publish_metrics(last)
+        except Exception as exc:  # noqa: BLE001 - sampling must never take the run down
+            log.warning("system metrics of run %s: %s", self._run_id, exc)
         finally:
             self.cpu_s = time.thread_time()
 
@@ -154,6 +192,13 @@ def _schema_lock(uri: str):
     with open(uri[len(prefix):] + ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+NOTE_DIGEST = "bench.note_sha256"  # of the description bench wrote: one that differs was edited in the UI
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Writer:
@@ -220,18 +265,23 @@ class Tracker:
 
     def experiment_id(self, name: str, description: str | None = None) -> str:
         """The experiment's id, created on first use; also proves the store is reachable.
-        `description` (markdown) becomes the experiment's description in the MLflow UI."""
+        `description` (markdown) becomes the experiment's description in the MLflow UI; a later
+        one (the experiment file's [about] changed) replaces it unless a user edited it there."""
+        written = {} if description is None else {NOTE: description, NOTE_DIGEST: _digest(description)}
         try:
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 try:
-                    return self.client.create_experiment(name, tags=None if description is None else {NOTE: description})
+                    return self.client.create_experiment(name, tags=written or None)
                 except MlflowException:  # another process created it first: use theirs
                     exp = self.client.get_experiment_by_name(name)
                     if exp is None:
                         raise
-            if description is not None and exp.tags.get(NOTE) != description:
-                self.client.set_experiment_tag(exp.experiment_id, NOTE, description)
+            note = exp.tags.get(NOTE)
+            ours = note is None or _digest(note) == exp.tags.get(NOTE_DIGEST)  # absent, or as bench wrote it
+            if written and note != description and ours:
+                for key, value in written.items():
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
             raise unusable("tracking store", self.uri, exc) from None
@@ -265,7 +315,7 @@ class Tracker:
                 monitor.finish()  # now: the thread would see the run ended only at its next sample
             if run_id in self._environment:
                 self._environment.discard(run_id)
-                _log_text(self.client, run_id, environment_report().result(), "environment.txt")
+                _log_text(self.client, run_id, environment_text(), "environment.txt")
             if writer is not None:
                 writer.close()
         finally:
@@ -455,12 +505,39 @@ class MlflowRun(Callback):
         self._log_summary(result)
         if result.status == "finished" and self.log_checkpoints and self.model_example is not None:
             # After the summary in the same queue: the metrics at the model's step are in the
-            # store when MLflow links them to it.
+            # store when the model is linked to them.
             best = result.best_epoch is not None
             file = result.checkpoint_dir / (engine.BEST if best else engine.LAST)
             epoch = result.best_epoch if best else result.epochs_done
-            self.writer.submit(logged_model.log, self.client, absolute_uri(self.tracker.uri), self.run_id, self.cfg, file, epoch, self.model_example)
+            self.writer.submit(self._log_model, file, epoch)
+            uploaded = threading.Event()
+            self.writer.submit(uploaded.set)
+            self._wait_for(uploaded)
         self.writer.flush()
+
+    def _log_model(self, file: Path, epoch: int) -> None:
+        """Log the run's model. Training has finished and its metrics are right: an error here
+        (a full disk, the store) leaves the run FINISHED, tagged with the reason, and `bench
+        register` logs the model from the run's checkpoints later."""
+        try:
+            logged_model.log(self.client, self.run_id, self.cfg, file, epoch, self.model_example)
+        except Exception as exc:
+            log.warning("run %s: its model was not logged (%s); `bench register` logs it from the run's checkpoints", self._run_name(), reason(exc))
+            self.client.set_tag(self.run_id, logged_model.MODEL_ERROR, reason(exc))
+
+    def _wait_for(self, uploaded: threading.Event) -> None:
+        """Wait for the model's upload, saying so when it takes more than a second or an
+        interruption (Ctrl-C) has to wait for it: the run ends after its queue."""
+        try:
+            if uploaded.wait(1.0):
+                return
+        except KeyboardInterrupt:
+            log.warning("finishing the model upload of %s ...", self._run_name())
+            raise
+        log.info("finishing the model upload of %s ...", self._run_name())
+
+    def _run_name(self) -> str:
+        return self.client.get_run(self.run_id).info.run_name
 
     def _log_summary(self, result) -> None:
         summary: dict[str, Any] = {"bench.status": result.status, "bench.epochs_done": str(result.epochs_done)}

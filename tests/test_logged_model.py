@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from bench import cli, engine, logged_model, suite
 from bench.errors import UserError
+from bench.models import create_model
 from bench.tracking import Tracker
 
 from conftest import TINY_SETS
@@ -86,6 +90,9 @@ def test_each_finished_run_logs_its_best_checkpoint_as_a_model_linked_to_it(smok
         linked = {m.key: (m.value, m.step) for m in smoke.client.get_logged_model(model.model_id).metrics}
         for key in ("best_val_acc", "best_test_acc"):
             assert linked[key] == (run.data.metrics[key], best_epoch)
+        # What a model evaluated with batch statistics needs, in its MLmodel.
+        metadata = mlflow.models.Model.load(model.artifact_location).metadata
+        assert metadata == {"eval_mode": smoke.cfg.eval.mode, "eval_batch_size": smoke.cfg.data.eval_batch_size}
 
 
 def test_the_model_gives_the_runs_test_accuracy_on_raw_uint8_images(smoke, monkeypatch):
@@ -107,7 +114,7 @@ def test_the_model_takes_nchw_uint8_and_float_images_alike(smoke, monkeypatch):
         assert torch.equal(model(nchw.float() / 255), expected)
 
 
-def test_the_registered_alias_loads_with_mlflow_alone_and_is_the_best_seed(smoke, capsys):
+def test_the_registered_alias_loads_with_mlflow_alone_and_is_the_best_seed(smoke, capsys, monkeypatch):
     base = ["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", smoke.uri, *(f"--set={s}" for s in SETS)]
     assert cli.main(base) == 0
     out = capsys.readouterr().out
@@ -119,6 +126,15 @@ def test_the_registered_alias_loads_with_mlflow_alone_and_is_the_best_seed(smoke
     # The same model registered again is the same version.
     assert cli.main(base) == 0
     assert len(smoke.client.search_model_versions(f"name = '{EXPERIMENT}'")) == 1
+    # The alias moved to another model (by hand, in the UI) and back: the version it had before.
+    [other] = [o for o in smoke.outcomes if o.run_id != best.run_id]
+    [other_model] = models_of(smoke.client, smoke.runs[other.run_id])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", smoke.uri)  # where the registry looks up a models:/ source
+    moved = smoke.client.create_model_version(EXPERIMENT, source=other_model.model_uri, run_id=other.run_id, model_id=other_model.model_id)
+    smoke.client.set_registered_model_alias(EXPERIMENT, "smoke", moved.version)
+    assert cli.main(base) == 0
+    assert len(smoke.client.search_model_versions(f"name = '{EXPERIMENT}'")) == 2
+    assert smoke.client.get_model_version_by_alias(EXPERIMENT, "smoke").version == version.version
 
     # A user's process with neither bench nor anything but the store's URI.
     images, labels = suite_test_images(smoke.cfg)
@@ -159,15 +175,6 @@ def test_a_resumed_or_rerun_cell_logs_one_model(in_tmp, monkeypatch):
     [skipped] = run(cells, in_tmp, uri)
     assert skipped.status == "skipped"
     assert len(models_of(client, client.get_run(done.run_id))) == 1
-    # Killed while logging it: the unfinished model is replaced by a finished one.
-    client.delete_logged_model(model.model_id)
-    pending = client.create_logged_model(client.get_run(done.run_id).info.experiment_id, name="model", source_run_id=done.run_id)
-    client.log_outputs(done.run_id, [LoggedModelOutput(pending.model_id, step=1)])
-    client.set_terminated(done.run_id, "KILLED")
-    [last] = run(cells, in_tmp, uri)
-    assert last.status == "finished"
-    [logged] = models_of(client, client.get_run(done.run_id))
-    assert logged.model_id != pending.model_id and logged.status == LoggedModelStatus.READY
 
 
 def test_batch_statistics_and_final_weights_where_the_recipe_has_no_validation_split(in_tmp, monkeypatch):
@@ -192,7 +199,7 @@ def test_batch_statistics_and_final_weights_where_the_recipe_has_no_validation_s
     assert client.get_model_version_by_alias(HW4, "smoke").tags["bench.chosen_on"] == "test_acc"
 
 
-def test_register_errors(in_tmp, capsys):
+def test_register_errors(in_tmp, capsys, caplog):
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri]) == 2
     assert "no finished run of resnetb-cifar10 (profile smoke" in capsys.readouterr().err
@@ -203,12 +210,122 @@ def test_register_errors(in_tmp, capsys):
     # A run of another config than the one named: the message says to pass its --set keys.
     assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri]) == 2
     assert "1 finished runs of other configs: pass the --set keys" in capsys.readouterr().err
-    # A finished run without a model (an earlier bench's): named, with what to do.
+    # A finished run without the ranking metric is left out, and named.
     client = MlflowClient(uri)
-    [model] = models_of(client, client.get_run(done.run_id))
-    client.delete_logged_model(model.model_id)
-    with pytest.raises(UserError, match="has no logged model"):
-        logged_model.register(client, EXPERIMENT, "smoke", SETS)
+    tags = {k: v for k, v in client.get_run(done.run_id).data.tags.items() if k.startswith("bench.")}
+    bare = client.create_run(client.get_run(done.run_id).info.experiment_id, run_name="no-metrics", tags={**tags, "bench.seed": "7"})
+    client.set_terminated(bare.info.run_id, "FINISHED")
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        assert logged_model.best_run(client, EXPERIMENT, "smoke", SETS)[0].info.run_id == done.run_id
+    assert "left out 1 finished run(s) without best_val_acc: no-metrics" in caplog.text
+    # The config named with --epochs, as `bench run --epochs 3` names it.
+    assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, "--epochs", "3", *(f"--set={s}" for s in TINY_SETS)]) == 0
+    assert MlflowClient(uri).get_model_version_by_alias(EXPERIMENT, "smoke").run_id == done.run_id
+    client.delete_run(done.run_id)
+    with pytest.raises(UserError, match="has best_val_acc to be chosen on"):
+        logged_model.best_run(client, EXPERIMENT, "smoke", SETS)
+
+
+def test_register_logs_the_model_of_a_run_that_has_none_from_its_checkpoint_artifacts(in_tmp, monkeypatch, capsys):
+    """A run finished before bench logged models: `register` logs its model, from the run's
+    checkpoints in MLflow (not the local ones), and registers it."""
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    with monkeypatch.context() as mp:
+        mp.setattr(logged_model, "log", lambda *args: None)
+        [done] = run(suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS), in_tmp, uri)
+    assert done.status == "finished" and models_of(client, client.get_run(done.run_id)) == []
+    shutil.rmtree(in_tmp / "ck")
+    assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in SETS)]) == 0
+    assert "Registered the model of" in capsys.readouterr().out
+    mlrun = client.get_run(done.run_id)
+    [model] = models_of(client, mlrun)
+    assert model.status == LoggedModelStatus.READY
+    assert [(o.model_id, o.step) for o in mlrun.outputs.model_outputs] == [(model.model_id, int(mlrun.data.tags["bench.best_epoch"]))]
+    images, labels = suite_test_images(suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)[0].cfg)
+    assert accuracy(load(uri, f"models:/{EXPERIMENT}@smoke", monkeypatch), images, labels) == done.best_test_acc
+
+
+def fail_once(monkeypatch, exc: BaseException) -> list[BaseException]:
+    """mlflow.pytorch.save_model raises `exc` the first time it is called."""
+    raised, save = [], mlflow.pytorch.save_model
+
+    def save_model(*args, **kwargs):
+        if not raised:
+            raised.append(exc)
+            raise exc
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.pytorch, "save_model", save_model)
+    return raised
+
+
+def assert_one_ready_model(client: MlflowClient, run_id: str, uri: str, monkeypatch, test_acc: float) -> str:
+    mlrun = client.get_run(run_id)
+    [output] = mlrun.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.status == LoggedModelStatus.READY and [m.model_id for m in models_of(client, mlrun)] == [model.model_id]
+    assert logged_model.MODEL_ERROR not in mlrun.data.tags
+    cfg = suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)[0].cfg
+    assert accuracy(load(uri, model.model_uri, monkeypatch), *suite_test_images(cfg)) == test_acc
+    return model.model_id
+
+
+def test_a_failed_model_upload_leaves_the_run_finished_and_register_logs_the_model(in_tmp, monkeypatch, caplog):
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    raised = fail_once(monkeypatch, OSError(28, "No space left on device"))
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        [done] = run(suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS), in_tmp, uri)
+    assert raised
+    assert (done.status, done.epochs) == ("finished", 3)
+    mlrun = client.get_run(done.run_id)
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.tags[logged_model.MODEL_ERROR] == "[Errno 28] No space left on device"
+    assert f"run {mlrun.info.run_name}: its model was not logged ([Errno 28] No space left on device)" in caplog.text
+    [failed] = models_of(client, mlrun)
+    assert failed.status != LoggedModelStatus.READY
+    assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in SETS)]) == 0
+    assert assert_one_ready_model(client, done.run_id, uri, monkeypatch, done.best_test_acc) == failed.model_id
+
+
+def test_a_killed_model_upload_is_finished_in_place_when_the_cell_runs_again(in_tmp, monkeypatch, caplog):
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    cells = suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)
+    with monkeypatch.context() as mp:
+        fail_once(mp, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run(cells, in_tmp, uri)
+    [killed] = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert killed.info.status == "KILLED"
+    [pending] = models_of(client, killed)
+    save = mlflow.pytorch.save_model
+
+    def slow_save_model(*args, **kwargs):  # an upload that takes a while: the console says what the run waits for
+        time.sleep(1.5)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.pytorch, "save_model", slow_save_model)
+    with caplog.at_level(logging.INFO, logger="bench"):
+        [done] = run(cells, in_tmp, uri)
+    assert done.status == "finished" and done.run_id == killed.info.run_id
+    assert assert_one_ready_model(client, done.run_id, uri, monkeypatch, done.best_test_acc) == pending.model_id
+    assert f"finishing the model upload of {killed.info.run_name} ..." in caplog.text
+
+
+def test_a_checkpoint_of_another_epoch_is_logged_at_its_own(in_tmp, caplog):
+    """best.pt and last.pt are not replaced together: the weights say which epoch they are."""
+    tracker = Tracker(f"sqlite:///{in_tmp / 'mlflow.db'}")
+    cfg = suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)[0].cfg
+    net = create_model(cfg.model.name, num_classes=10, **cfg.model.options)
+    torch.save({"epoch": 3, "model": net.state_dict()}, in_tmp / "best.pt")
+    run_id = tracker.start_run(tracker.experiment_id(EXPERIMENT), "other-epoch", {})
+    with caplog.at_level(logging.WARNING, logger="bench"):
+        logged_model.log(tracker.client, run_id, cfg, in_tmp / "best.pt", 2, np.zeros((2, 32, 32, 3), dtype=np.uint8))
+    [output] = tracker.client.get_run(run_id).outputs.model_outputs
+    assert output.step == 3
+    assert "best.pt holds the weights of epoch 3, not 2: its model is logged at epoch 3" in caplog.text
 
 
 @pytest.mark.parametrize("experiment", [EXPERIMENT, "resnet18-finetune-cifar100"])
