@@ -199,14 +199,14 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
             if not (ckdir / engine.LAST).is_file() and tracker.fetch_checkpoints(run_id, ckdir):
                 log.info("%s: resuming from the checkpoint in MLflow run %s", cell.name, run_id)
         else:
-            run_id = tracker.start_run(exp_id, cell.run_name, cell.tags)
+            # The description is written once, with the run: a resume keeps what a user wrote in the UI.
+            run_id = tracker.start_run(exp_id, cell.run_name, {**cell.tags, NOTE: cell.description})
         engine.seed_everything(cfg.seed, cfg.train.deterministic)
         bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
         model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
         tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
         tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
         example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
-        tags[NOTE] = cell.description
         tracker.log_environment(run_id)
         callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts), ConsoleProgress(label)]
         result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks)

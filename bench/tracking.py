@@ -134,13 +134,13 @@ def environment_report() -> Future:
     return future
 
 
-def environment_text(wait_s: float = ENVIRONMENT_WAIT_S) -> str:
+def environment_text() -> str:
     """The environment report, or why there is none: collect_env fails on some machines (a
     command's output it cannot decode) and its commands can hang; neither may change how a run ends."""
     try:
-        return environment_report().result(timeout=wait_s)
+        return environment_report().result(timeout=ENVIRONMENT_WAIT_S)
     except FutureTimeout:
-        return f"torch.utils.collect_env did not finish within {wait_s:.0f} s\n"
+        return f"torch.utils.collect_env did not finish within {ENVIRONMENT_WAIT_S:g} s\n"
     except Exception as exc:  # noqa: BLE001 - any failure of the report is its text
         return f"torch.utils.collect_env failed: {type(exc).__name__}: {exc}\n"
 

@@ -206,6 +206,27 @@ def test_the_experiment_and_its_runs_carry_the_about_table_as_their_description(
     assert f"profile `smoke`" in note and "seed 0" in note and store.a.data.tags["bench.config_hash"] in note
 
 
+def test_descriptions_edited_in_the_ui_are_kept_and_bench_s_own_follow_the_experiment_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    exp_id = tracker.experiment_id("demo", "first")
+    note = lambda: tracker.client.get_experiment(exp_id).tags[NOTE]  # noqa: E731
+    assert note() == "first"
+    tracker.experiment_id("demo", "second")  # the [about] table changed: bench's own text follows it
+    assert note() == "second"
+    tracker.client.set_experiment_tag(exp_id, NOTE, "my notes")  # written in the UI
+    tracker.experiment_id("demo", "third")
+    assert note() == "my notes"
+    # A run's description is written when the run starts; a resume keeps what a user wrote.
+    [first] = run(plan("train.system_metrics=false"), tmp_path, uri)
+    tracker.client.set_tag(first.run_id, NOTE, "seed 0 looked odd")
+    tracker.client.set_terminated(first.run_id, "FAILED")
+    [again] = run(plan("train.system_metrics=false"), tmp_path, uri)
+    assert again.run_id == first.run_id and again.status == "finished"
+    assert tracker.client.get_run(first.run_id).data.tags[NOTE] == "seed 0 looked odd"
+
+
 def test_a_run_records_its_environment(store):
     run = store.a
     path = store.client.download_artifacts(run.info.run_id, "environment.txt", str(store.root))
@@ -258,3 +279,54 @@ def test_tuning_trials_record_their_training_and_validation_data(in_tmp):
     assert set(datasets(trial)) == {"training", "validation"}  # trials never see the test set
     assert trial.data.tags[NOTE].startswith(config.about_markdown(EXPERIMENT))
     assert "environment.txt" in [a.path for a in client.list_artifacts(trial.info.run_id)]
+
+
+# --- what may go wrong around a run must not change how it ends --------------------------------------
+
+
+def _ended_run(tmp_path, before_end=lambda tracker, run_id: None):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracker.start_run(tracker.experiment_id("demo"), "demo", {})
+    tracker.log_environment(run_id)
+    before_end(tracker, run_id)
+    tracker.end_run(run_id, "FINISHED")
+    run = tracker.client.get_run(run_id)
+    text = open(tracker.client.download_artifacts(run_id, "environment.txt", str(tmp_path))).read()
+    return tracker, run, text
+
+
+@pytest.mark.parametrize("how", ["raises", "hangs"])
+def test_an_environment_report_that_fails_or_hangs_leaves_the_run_finished(tmp_path, monkeypatch, how):
+    import time
+
+    from bench import tracking
+
+    def report():
+        if how == "raises":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")  # as collect_env does on some machines
+        time.sleep(30)  # a command it starts (nvidia-smi, pip) that hangs
+
+    monkeypatch.setattr(tracking, "get_pretty_env_info", report)
+    monkeypatch.setattr(tracking, "ENVIRONMENT_WAIT_S", 0.5)
+    tracking.environment_report.cache_clear()
+    try:
+        started = time.monotonic()
+        _, run, text = _ended_run(tmp_path)
+        assert run.info.status == "FINISHED" and time.monotonic() - started < 15
+        assert text.startswith("torch.utils.collect_env failed: UnicodeDecodeError" if how == "raises" else "torch.utils.collect_env did not finish within")
+    finally:
+        tracking.environment_report.cache_clear()
+
+
+def test_a_run_shorter_than_the_sampling_interval_still_has_its_system_metrics(tmp_path):
+    import time
+
+    tracker, run, _ = _ended_run(tmp_path, lambda tracker, run_id: (tracker.monitor_system(run_id, 10.0), time.sleep(1.5)))
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
+
+def test_git_dirty_is_unknown_when_git_cannot_say(monkeypatch):
+    from bench import tracking
+
+    monkeypatch.setattr(tracking, "_git", lambda *args: "0" * 40 if args[0] == "rev-parse" else None)
+    assert tracking.environment_tags("cpu")["bench.git_dirty"] == "unknown"
