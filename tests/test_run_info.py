@@ -128,23 +128,24 @@ def test_the_same_data_gives_the_same_digests_and_the_split_seed_counts_only_wit
     assert set(digests(files, val_size=0)) == {"train", "test"}
 
 
+def _change_first_label(path) -> None:
+    """One label of one image in a CIFAR-10 batch file changed."""
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    batch["labels"][0] = (batch["labels"][0] + 1) % 10
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+
+
 def test_changed_files_give_changed_digests(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     shutil.copytree(cifar.EMBEDDED_DIR / "cifar-10-batches-py", folder)
     before = digests(cifar.read_layout("cifar10", tmp_path))
-    with open(folder / "test_batch", "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    batch["labels"][0] = (batch["labels"][0] + 1) % 10  # one label of one test image
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump(batch, f)
+    _change_first_label(folder / "test_batch")
     after = digests(cifar.read_layout("cifar10", tmp_path))
     # The test data's digest changes, the training data's does not: its files are the same.
     assert before["test"] != after["test"] and before["train"] == after["train"]
-    with open(folder / "data_batch_1", "rb") as f:
-        batch = pickle.load(f, encoding="latin1")
-    batch["labels"][0] = (batch["labels"][0] + 1) % 10  # one label of one training image
-    with open(folder / "data_batch_1", "wb") as f:
-        pickle.dump(batch, f)
+    _change_first_label(folder / "data_batch_1")
     again = digests(cifar.read_layout("cifar10", tmp_path))
     assert again["train"] != after["train"] and again["test"] == after["test"]
 
