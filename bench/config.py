@@ -322,7 +322,7 @@ def validate(tree: dict[str, Any], where: str) -> RunConfig:
 
 # --- experiments, profiles and suites on disk ---------------------------------------------------
 
-DESCRIPTIVE_KEYS = ("title", "about", "search")  # an experiment file's prose and search space: not run config
+DESCRIPTIVE_KEYS = ("title", "about", "search", "ablations")  # an experiment file's prose, search space and ablations: not run config
 
 
 def list_experiments() -> list[str]:
