@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
     r.add_argument("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): N processes or machines with 1/N .. N/N run every cell once")
-    r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes, train nothing")
+    r.add_argument("--ablate", action="store_true", help="also each experiment's ablations: every quirk switch of the recipe flipped "
+                   "alone, and all standard values together (switches that change only the measurement are measured on every run's weights)")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes (with --ablate, each variant's cost), train nothing")
 
     t = sub.add_parser("tune", help="search lr, weight decay and batch size with Optuna, pruned, tracked in MLflow")
     t.add_argument("experiment", metavar="EXPERIMENT", help="the experiment to tune (see `bench list`)")
@@ -119,8 +121,13 @@ def cmd_run(args) -> int:
     for value, flag in ((args.seeds, "--seeds"), (args.epochs, "--epochs")):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.ablate and (args.sets or args.epochs is not None):
+        flag = "--set" if args.sets else "--epochs"
+        raise UserError(f"--ablate flips the switches of the profile's recipe; {flag} would change the recipe itself: "
+                        "put the change in a profile (experiments/profiles/) and run --ablate with --profile NAME")
     seeds = args.seeds or config.profile_seeds(args.profile)
-    cells = suite.plan(list(dict.fromkeys(names)), profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs)
+    names = list(dict.fromkeys(names))
+    cells = suite.plan(names, profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs, ablate=args.ablate)
     total = len(cells)
     cells = suite.shard(cells, args.shard)
     from bench.tracking import resolve_uri
@@ -131,7 +138,11 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(suite.dry_run_table(cells))
         which = f", shard {args.shard}: {len(cells)} of {total} cells" if args.shard else ""
-        print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}{which}")
+        if args.ablate:
+            print("\n" + suite.ablation_table(names, profile=args.profile, seeds=seeds, data_dir=args.data_dir))
+            print(f"{total} cells (the recipe and each trained variant x {seeds} seeds), profile {args.profile}{which}")
+        else:
+            print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}{which}")
         return 0
     device = engine.resolve_device(args.device)
     stores.probe("tracking store", uri)
@@ -172,7 +183,7 @@ def cmd_tune(args) -> int:
     study = tuning.open_study(
         store, name, sampler_=sampling.sampler(args.sampler, sampling.sampler_seed(args.seed, store, name, alone=not args.worker_of), space),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
-        experiment=args.experiment, profile=args.profile,
+        experiment=args.experiment, profile=args.profile, base_config_hash=base.config_hash(),
     )
     if args.best:
         return _print_best(study, args, tuning)

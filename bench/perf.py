@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -288,13 +288,26 @@ def matmul_probe(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
+def run_flops(cfg: config.RunConfig, device: torch.device, train_total: int = CIFAR_TRAIN, test_total: int = CIFAR_TEST,
+              alternatives: Sequence[tuple[str, config.EvalConfig]] = ()) -> float:
+    """FLOPs of one run (one seed) of a config whose dataset holds `train_total` training and
+    `test_total` test images: every epoch's training steps and evaluation passes, the passes of
+    its evaluation-only alternatives (`engine.fit`'s) included. Counted on the "meta" device
+    when `device` is: shapes only, no arithmetic."""
+    train_per_image, forward_per_image = step_flops(cfg, device)
+    train_images = train_total - cfg.data.val_size
+    passes = [cfg.eval] + [alt for _, alt in alternatives if alt.mode != cfg.eval.mode]
+    eval_images = len(passes) * (cfg.data.val_size + test_total) + (train_images if cfg.eval.remeasure_train_acc else 0)
+    eval_images += sum(train_images for _, alt in alternatives if alt.remeasure_train_acc and not cfg.eval.remeasure_train_acc)
+    return cfg.train.epochs * (train_images * train_per_image + eval_images * forward_per_image)
+
+
 def paper_flops(experiment: str, device: torch.device) -> float:
     """FLOPs of one seed of the reported run: training steps plus its evaluation passes."""
+    from bench import ablation
+
     cfg = config.load(experiment, profile="paper")
-    train_per_image, forward_per_image = step_flops(cfg, device)
-    train_images = CIFAR_TRAIN - cfg.data.val_size
-    eval_images = cfg.data.val_size + CIFAR_TEST + (train_images if cfg.eval.remeasure_train_acc else 0)
-    return cfg.train.epochs * (train_images * train_per_image + eval_images * forward_per_image)
+    return run_flops(cfg, device, alternatives=ablation.alternatives(experiment, cfg))
 
 
 # --- the whole measurement ------------------------------------------------------------------------

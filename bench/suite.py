@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import config, data, engine, lease, logged_model
+from bench import ablation, config, data, engine, lease, logged_model
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 class Cell:
     profile: str
     cfg: config.RunConfig
+    # The ablation variant the cell trains (`bench run --ablate`): shown and tagged, not part of
+    # its identity, so a config trained before, or both as a variant and by --set, is one cell.
+    ablation: str | None = None
 
     @property
     def experiment(self) -> str:
@@ -39,6 +42,10 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.experiment}/{self.profile}/seed{self.cfg.seed}"
+
+    @property
+    def display(self) -> str:
+        return self.name + (f" ({self.ablation})" if self.ablation and self.ablation != ablation.RECIPE else "")
 
     @property
     def run_name(self) -> str:
@@ -51,7 +58,8 @@ class Cell:
         """The run's description in the MLflow UI (markdown): the experiment's, then the cell's."""
         about = config.read_profile(self.profile).get("description")
         profile = f"profile `{self.profile}`" + (f" ({about})" if about else "")
-        return f"{config.about_markdown(self.experiment)}\n**This run:** {profile}, seed {self.cfg.seed}, config `{self.cfg.config_hash()}`\n"
+        variant = f", ablation `{self.ablation}`" if self.ablation else ""
+        return f"{config.about_markdown(self.experiment)}\n**This run:** {profile}, seed {self.cfg.seed}, config `{self.cfg.config_hash()}`{variant}\n"
 
     @property
     def key(self) -> str:
@@ -67,8 +75,16 @@ class Cell:
             "bench.config_hash": self.cfg.config_hash(),
         }
 
+    @property
+    def run_tags(self) -> dict[str, str]:
+        """The tags a run of the cell carries: its identity and the ablation variant it trains."""
+        return {**self.tags, **({ABLATION_TAG: self.ablation} if self.ablation else {})}
+
     def checkpoint_dir(self, root: Path) -> Path:
         return Path(root) / self.experiment / f"{self.profile}-seed{self.cfg.seed}-{self.cfg.config_hash()}"
+
+
+ABLATION_TAG = "bench.ablation"
 
 
 @dataclass
@@ -82,13 +98,24 @@ class CellOutcome:
     run_id: str | None
 
 
-def plan(experiments: list[str], *, profile: str, seeds: int, sets: list[str] = (), epochs: int | None = None) -> list[Cell]:
-    """Every cell's config, loaded and validated before anything runs."""
-    return [
-        Cell(profile, config.load(name, profile=profile, seed=seed, sets=sets, epochs=epochs))
-        for name in experiments
-        for seed in range(seeds)
-    ]
+def plan(
+    experiments: list[str], *, profile: str, seeds: int, sets: list[str] = (), epochs: int | None = None, ablate: bool = False,
+) -> list[Cell]:
+    """Every cell's config, loaded and validated before anything runs. With `ablate`, each
+    experiment's trained ablation variants too (the recipe first), seeds within each variant; a
+    variant that trains the same config as one before it is that cell."""
+    if not ablate:
+        return [
+            Cell(profile, config.load(name, profile=profile, seed=seed, sets=sets, epochs=epochs))
+            for name in experiments
+            for seed in range(seeds)
+        ]
+    cells = []
+    for name in experiments:
+        for v in ablation.variants(name, profile):
+            if v.kind == ablation.TRAINED and v.same_as is None:
+                cells += [Cell(profile, config.load(name, profile=profile, seed=seed, sets=list(v.sets)), v.name) for seed in range(seeds)]
+    return cells
 
 
 def shard(cells: list[Cell], spec: str | None) -> list[Cell]:
@@ -142,7 +169,14 @@ def preflight(cells: list[Cell], data_dir: Path | None) -> None:
             raise UserError(f"{cfg.experiment}: model {cfg.model.name} does not work with {options} at {cfg.data.image_size} px: {reason(exc)}") from None
 
 
-def _skipped(cell: Cell, run) -> CellOutcome:
+def _skipped(cell: Cell, run, tracker: Tracker) -> CellOutcome:
+    """A finished run of the cell; it gets the cell's ablation tag when it lacks it (a config run
+    by --set before --ablate ran it as a variant)."""
+    if cell.ablation and run.data.tags.get(ABLATION_TAG) != cell.ablation:
+        try:
+            tracker.set_tags(run.info.run_id, {ABLATION_TAG: cell.ablation})
+        except Exception as exc:  # a label for the UI: the store's error must not fail a finished cell
+            log.warning("could not tag run %s as ablation %s: %s", run.info.run_id, cell.ablation, reason(exc))
     metrics = run.data.metrics
     return CellOutcome(
         cell, "skipped", int(run.data.tags.get("bench.epochs_done", 0)),
@@ -156,7 +190,7 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
     exp_id = tracker.experiment_id(cell.experiment)
     existing = tracker.find_cell_run(exp_id, cell.tags)
     if existing is not None and existing.info.status == "FINISHED":
-        return _skipped(cell, existing)
+        return _skipped(cell, existing, tracker)
     with lease.hold(cell.checkpoint_dir(checkpoint_root), tracker, cell.key) as held:
         if not held:
             return CellOutcome(cell, "busy", 0, None, None, 0.0, None)
@@ -164,7 +198,7 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
         if existing is None:
             existing = _carry_over(cell, tracker, exp_id)
         if existing is not None and existing.info.status == "FINISHED":
-            return _skipped(cell, existing)
+            return _skipped(cell, existing, tracker)
         return _train(cell, existing, exp_id, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
 
 
@@ -200,16 +234,18 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
                 log.info("%s: resuming from the checkpoint in MLflow run %s", cell.name, run_id)
         else:
             # The description is written once, with the run: a resume keeps what a user wrote in the UI.
-            run_id = tracker.start_run(exp_id, cell.run_name, {**cell.tags, NOTE: cell.description})
+            run_id = tracker.start_run(exp_id, cell.run_name, {**cell.run_tags, NOTE: cell.description})
         engine.seed_everything(cfg.seed, cfg.train.deterministic)
         bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
         model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
-        tags = {**cell.tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
+        tags = {**cell.run_tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
         tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
         example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
         tracker.log_environment(run_id)
         callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts), ConsoleProgress(label)]
-        result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks)
+        # The experiment's evaluation-only ablations, measured on this run's weights every epoch.
+        alternatives = ablation.alternatives(cell.experiment, cfg)
+        result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks, alternatives=alternatives)
         tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
     except KeyboardInterrupt as exc:
         if run_id is not None:
@@ -256,7 +292,7 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
         busy = []
         for i in todo:
             cell = cells[i]
-            label = f"[{i + 1}/{len(cells)}] {cell.name}"
+            label = f"[{i + 1}/{len(cells)}] {cell.display}"
             if bar is None and i not in outcomes:
                 print(f"{label}: starting", file=sys.stderr, flush=True)
             try:
@@ -297,7 +333,7 @@ def summary_table(outcomes: list[CellOutcome]) -> str:
 
     rows = [("cell", "status", "epochs", "final test_acc", "best test_acc (val-chosen)", "time")]
     rows += [
-        (o.cell.name, o.status, str(o.epochs), pct(o.final_test_acc), pct(o.best_test_acc), f"{o.seconds:.0f} s")
+        (o.cell.display, o.status, str(o.epochs), pct(o.final_test_acc), pct(o.best_test_acc), f"{o.seconds:.0f} s")
         for o in outcomes
     ]
     return _table(rows, rule=True)
@@ -312,5 +348,32 @@ def dry_run_table(cells: list[Cell]) -> str:
         sched = s.name if s.name in ("none", "cosine") else (
             f"step {s.step_size} x{s.gamma:g}" if s.name == "step" else f"exp x{s.gamma:g}")
         data_s = f"{d.dataset} {d.source} bs={d.batch_size} val={d.val_size} {d.image_size}px"
-        rows.append((c.name, cfg.model.name, data_s, optim, sched, str(cfg.train.epochs)))
+        rows.append((c.display, cfg.model.name, data_s, optim, sched, str(cfg.train.epochs)))
     return _table(rows, rule=False)
+
+
+def ablation_table(experiments: list[str], *, profile: str, seeds: int, data_dir: Path | None) -> str:
+    """What `--ablate` costs: per experiment and variant, its training cells, epochs and compute
+    (forward and backward passes, evaluation passes included, counted on the model's shapes)."""
+    from bench import perf
+
+    meta = torch.device("meta")
+    rows = [("variant", "changes", "kind", "cells", "epochs", "PFLOP")]
+    total_epochs, total_flops = 0, 0.0
+    for name in experiments:
+        rows.append((name, "", "", "", "", ""))
+        for v in ablation.variants(name, profile):
+            kind = v.kind if v.ablation is None else f"{v.kind}, {v.ablation.kind}"
+            if v.kind == ablation.EVALUATION_ONLY or v.same_as is not None:
+                why = "measured on every run's weights" if v.same_as is None else f"the same config as {v.same_as}"
+                rows.append((f"  {v.name}", v.label, kind, "0", f"0 ({why})", "0"))
+                continue
+            cfg = config.load(name, profile=profile, sets=list(v.sets))
+            counts = (perf.CIFAR_TRAIN, perf.CIFAR_TEST) if cfg.data.source == "official" else tuple(
+                len(getattr(files_for(cfg, data_dir), part)) for part in ("train", "test"))
+            flops = seeds * perf.run_flops(cfg, meta, *counts, alternatives=ablation.alternatives(name, cfg))
+            epochs = seeds * cfg.train.epochs
+            total_epochs, total_flops = total_epochs + epochs, total_flops + flops
+            rows.append((f"  {v.name}", v.label, kind, str(seeds), str(epochs), f"{flops / 1e15:.3g}"))
+    rows.append(("total", "", "", "", str(total_epochs), f"{total_flops / 1e15:.3g}"))
+    return _table(rows, rule=True)

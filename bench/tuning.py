@@ -174,18 +174,23 @@ def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def open_study(store, name: str, *, sampler_, pruner_, first_trial: dict[str, Any], experiment: str, profile: str) -> optuna.Study:
+def open_study(
+    store, name: str, *, sampler_, pruner_, first_trial: dict[str, Any], experiment: str, profile: str, base_config_hash: str | None = None,
+) -> optuna.Study:
     """Create the study or load it; a new study gets the reported recipe as its first trial.
 
     The study records its experiment and profile (user attributes), so that `bench report` finds
-    it whatever its name, and names its objective val_acc."""
+    it whatever its name, and names its objective val_acc. `base_config_hash`: the config hash of
+    what the trials start from (the recipe under the profile and the command's --set), recorded
+    as `bench.base_config_hash` so that the report links a study of an ablation's config to it."""
     study = optuna.create_study(study_name=name, storage=store, sampler=sampler_, pruner=pruner_, direction="maximize", load_if_exists=True)
     if study.metric_names != [OBJECTIVE]:  # optuna-dashboard's name for the value; also for a study made before it was set
         with warnings.catch_warnings():  # experimental since Optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE])
-    for key, value in (("bench.experiment", experiment), ("bench.profile", profile)):
-        if study.user_attrs.get(key) != value:
+    attrs = {"bench.experiment": experiment, "bench.profile": profile, "bench.base_config_hash": base_config_hash}
+    for key, value in attrs.items():
+        if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
     if not study.trials and not study.user_attrs.get("bench.recipe_enqueued"):
         study.set_user_attr("bench.recipe_enqueued", True)

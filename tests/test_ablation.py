@@ -1,0 +1,225 @@
+"""Ablations: the switches each experiment lists, their variants and cells, and `bench run --ablate`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import ablation, cli, config, suite
+from bench.errors import UserError
+
+EXPERIMENTS = ["hw4-resnet-cifar100", "resnet18-finetune-cifar100", "bottleneck-cifar10", "resnetb-cifar10"]
+HW4 = "hw4-resnet-cifar100"
+
+# Every quirk SPEC.md and the experiment files document, by the config keys that switch it.
+QUIRKS = {
+    HW4: {
+        "eval.mode": "eval",  # accuracy measured without model.eval()
+        "eval.remeasure_train_acc": False,  # train accuracy re-measured on the augmented loader
+        "model.post_add_relu": True,  # no ReLU after the residual addition
+        "model.shortcut_kernel": 1,  # 3x3 projection shortcuts
+        "data.val_size": 5000,  # trained on all 50k images
+        "optim.lr": 0.1,  # the other copy of the log's lr
+    },
+    "resnet18-finetune-cifar100": {"data.val_size": 5000},
+    "bottleneck-cifar10": {"schedule.name": "step", "model.widths": [32, 64, 128, 256]},  # no decay; "Stack layers 4"
+    "resnetb-cifar10": {"schedule.step_before_epoch": False, "model.widths": [32, 64, 128, 256]},  # R4's schedule step; "Stack layers 4"
+}
+# Keys the [about] gaps name that are not quirks to flip, and why.
+NOT_SWITCHES = {
+    "train.epochs": "R1 configured 500 epochs with a constant rate and reported epoch 100: its first 100 epochs are the recipe's",
+    "model.blocks_per_stage": "Table 2's 'Stack layers 4' counts stacks (seed 004 3.4: 'three stack layers'): model.widths flips it",
+}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_documented_quirk_is_an_ablation(experiment):
+    found = {k: v for a in ablation.read(experiment) for k, v in a.values.items()}
+    assert {k: found.get(k) for k in QUIRKS[experiment]} == QUIRKS[experiment]
+    gaps = config.read_experiment(experiment)["about"]["gaps"]
+    named = set(re.findall(r"\b(?:model|data|optim|schedule|train|eval)\.[a-z_]+\b(?!\()", gaps))  # not model.eval()
+    assert named - set(found) <= set(NOT_SWITCHES), "a switch the gaps name is neither an ablation nor explained"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("profile", ["paper", "smoke"])
+def test_each_variant_is_a_valid_config_that_differs_from_the_recipe(experiment, profile):
+    recipe = config.load(experiment, profile="paper").flat()
+    rows = ablation.variants(experiment, profile)
+    assert rows[0].name == ablation.RECIPE
+    for v in rows[1:]:
+        assert v.source and v.label != "-"
+        if v.ablation is not None:
+            assert any(recipe[k] != x for k, x in v.ablation.values.items())  # it flips something (a step decay may keep gamma's default)
+            assert v.ablation.evaluation_only == (v.kind == ablation.EVALUATION_ONLY) == (set(v.ablation.values) <= set(ablation.EVALUATION_KEYS))
+        # Every trained variant is a config of its own: the recipe's hash would make it the recipe's cell.
+        assert v.kind == ablation.EVALUATION_ONLY or (v.same_as is None and v.config_hash != rows[0].config_hash)
+
+
+def test_the_profile_scales_an_ablation_and_all_standard_takes_every_standard_value():
+    by_name = {v.name: v for v in ablation.variants(HW4, "smoke")}
+    assert by_name["val-split"].sets == ("data.val_size=100",)
+    assert {v.name: v.sets for v in ablation.variants(HW4, "paper")}["val-split"] == ("data.val_size=5000",)
+    standard = [a for a in ablation.read(HW4) if a.kind == "standard"]
+    cfg = config.load(HW4, profile="smoke", sets=list(by_name[ablation.ALL_STANDARD].sets))
+    assert {k: cfg.flat()[k] for a in standard for k in a.values} == {
+        "eval.mode": "eval", "eval.remeasure_train_acc": False, "model.post_add_relu": True, "model.shortcut_kernel": 1, "data.val_size": 100}
+    assert cfg.optim.lr == 0.01  # a reported alternative is not a standard value
+    # One standard switch alone: no all-standard row (it would be that switch's config again).
+    assert ablation.ALL_STANDARD not in {v.name for v in ablation.variants("resnetb-cifar10", "paper")}
+
+
+def test_alternatives_are_the_evaluation_only_switches_a_config_does_not_already_measure():
+    recipe = config.load(HW4, profile="smoke")
+    assert [(s, e.mode, e.remeasure_train_acc) for s, e in ablation.alternatives(HW4, recipe)] == [
+        ("eval.mode-eval", "eval", True), ("eval.remeasure_train_acc-false", "train", False)]
+    evaluated = config.load(HW4, profile="smoke", sets=['eval.mode="eval"'])
+    assert [s for s, _ in ablation.alternatives(HW4, evaluated)] == ["eval.remeasure_train_acc-false"]
+    standard = config.load(HW4, profile="smoke", sets=['eval.mode="eval"', "eval.remeasure_train_acc=false"])
+    assert ablation.alternatives(HW4, standard) == []
+    assert ablation.alternatives("resnetb-cifar10", config.load("resnetb-cifar10", profile="smoke")) == []
+    names = {a.name: a.metric_name() for a in ablation.read(HW4) if a.evaluation_only}
+    assert names == {"eval-mode": "test_acc/eval.mode-eval", "running-train-acc": "train_acc/eval.remeasure_train_acc-false"}
+
+
+@pytest.fixture
+def experiments_copy(tmp_path, monkeypatch):
+    dst = tmp_path / "experiments"
+    shutil.copytree(config.experiments_dir(), dst)
+    monkeypatch.setenv("BENCH_EXPERIMENTS", str(dst))
+    return dst
+
+
+def _with_ablations(dst: Path, text: str) -> None:
+    path = dst / "resnetb-cifar10.toml"
+    body = path.read_text()
+    start = body.index("[ablations.")
+    path.write_text(body[:start] + text + "\n" + body[body.index("# `bench tune`"):])
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[ablations.x]\nset = { "eval.mode" = "train" }\nkind = "standard"\nsource = "s"', "evaluation_only should be true"),
+    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"\nevaluation_only = true', "evaluation_only should be false"),
+    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "usual"\nsource = "s"', "kind should be one of standard, reported"),
+    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"', "source should say where"),
+    ('[ablations.x]\nset = {}\nkind = "standard"\nsource = "s"', "set should be a table"),
+    ('[ablations.recipe]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"', "the name is taken"),
+    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"\nnote = "n"', "should hold set, kind, source"),
+    ('[ablations.x]\nset = { "eval.mode" = "train", "eval.remeasure_train_acc" = true }\nkind = "standard"\nsource = "s"\nevaluation_only = true',
+     "flips one key"),
+])
+def test_a_malformed_ablation_is_named_with_its_file(experiments_copy, text, message):
+    _with_ablations(experiments_copy, text)
+    with pytest.raises(UserError, match=message) as err:
+        ablation.variants("resnetb-cifar10", "paper")
+    assert "resnetb-cifar10.toml: ablations." in str(err.value)
+
+
+def test_an_ablation_value_the_config_rejects_names_the_ablation(experiments_copy):
+    _with_ablations(experiments_copy, '[ablations.x]\nset = { "optim.lr" = -1.0 }\nkind = "standard"\nsource = "s"')
+    with pytest.raises(UserError, match="ablation x of resnetb-cifar10: .*optim.lr"):
+        ablation.variants("resnetb-cifar10", "paper")
+
+
+def test_plan_with_ablate_trains_the_recipe_and_each_trained_variant_for_every_seed():
+    cells = suite.plan([HW4, "resnetb-cifar10"], profile="smoke", seeds=2, ablate=True)
+    got = [(c.experiment, c.ablation, c.cfg.seed) for c in cells]
+    hw4 = ["recipe", "post-add-relu", "shortcut-1x1", "val-split", "lr-0.1", "all-standard"]
+    r4 = ["recipe", "decay-after-epoch", "four-stages"]
+    assert got == [(HW4, v, s) for v in hw4 for s in (0, 1)] + [("resnetb-cifar10", v, s) for v in r4 for s in (0, 1)]
+    assert len({c.key for c in cells}) == len(cells)
+    plain = suite.plan([HW4], profile="smoke", seeds=2)
+    assert [c.key for c in plain] == [c.key for c in cells[:2]]  # the recipe's cells are the plain run's
+    assert cells[2].run_tags["bench.ablation"] == "post-add-relu" and "bench.ablation" not in cells[2].tags
+
+
+def test_ablate_refuses_set_and_epochs(in_tmp, capsys):
+    for extra in (["--set", "optim.lr=0.05"], ["--epochs", "2"]):
+        assert cli.main(["run", HW4, "--ablate", "--profile", "smoke", "--dry-run", *extra]) == 2
+        assert "--ablate flips the switches of the profile's recipe" in capsys.readouterr().err
+
+
+def test_dry_run_lists_every_variant_with_its_cost(in_tmp, capsys):
+    assert cli.main(["run", HW4, "--ablate", "--profile", "smoke", "--seeds", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert set(rows) == {"recipe", "eval-mode", "running-train-acc", "post-add-relu", "shortcut-1x1", "val-split", "lr-0.1", "all-standard"}
+    assert "0 (measured on every run's weights)" in rows["eval-mode"] and "evaluation only" in rows["eval-mode"]
+    assert rows["post-add-relu"].split()[-3:-1] == ["2", "6"]  # 2 cells, 6 epochs
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split()[1] == "36"  # 6 trained variants x 2 seeds x 3 epochs
+    assert "12 cells (the recipe and each trained variant x 2 seeds), profile smoke" in out
+    assert "(post-add-relu)" in out and "(all-standard)" in out
+
+
+TINY_PROFILE = """
+description = "tiny models on the embedded subset"
+seeds = 1
+[overrides.data]
+source = "embedded"
+batch_size = 64
+[overrides.train]
+epochs = 2
+checkpoint_every = 1
+[experiments.hw4-resnet-cifar100.overrides]
+model.blocks = [1, 1, 1, 1]
+model.widths = [4, 8, 8, 8]
+model.stem_width = 4
+[ablations]
+"data.val_size" = 100
+"""
+
+
+def _weights_hash(path: Path) -> str:
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode() + state[key].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only_ones_on_the_recipes_weights(in_tmp, monkeypatch, capsys):
+    import mlflow
+
+    experiments = in_tmp / "experiments"
+    shutil.copytree(config.experiments_dir(), experiments)
+    (experiments / "profiles" / "tiny.toml").write_text(TINY_PROFILE)
+    monkeypatch.setenv("BENCH_EXPERIMENTS", str(experiments))
+    args = ["run", HW4, "--ablate", "--profile", "tiny", "--seeds", "2"]
+    assert cli.main(args) == 0
+    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    exp = client.get_experiment_by_name(HW4)
+    runs = client.search_runs([exp.experiment_id])
+    names = ["recipe", "post-add-relu", "shortcut-1x1", "val-split", "lr-0.1", "all-standard"]
+    assert sorted((r.data.tags["bench.ablation"], r.data.tags["bench.seed"]) for r in runs) == sorted((n, s) for n in names for s in "01")
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    recipe = {r.data.tags["bench.seed"]: r for r in runs if r.data.tags["bench.ablation"] == "recipe"}
+    for run in recipe.values():
+        for name in ("test_acc/eval.mode-eval", "test_loss/eval.mode-eval", "train_acc/eval.remeasure_train_acc-false"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2]
+    standard = next(r for r in runs if r.data.tags["bench.ablation"] == "all-standard")
+    assert not [k for k in standard.data.metrics if "/eval." in k]  # it measures the standard way already
+
+    # A second command skips every cell; nothing is trained or logged twice.
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+    assert capsys.readouterr().out.count(" skipped ") == len(runs)
+
+    # The evaluation-only figures are those of the same weights evaluated the standard way: a run
+    # trained with eval.mode = "eval" ends with the recipe's checkpoint, and its test_acc is the
+    # recipe's test_acc/eval.mode-eval at every epoch.
+    assert cli.main(["run", HW4, "--profile", "tiny", "--set", 'eval.mode="eval"']) == 0
+    evaluated = next(r for r in client.search_runs([exp.experiment_id], "tags.`bench.config_hash` != '{}'".format(
+        recipe["0"].data.tags["bench.config_hash"])) if r.data.params.get("eval.mode") == "eval" and "bench.ablation" not in r.data.tags)
+    ck = in_tmp / "checkpoints" / HW4
+    recipe_ck = ck / f"tiny-seed0-{recipe['0'].data.tags['bench.config_hash']}" / "last.pt"
+    evaluated_ck = ck / f"tiny-seed0-{evaluated.data.tags['bench.config_hash']}" / "last.pt"
+    assert _weights_hash(recipe_ck) == _weights_hash(evaluated_ck)
+    history = [m.value for m in client.get_metric_history(evaluated.info.run_id, "test_acc")]
+    assert history == [m.value for m in client.get_metric_history(recipe["0"].info.run_id, "test_acc/eval.mode-eval")]
