@@ -183,7 +183,7 @@ def cmd_tune(args) -> int:
     study = tuning.open_study(
         store, name, sampler_=sampling.sampler(args.sampler, sampling.sampler_seed(args.seed, store, name, alone=not args.worker_of), space),
         pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
-        experiment=args.experiment, profile=args.profile, base_config_hash=base.config_hash(),
+        experiment=args.experiment, profile=args.profile, base_config_hash=None if args.best else base.config_hash(),
     )
     if args.best:
         return _print_best(study, args, tuning)

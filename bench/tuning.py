@@ -188,6 +188,10 @@ def open_study(
         with warnings.catch_warnings():  # experimental since Optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE])
+    before = study.user_attrs.get("bench.base_config_hash")
+    if base_config_hash and before and before != base_config_hash and study.trials:
+        raise UserError(f"study {name} tunes another config (hash {before}) than this command's ({base_config_hash}): "
+                        "its trials would mix the two; give this one its own --study NAME")
     attrs = {"bench.experiment": experiment, "bench.profile": profile, "bench.base_config_hash": base_config_hash}
     for key, value in attrs.items():
         if value is not None and study.user_attrs.get(key) != value:

@@ -223,3 +223,26 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
     assert _weights_hash(recipe_ck) == _weights_hash(evaluated_ck)
     history = [m.value for m in client.get_metric_history(evaluated.info.run_id, "test_acc")]
     assert history == [m.value for m in client.get_metric_history(recipe["0"].info.run_id, "test_acc/eval.mode-eval")]
+
+
+def test_a_study_records_the_config_it_starts_from(in_tmp):
+    import optuna
+
+    from bench import sampling, tuning
+
+    def opened(sets: list[str]):
+        base = config.load(HW4, profile="smoke", sets=sets)
+        space = tuning.search_space(HW4, base)
+        return tuning.open_study(tuning.storage("sqlite:///optuna.db", 60), f"{HW4}-smoke", sampler_=sampling.sampler("random", 0, space),
+                                 pruner_=tuning.pruner("none", 1), first_trial=tuning.recipe_values(space, base), experiment=HW4,
+                                 profile="smoke", base_config_hash=base.config_hash())
+
+    study = opened(["model.post_add_relu=true"])
+    post_add_relu = {v.name: v for v in ablation.variants(HW4, "smoke")}["post-add-relu"]
+    assert study.user_attrs["bench.base_config_hash"] == post_add_relu.config_hash
+    assert opened(["model.post_add_relu=true"]).user_attrs == study.user_attrs  # the same config continues the study
+    # The study has its recipe trial queued: another config would mix its trials with these.
+    with pytest.raises(UserError, match=f"study {HW4}-smoke tunes another config .*give this one its own --study NAME"):
+        opened([])
+    # --best reads the study whatever config the command names.
+    assert cli.main(["tune", HW4, "--profile", "smoke", "--best"]) == 0
