@@ -163,14 +163,18 @@ def test_runs_without_the_extra_measure_are_left_out_of_the_pair():
 def test_no_table_without_figures_beyond_the_recipe():
     t = ablations.tables(_summary(hw4_records(evals=None, relu=[])))[0]
     assert not t.shown
-    assert lines_of(t)["eval-mode"].verdict.startswith("not run")
+    assert lines_of(t)["eval-mode"].verdict == "not measured: the recipe's runs do not log `test_acc/eval.mode-eval` (an older bench)"
+    assert ablations.markdown([t], {}) == ""
+    t = ablations.tables(_summary(hw4_records(recipe=[], relu=[])))[0]
+    assert lines_of(t)["eval-mode"].verdict == f"not run: `bench run {HW4} --ablate --profile paper`"
+    assert t.sentence == "The recipe has no finished runs of profile `paper`: nothing to compare with the reported 63.31 % yet."
     assert ablations.markdown([t], {}) == ""
 
 
 def test_an_ablations_runs_are_named_by_it_in_the_summary_table():
     s = _summary(hw4_records())
-    assert [r.label for r in s.rows] == [None, "ablation post-add-relu: model.post_add_relu=True"]
-    assert "other config: ablation post-add-relu: model.post_add_relu=True" in report.summary_table(s)
+    assert [r.label for r in s.rows] == [None, "ablation post-add-relu: model.post_add_relu=true"]
+    assert "other config: ablation post-add-relu: model.post_add_relu=true" in report.summary_table(s)
 
 
 def test_the_variants_of_the_experiment_files_are_read_by_default():
@@ -221,3 +225,42 @@ def test_a_study_on_an_ablations_config_is_linked_both_ways():
     text = study_section.markdown(studies, {}, links)
     assert "Tuned on the config of ablation `post-add-relu` of `hw4-resnet-cifar100`" in text
     assert "hw4-recipe" not in links and text.count("Tuned on the config of") == 1
+
+
+def test_through_mlflow_on_sqlite(tmp_path):
+    """Runs logged as `bench run --ablate` logs them on the smoke profile, read back by
+    `results.load`: the evaluation-only figures arrive as final_<metric>/<key>-<value> columns."""
+    from mlflow.entities import Metric
+
+    from bench.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    exp_id = tracker.experiment_id(HW4)
+    found = {v.name: v for v in ablation.variants(HW4, "smoke")}
+
+    def log(variant, seed, test_acc, extra=()):
+        tags = {"bench.experiment": HW4, "bench.profile": "smoke", "bench.seed": str(seed), "bench.config_hash": variant.config_hash,
+                "bench.status": "finished", "bench.epochs_done": "2", "bench.ablation": variant.name, "bench.data_complete": "false",
+                "bench.data_train": "1000", "bench.data_val": "0", "bench.data_test": "500"}
+        run_id = tracker.start_run(exp_id, f"{HW4}-smoke-{variant.name}-seed{seed}", tags)
+        metrics = [Metric("test_acc", v, 0, step) for step, v in enumerate([test_acc / 2, test_acc], 1)]
+        metrics += [Metric(name, v, 0, 2) for name, v in extra]
+        tracker.client.log_batch(run_id, metrics=metrics)
+        tracker.end_run(run_id, "FINISHED")
+
+    for seed, (acc, evaluated) in enumerate([(0.040, 0.052), (0.046, 0.061), (0.043, 0.055)]):
+        log(found["recipe"], seed, acc, [("test_acc/eval.mode-eval", evaluated), ("train_acc", 0.2),
+                                         ("train_acc/eval.remeasure_train_acc-false", 0.18 + seed / 100)])
+    for seed, acc in enumerate([0.050, 0.047]):
+        log(found["post-add-relu"], seed, acc)
+    s = report.summarize(results.load(uri, [HW4]), [HW4], suite="x", profile="smoke")
+    assert [r.label for r in s.rows] == [None, "ablation post-add-relu: model.post_add_relu=true"]  # its runs log no params here
+    t = ablations.tables(s)[0]
+    lines = lines_of(t)
+    ref = sps.ttest_rel([0.052, 0.061, 0.055], [0.040, 0.046, 0.043])
+    assert lines["eval-mode"].difference.p == pytest.approx(ref.pvalue)
+    assert lines["running-train-acc"].difference.mean == pytest.approx(-0.01)
+    assert lines["post-add-relu"].difference.p == pytest.approx(sps.ttest_ind([0.050, 0.047], [0.040, 0.046, 0.043], equal_var=False).pvalue)
+    assert lines["shortcut-1x1"].verdict == f"not run: `bench run {HW4} --ablate --profile smoke`"
+    assert t.shown and t.sentence.startswith("Profile `smoke` is not the reported recipe on the full dataset (subset of CIFAR)")

@@ -90,10 +90,13 @@ def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFram
     if variant.kind == ablation.EVALUATION_ONLY:
         # The same runs measured two ways; runs from a bench that did not measure it are left out.
         column, own = f"final_{variant.ablation.metric_name()}", f"final_{variant.metric}"
-        pairs = recipe.runs[[own, column]].dropna() if {own, column} <= set(recipe.runs) else pd.DataFrame(columns=[own, column])
+        pairs = recipe.runs[[own, column]].dropna() if {own, column} <= set(recipe.runs) else pd.DataFrame()
+        if pairs.empty:
+            verdict = (not_run(experiment, profile) if recipe.runs.empty else
+                       f"not measured: the recipe's runs do not log `{variant.ablation.metric_name()}` (an older bench)")
+            return Line(**common, interval=stats.accuracy_ci([]), difference=None, verdict=verdict)
         diff = stats.paired_difference(pairs[own], pairs[column])
-        verdict = stats.effect_verdict(diff, what) if len(pairs) else not_run(experiment, profile)
-        return Line(**common, interval=stats.accuracy_ci(pairs[column]), difference=diff if len(pairs) else None, verdict=verdict)
+        return Line(**common, interval=stats.accuracy_ci(pairs[column]), difference=diff, verdict=stats.effect_verdict(diff, what))
     if variant.same_as == ablation.RECIPE:
         return Line(**common, interval=stats.accuracy_ci(base), difference=None, studies=tuned,
                     verdict="trains the recipe's config: its runs are the recipe's")

@@ -224,9 +224,10 @@ def summarize(
         ours = pd.concat(parts).sort_values("start_time").drop_duplicates("seed", keep="last").sort_values("seed", ignore_index=True) if parts else empty
         recipe_cost = config_cost(name, profile, [])
         rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost))
-        # A trained ablation's runs are another config's row, named by the ablation (its first name
-        # where two variants train the same config).
-        named = {v.config_hash: v.name for v in reversed(ablations[name]) if v.kind == ablation.TRAINED and v.name != ablation.RECIPE}
+        # A trained ablation's runs are another config's row, named by the ablation and the values
+        # it sets (the first variant's where two train the same config).
+        named = {v.config_hash: f"ablation {v.name}: {v.label}" for v in reversed(ablations[name])
+                 if v.kind == ablation.TRAINED and v.name != ablation.RECIPE}
         others = [(_other_label(runs, mine, named), runs) for runs in groups.values()]
         rows += [_row(results, reported[name], figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost))
                  for label, runs in sorted(others, key=lambda v: v[0])]
@@ -241,7 +242,6 @@ def summarize(
 
 
 def _other_label(runs: pd.DataFrame, base: Recipe, named: dict[str, str]) -> str:
-    """Another config's label: "ablation post-add-relu: model.post_add_relu=True" for an ablation's."""
-    label = variant_label(runs, base)
-    name = named.get(runs.config_hash.iloc[0])
-    return f"ablation {name}: {label}" if name else label
+    """Another config's label: an ablation's name and values ("ablation post-add-relu:
+    model.post_add_relu=true"), else the keys where its params differ from the recipe's."""
+    return named.get(runs.config_hash.iloc[0]) or variant_label(runs, base)
