@@ -66,7 +66,7 @@ def hw4_records(recipe=RECIPE_FINALS, evals=EVAL_FINALS, relu=RELU_FINALS, compl
 
 
 def _summary(recs, **kw):
-    return report.summarize(results.frames(recs), [HW4], suite="x", variants=VARIANTS, **{**SAME, **kw})
+    return report.summarize(results.frames(recs), [HW4], suite="x", **{"variants": VARIANTS, **SAME, **kw})
 
 
 @pytest.fixture
@@ -168,6 +168,17 @@ def test_no_table_without_figures_beyond_the_recipe():
     t = ablations.tables(_summary(hw4_records(recipe=[], relu=[])))[0]
     assert lines_of(t)["eval-mode"].verdict == f"not run: `bench run {HW4} --ablate --profile paper`"
     assert t.sentence == "The recipe has no finished runs of profile `paper`: nothing to compare with the reported 63.31 % yet."
+    t = ablations.tables(_summary(hw4_records(recipe=[])))[0]  # the variant ran, the recipe did not
+    assert t.shown and lines_of(t)["post-add-relu"].verdict == "no recipe runs to compare with"
+    assert lines_of(t)["post-add-relu"].interval.n == 3
+
+
+def test_a_variant_that_trains_the_recipes_config_is_the_recipe():
+    same = ablation.Variant("val-split", ablation.TRAINED, ("data.val_size=0",), "data.val_size=0", "s", "h1", VARIANTS[HW4][4].ablation, "recipe")
+    t = ablations.tables(_summary(hw4_records(evals=None, relu=[]), variants={HW4: [VARIANTS[HW4][0], same]}))[0]
+    line = lines_of(t)["val-split"]
+    assert (line.verdict, line.difference, line.interval.n) == ("trains the recipe's config: its runs are the recipe's", None, 3)
+    assert not t.shown  # nothing beyond the recipe's own figures
     assert ablations.markdown([t], {}) == ""
 
 

@@ -46,6 +46,7 @@ class Line:
 
 
 REPORTED = "reported"
+NO_RECIPE = "no recipe runs to compare with"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFram
     values = _accuracies(by_hash.get(variant.config_hash, recipe.runs.iloc[0:0]), "final_test_acc")
     if values.empty:
         return Line(**common, interval=stats.accuracy_ci(values), difference=None, studies=tuned, verdict=not_run(experiment, profile))
+    if base.empty:
+        return Line(**common, interval=stats.accuracy_ci(values), difference=None, studies=tuned, verdict=NO_RECIPE)
     diff = stats.welch_difference(base, values)
     verdict = stats.effect_verdict(diff, what)
     if variant.same_as:

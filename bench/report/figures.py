@@ -144,7 +144,8 @@ def ablation_figure(t, path: Path) -> None:
     for y, line in enumerate(lines):
         d = line.difference
         if d is None:
-            ax.text(0, y, " not run" if line.interval.n == 0 else " the recipe's runs", va="center", fontsize=8, color="0.3")
+            why = "not run" if line.interval.n == 0 else "the recipe's config" if line.same_as == ablation.RECIPE else "no recipe runs"
+            ax.text(0, y, f" {why}", va="center", fontsize=8, color="0.3")
             continue
         err = [[100 * (d.mean - d.low)], [100 * (d.high - d.mean)]] if d.has_interval else None
         ax.errorbar([100 * d.mean], [y], xerr=err, fmt="o", color="C1" if line.kind.startswith(ablation.EVALUATION_ONLY) else "C0",
