@@ -104,3 +104,86 @@ def verdict(reported: float, ci: Interval, tolerance: float = TOLERANCE) -> str:
     if reported > high + tolerance:
         return "below"
     return "reproduced"
+
+
+# Below this spread two accuracies count as equal: they are counts over a test set (k / 10000),
+# so seeds that agree differ only by float rounding (0.63 - 0.61 != 0.62 - 0.60 in binary).
+NO_SPREAD = 1e-12
+DIFFERENCE_BOUNDS = (-1.0, 1.0)  # a difference of two accuracies
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(b) - mean(a) with its 95 % interval and the p-value of the test that gave it."""
+
+    n_a: int
+    n_b: int
+    mean: float  # nan when a side has no values
+    low: float  # nan with no interval (fewer than two values a side, or no spread)
+    high: float
+    p: float
+    test: str  # "Welch's t" or "paired t"
+    no_spread: bool = False  # every value equal (Welch) or every pair's difference equal (paired)
+    clipped: bool = False  # the interval reached past [-1, 1] and was cut there
+
+    @property
+    def has_interval(self) -> bool:
+        return not math.isnan(self.low)
+
+
+def _difference(n_a: int, n_b: int, mean: float, spread: float, test: str, run) -> Difference:
+    nan = math.nan
+    if min(n_a, n_b) < 2 or spread <= NO_SPREAD:
+        return Difference(n_a, n_b, mean, nan, nan, nan, test, no_spread=min(n_a, n_b) >= 2)
+    res = run()
+    ci = res.confidence_interval(LEVEL)
+    low, high = float(ci.low), float(ci.high)
+    clipped = low < DIFFERENCE_BOUNDS[0] or high > DIFFERENCE_BOUNDS[1]
+    low, high = max(low, DIFFERENCE_BOUNDS[0]), min(high, DIFFERENCE_BOUNDS[1])
+    return Difference(n_a, n_b, mean, low, high, float(res.pvalue), test, clipped=clipped)
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
+    """mean(b) - mean(a) of two independent groups of seeds: Welch's t-test and its interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    mean = float(b.mean() - a.mean()) if len(a) and len(b) else math.nan
+    spread = max(np.ptp(a), np.ptp(b)) if len(a) and len(b) else 0.0
+    return _difference(len(a), len(b), mean, spread, "Welch's t", lambda: stats.ttest_ind(b, a, equal_var=False))
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
+    """mean(b - a) of values measured in pairs (the same run's weights measured two ways): the
+    paired t-test and its interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"paired values need as many of each: {len(a)} and {len(b)}")
+    d = b - a
+    mean = float(d.mean()) if len(d) else math.nan
+    return _difference(len(a), len(b), mean, float(np.ptp(d)) if len(d) else 0.0, "paired t", lambda: stats.ttest_rel(b, a))
+
+
+def pt(x: float) -> str:
+    """An accuracy difference in points: 0.021 -> "2.1"."""
+    return f"{100 * x:.1f}"
+
+
+def effect_verdict(diff: Difference, what: str = "test accuracy") -> str:
+    """What the difference says, in words, from its interval (it excludes 0 exactly when p < 0.05),
+    never from whether the two groups' own intervals overlap."""
+    if diff.n_a == 0 or diff.n_b == 0:
+        return "not run"
+    n = f"n = {diff.n_a}" if diff.n_a == diff.n_b else f"n = {diff.n_a} and {diff.n_b}"
+    signed = f"{100 * diff.mean:+.1f} pt"
+    if min(diff.n_a, diff.n_b) < 2:
+        return f"{signed} at {n}: one seed gives no interval; more seeds are needed to tell"
+    if diff.no_spread:
+        if abs(diff.mean) <= NO_SPREAD:
+            return f"no difference at any seed ({n})"
+        verb = "raises" if diff.mean > 0 else "lowers"
+        return f"{verb} {what} by {pt(abs(diff.mean))} pt at every seed (no spread, no interval)"
+    cut = ", interval cut at the bound" if diff.clipped else ""
+    if diff.low > 0:
+        return f"raises {what} by {pt(diff.mean)} pt [{pt(diff.low)}, {pt(diff.high)}]{cut}"
+    if diff.high < 0:
+        return f"lowers {what} by {pt(-diff.mean)} pt [{pt(-diff.high)}, {pt(-diff.low)}]{cut}"
+    return f"no effect detected at {n} ({signed} [{pt(diff.low)}, {pt(diff.high)}]{cut})"

@@ -106,3 +106,80 @@ def test_accuracy_interval_is_within_bounds_and_the_verdict_follows_it(values, r
     # The verdict is read off the interval as printed, widened by the tolerance.
     expected = "above" if reported < ci.low - stats.TOLERANCE else "below" if reported > ci.high + stats.TOLERANCE else "reproduced"
     assert stats.verdict(reported, ci) == expected
+
+
+# --- differences from the recipe ----------------------------------------------------------------
+
+
+def test_welch_difference_matches_scipy_and_the_hand_computed_interval():
+    a, b = [0.60, 0.62, 0.61, 0.65], [0.66, 0.70, 0.69]
+    d = stats.welch_difference(a, b)
+    ref = sps.ttest_ind(b, a, equal_var=False)
+    assert (d.n_a, d.n_b, d.test) == (4, 3, "Welch's t")
+    assert d.mean == pytest.approx(np.mean(b) - np.mean(a))
+    assert d.p == pytest.approx(ref.pvalue)
+    # By hand: Welch-Satterthwaite df, then mean difference +- t(0.975, df) * its standard error.
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)
+    half = sps.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert (d.low, d.high) == pytest.approx((d.mean - half, d.mean + half))
+    assert d.low > 0 and d.p < 0.05
+
+
+def test_paired_difference_matches_scipy_and_the_hand_computed_interval():
+    a, b = [0.50, 0.60, 0.70], [0.52, 0.625, 0.72]  # the same runs measured two ways
+    d = stats.paired_difference(a, b)
+    ref = sps.ttest_rel(b, a)
+    diffs = np.subtract(b, a)
+    half = sps.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / math.sqrt(3)
+    assert (d.mean, d.p, d.test) == (pytest.approx(diffs.mean()), pytest.approx(ref.pvalue), "paired t")
+    assert (d.low, d.high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    # Welch on the same numbers sees the seeds' spread (0.1) and no effect; pairing removes it.
+    assert stats.welch_difference(a, b).low < 0 < d.low
+    with pytest.raises(ValueError):
+        stats.paired_difference([0.5], [0.5, 0.6])
+
+
+def test_effect_verdict_follows_the_interval_of_the_difference():
+    up = stats.welch_difference([0.60, 0.62, 0.61, 0.65], [0.66, 0.70, 0.69])
+    assert stats.effect_verdict(up) == f"raises test accuracy by 6.3 pt [{stats.pt(up.low)}, {stats.pt(up.high)}]"
+    down = stats.welch_difference([0.66, 0.70, 0.69], [0.60, 0.62, 0.61])
+    assert stats.effect_verdict(down, "train accuracy").startswith("lowers train accuracy by 7.3 pt [")
+    assert 0 < -down.high < -down.low  # printed as a positive size: [smallest, largest]
+    flat = stats.welch_difference([0.60, 0.64, 0.62], [0.61, 0.62, 0.66])
+    assert flat.low < 0 < flat.high and flat.p > 0.05
+    assert stats.effect_verdict(flat) == f"no effect detected at n = 3 (+1.0 pt [{stats.pt(flat.low)}, {stats.pt(flat.high)}])"
+    uneven = stats.welch_difference([0.60, 0.64, 0.62], [0.61, 0.65])
+    assert stats.effect_verdict(uneven).startswith("no effect detected at n = 3 and 2 (+1.0 pt [")
+
+
+def test_a_significant_difference_whose_groups_intervals_overlap():
+    a, b = [0.600, 0.610, 0.605, 0.615, 0.600, 0.610], [0.612, 0.622, 0.617, 0.627, 0.612, 0.622]
+    ca, cb = stats.accuracy_ci(a), stats.accuracy_ci(b)
+    assert cb.low < ca.high  # the groups' own intervals overlap ...
+    d = stats.welch_difference(a, b)
+    assert d.p < 0.05 and d.low > 0  # ... yet the difference excludes zero
+    assert stats.effect_verdict(d).startswith("raises test accuracy by 1.2 pt [")
+
+
+def test_effect_verdict_at_the_edges():
+    assert stats.effect_verdict(stats.welch_difference([0.6, 0.61], [])) == "not run"
+    one = stats.welch_difference([0.60, 0.62], [0.65])
+    assert not one.has_interval and math.isnan(one.p)
+    assert stats.effect_verdict(one) == "+4.0 pt at n = 2 and 1: one seed gives no interval; more seeds are needed to tell"
+    pair = stats.paired_difference([0.6], [0.63])
+    assert stats.effect_verdict(pair).startswith("+3.0 pt at n = 1: one seed gives no interval")
+    same = stats.welch_difference([0.62, 0.62], [0.62, 0.62])
+    assert same.no_spread and stats.effect_verdict(same) == "no difference at any seed (n = 2)"
+    # A constant difference whose float rounding differs per pair still has no spread.
+    steady = stats.paired_difference([0.60, 0.61, 0.62], [0.62, 0.63, 0.64])
+    assert steady.no_spread and not steady.has_interval
+    assert stats.effect_verdict(steady) == "raises test accuracy by 2.0 pt at every seed (no spread, no interval)"
+    lower = stats.welch_difference([0.64, 0.64], [0.62, 0.62])
+    assert stats.effect_verdict(lower) == "lowers test accuracy by 2.0 pt at every seed (no spread, no interval)"
+
+
+def test_the_difference_interval_is_cut_at_one_and_says_so():
+    d = stats.welch_difference([0.0, 0.02], [0.8, 0.9])  # two seeds: t(1) = 12.7 stretches it past +1
+    assert d.clipped and d.high == 1.0 and 0 < d.low < 1.0
+    assert stats.effect_verdict(d) == "raises test accuracy by 84.0 pt [29.5, 100.0], interval cut at the bound"

@@ -24,16 +24,19 @@ __all__ = [
 def write(summary: Summary, out_dir: Path, studies: Studies | None = None) -> Path:
     """Write README.md, the figures and the CSV files behind them into `out_dir`; image links
     are relative to the markdown. `studies` (from `results.load_studies`) adds the tuning section."""
-    from bench.report import exports, figures
+    from bench.report import ablations, exports, figures
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = figures.draw_all(summary, out_dir)
-    data = exports.write(summary, out_dir, studies)
+    found = ablations.tables(summary, studies)
+    shown = [t for t in found if t.shown]
+    written = figures.draw_all(summary, out_dir, shown)
+    data = exports.write(summary, out_dir, studies, shown)
     tuning = ""
     if studies is not None and studies.handles:
         from bench.report import studies as study_section  # imports optuna: only when there are studies
 
-        tuning = study_section.markdown(studies, study_section.draw(studies, out_dir))
+        tuning = study_section.markdown(studies, study_section.draw(studies, out_dir), ablations.study_links(found))
+    section = ablations.markdown(shown, {t.experiment: written[f"ablation-{t.experiment}"] for t in shown})
     path = out_dir / "README.md"
-    path.write_text(markdown(summary, written, tuning, data), encoding="utf-8")
+    path.write_text(markdown(summary, written, tuning, data, section), encoding="utf-8")
     return path

@@ -4,6 +4,8 @@ runs.csv      one row per run read: identifying tags, the summary row it counts 
               out), its model's cost, status, final / best / total metrics and its params
 epochs.csv    one row per run and epoch: the run's keys and every per-epoch metric (lr included)
 reported.csv  the reported per-epoch figures the report compared with (experiments/reference/)
+ablations.csv one row per experiment and line of its ablation table (recipe, reported figure,
+              each variant): seeds, mean and interval, difference from the recipe, p, verdict
 trials-<study>.csv, intermediate-<study>.csv
               per Optuna study, one row per trial; one row per trial and epoch reported to the pruner
 
@@ -51,13 +53,18 @@ def study_file(prefix: str, study: str) -> str:
     return f"{prefix}-{file_stem(study).removeprefix('tuning_')}.csv"
 
 
-def write(summary, out_dir: Path, studies: Studies | None = None) -> list[str]:
-    """Write the CSV files into `out_dir`; returns their names."""
+def write(summary, out_dir: Path, studies: Studies | None = None, ablation_tables: list | None = None) -> list[str]:
+    """Write the CSV files into `out_dir`; returns their names. `ablation_tables`
+    (`ablations.tables`) adds ablations.csv when an experiment has an ablation."""
     frames = {
         "runs.csv": runs_frame(summary),
         "epochs.csv": epochs_frame(summary),
         "reported.csv": summary.curves.sort_values(["experiment", "metric", "epoch"], kind="stable"),
     }
+    if ablation_tables:
+        from bench.report.ablations import frame
+
+        frames["ablations.csv"] = frame(ablation_tables)
     if studies is not None:
         for name in sorted(studies.handles):
             frames[study_file("trials", name)] = studies.trials[studies.trials.study == name].sort_values("number", kind="stable")

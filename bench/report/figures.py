@@ -18,7 +18,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from bench import report, stats
+from bench import ablation, report, stats
 
 LABELS = {"test_acc": "test accuracy", "train_loss": "training loss", "val_acc": "validation accuracy", "lr": "learning rate"}
 CURVES = ("test_acc", "train_loss", "val_acc", "lr")  # val_acc and lr drawn when some run or reported curve has them
@@ -132,14 +132,43 @@ def spread_figure(summary, path: Path) -> None:
     _save(fig, path)
 
 
+def ablation_figure(t, path: Path) -> None:
+    """Each variant's difference from the recipe in points with its 95 % interval (a bare point
+    where it has none; "not run" where it has no figures), a line at zero and a dashed one at the
+    reported figure minus the recipe, in the table's order."""
+    lines = [l for l in t.lines if l.is_variant]
+    names = [l.variant + ("" if l.metric == "test_acc" else f" ({l.metric})") for l in lines]
+    fig = Figure(figsize=(7, 1.6 + 0.35 * len(lines)), layout="constrained")
+    ax = fig.subplots()
+    ax.axvline(0, color="0.5", linewidth=0.8)
+    for y, line in enumerate(lines):
+        d = line.difference
+        if d is None:
+            why = "not run" if line.interval.n == 0 else "the recipe's config" if line.same_as == ablation.RECIPE else "no recipe runs"
+            ax.text(0, y, f" {why}", va="center", fontsize=8, color="0.3")
+            continue
+        err = [[100 * (d.mean - d.low)], [100 * (d.high - d.mean)]] if d.has_interval else None
+        ax.errorbar([100 * d.mean], [y], xerr=err, fmt="o", color="C1" if line.kind.startswith(ablation.EVALUATION_ONLY) else "C0",
+                    capsize=3, markersize=5)
+    if t.reported is not None and t.recipe.n:
+        ax.axvline(100 * (t.reported - t.recipe.mean), color="0.15", linestyle="--", linewidth=1, label="reported - recipe")
+        ax.legend(fontsize=8, loc="best")
+    ax.set_yticks(range(len(lines)), names)
+    ax.set_ylim(len(lines) - 0.5, -0.5)
+    ax.set_xlabel(f"difference from the recipe, points of accuracy ({t.profile}, 95 % CI)")
+    ax.set_title(f"Ablation of {t.experiment}\ntrained variants blue, evaluation-only orange", fontsize=10)
+    _save(fig, path)
+
+
 def _drawn(summary, metric: str) -> bool:
     """Whether a recipe's runs or a reported curve has the metric."""
     experiments = [r.experiment for r in summary.recipe_rows]
     return (summary.metrics.metric == metric).any() or (summary.curves.experiment.isin(experiments) & (summary.curves.metric == metric)).any()
 
 
-def draw_all(summary, out_dir: Path) -> dict[str, str]:
-    """Draw every figure into `out_dir`; returns {figure key: file name relative to out_dir}."""
+def draw_all(summary, out_dir: Path, ablation_tables: list | None = None) -> dict[str, str]:
+    """Draw every figure into `out_dir`, one per ablation table given (`ablations.tables`);
+    returns {figure key: file name relative to out_dir}."""
     written = {}
     # matplotlib's defaults (not the user's matplotlibrc) and seaborn's theme, undone afterwards.
     with matplotlib.style.context("default"), sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
@@ -154,4 +183,8 @@ def draw_all(summary, out_dir: Path) -> dict[str, str]:
         if set(report.BOTTLENECK_PAIR) <= names:
             comparison_figure(summary, out_dir / FILES["comparison"])
             written["comparison"] = FILES["comparison"]
+        for t in ablation_tables or []:
+            name = f"ablation-{t.experiment}"
+            ablation_figure(t, out_dir / f"{name}.png")
+            written[name] = f"{name}.png"
     return written

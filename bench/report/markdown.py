@@ -230,7 +230,7 @@ CURVE_TITLES = {
 }
 
 
-def markdown(summary: Summary, figures: dict[str, str], tuning: str = "", data: list[str] | None = None) -> str:
+def markdown(summary: Summary, figures: dict[str, str], tuning: str = "", data: list[str] | None = None, ablations: str = "") -> str:
     parts = [
         f"# Report: suite `{summary.suite}`, profile `{summary.profile}`\n",
         *_caveat(summary),
@@ -254,6 +254,8 @@ def markdown(summary: Summary, figures: dict[str, str], tuning: str = "", data: 
         parts += ["## Bottleneck against ResNet-B\n", _comparison_text(summary) + "\n"]
         if "comparison" in figures:
             parts.append(f"![Bottleneck against ResNet-B, test accuracy]({figures['comparison']})\n")
+    if ablations:
+        parts.append(ablations)
     if tuning:
         parts.append(tuning)
     parts += [

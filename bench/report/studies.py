@@ -137,8 +137,9 @@ def counts_text(trials: pd.DataFrame) -> str:
     return f"{len(trials)} trials ({', '.join(parts) or 'none finished'}), {int(trials.epochs.sum())} epochs trained"
 
 
-def markdown(studies: Studies, figures: dict[str, dict[str, str]]) -> str:
-    """The tuning section: per study the counts, the best trial, the plots and the best-trials table."""
+def markdown(studies: Studies, figures: dict[str, dict[str, str]], ablations: dict[str, str] | None = None) -> str:
+    """The tuning section: per study the counts, the best trial, the plots and the best-trials table.
+    `ablations`: study name -> the ablation whose config it tuned (`ablations.study_links`)."""
     if not studies.handles:
         return ""
     parts = [
@@ -154,6 +155,8 @@ def markdown(studies: Studies, figures: dict[str, dict[str, str]]) -> str:
             continue
         first = trials.iloc[0]
         parts.append(f"### Study `{name}`: {first.experiment}, profile `{first.profile}`\n")
+        if ablations and name in ablations:
+            parts.append(f"Tuned on the config of {ablations[name]}.\n")
         parts.append(counts_text(trials) + ".\n")
         complete = trials[trials.state == "COMPLETE"]
         drawn = figures.get(name, {})

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bench import config, reference, stats
+from bench import ablation, config, reference, stats
 from bench.errors import UserError
 from bench.models import cost
 from bench.results import Results
@@ -77,6 +77,7 @@ class Summary:
     metrics: pd.DataFrame  # per-epoch metrics of the selected runs
     curves: pd.DataFrame  # the reported per-epoch figures of the suite's experiments
     results: Results | None = None  # every run read, selected or not: the exports' source
+    ablations: dict[str, list[ablation.Variant]] = field(default_factory=dict)  # experiment -> its ablation's variants
 
     @property
     def recipe_rows(self) -> list[Row]:
@@ -195,18 +196,22 @@ def summarize(
     reported: dict[str, reference.ReportedRun] | None = None,
     recipes: dict[str, Recipe] | None = None,
     paper: dict[str, Recipe] | None = None,
+    variants: dict[str, list[ablation.Variant]] | None = None,
 ) -> Summary:
     """Put each experiment's runs beside its reported figures: a row for the recipe's runs (the
     config hash of the experiment under the profile, no --set), then one per other config.
     `curves` and `reported` default to experiments/reference/, `recipes` to each experiment's
-    recipe under the chosen profile and `paper` to its recipe under the paper profile."""
+    recipe under the chosen profile, `paper` to its recipe under the paper profile and `variants`
+    to its ablation's variants under the chosen profile (`ablation.variants`)."""
     curves = reference.load_curves() if curves is None else curves
     reported = reference.load_runs() if reported is None else reported
     profile = choose_profile(results.runs, profile)
     rows = []
+    ablations = {}
     for name in experiments:
         if name not in reported:
             continue
+        ablations[name] = variants.get(name, []) if variants is not None else ablation.variants(name, profile)
         groups, excluded = select(results.runs, name, profile)
         mine = recipes[name] if recipes is not None else recipe(name, profile)
         theirs = paper[name] if paper is not None else recipe(name, "paper")
@@ -219,9 +224,13 @@ def summarize(
         ours = pd.concat(parts).sort_values("start_time").drop_duplicates("seed", keep="last").sort_values("seed", ignore_index=True) if parts else empty
         recipe_cost = config_cost(name, profile, [])
         rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost))
-        variants = [(variant_label(runs, mine), runs) for runs in groups.values()]
+        # A trained ablation's runs are another config's row, named by the ablation and the values
+        # it sets (the first variant's where two train the same config).
+        named = {v.config_hash: f"ablation {v.name}: {v.label}" for v in reversed(ablations[name])
+                 if v.kind == ablation.TRAINED and v.name != ablation.RECIPE}
+        others = [(_other_label(runs, mine, named), runs) for runs in groups.values()]
         rows += [_row(results, reported[name], figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost))
-                 for label, runs in sorted(variants, key=lambda v: v[0])]
+                 for label, runs in sorted(others, key=lambda v: v[0])]
     by_name = {r.experiment: r for r in rows if r.is_recipe}
     comparison = None
     if all(n in by_name for n in BOTTLENECK_PAIR):
@@ -229,4 +238,10 @@ def summarize(
         comparison = stats.welch(a, b)
     selected = pd.concat([r.runs.run_id for r in rows]) if rows else pd.Series(dtype=str)
     metrics = results.metrics[results.metrics.run_id.isin(selected)]
-    return Summary(suite, profile, rows, comparison, metrics, curves[curves.experiment.isin(experiments)], results)
+    return Summary(suite, profile, rows, comparison, metrics, curves[curves.experiment.isin(experiments)], results, ablations)
+
+
+def _other_label(runs: pd.DataFrame, base: Recipe, named: dict[str, str]) -> str:
+    """Another config's label: an ablation's name and values ("ablation post-add-relu:
+    model.post_add_relu=true"), else the keys where its params differ from the recipe's."""
+    return named.get(runs.config_hash.iloc[0]) or variant_label(runs, base)
