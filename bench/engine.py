@@ -7,6 +7,8 @@ stop (requested by a callback, or a non-finite loss) is a returned status, not a
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
 import os
 import random
@@ -15,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +32,9 @@ except ImportError:  # Windows: psutil reads the peak working set there
     resource = None
 from bench.callbacks import Callback
 from bench.errors import UserError
+
+if TYPE_CHECKING:
+    from bench.config import EvalConfig
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -253,10 +258,46 @@ def evaluate(model: nn.Module, batches, mode: str = "eval", step: Step = Step())
     return loss_sum.item() / n, correct.item() / n
 
 
-def compile_and_warm_up(model: nn.Module, data, optimizer: torch.optim.Optimizer, step: Step, eval_mode: str) -> tuple[nn.Module, float]:
+def _pass_seed(run_seed: int, epoch: int, split: str) -> int:
+    """The seed of the evaluation pass over `split` after `epoch`. It depends on nothing else, so
+    a pass gives the same numbers in a resumed run, and as an alternative evaluation the same as
+    in a run that has that evaluation as its own."""
+    digest = hashlib.sha256(f"{run_seed}/{epoch}/{split}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any generator takes it
+
+
+@contextlib.contextmanager
+def _random_streams_apart(device: torch.device, seed: int):
+    """Inside, the CPU's generator and the device's own (dropout on CUDA draws from it) start
+    from `seed`; on leaving both are as they were, as if nothing had been drawn."""
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif device.type == "mps":
+            torch.mps.manual_seed(seed)
+        yield
+
+
+def _evaluate_apart(model: nn.Module, batches, mode: str, step: Step, seed: int) -> tuple[float, float]:
+    """`evaluate` on random streams of its own, seeded with `seed`: train mode's dropout masks and
+    the train split's shuffling and augmentation leave the training's draws untouched, so a run
+    learns the same weights whatever its evaluation."""
+    device = batches.labels.device
+    with _random_streams_apart(device, seed):
+        return evaluate(model, batches.drawing_from(torch.Generator(device=device).manual_seed(seed)), mode, step)
+
+
+def compile_and_warm_up(
+    model: nn.Module, data, optimizer: torch.optim.Optimizer, step: Step, evaluations: Iterable[tuple[str, str]],
+) -> tuple[nn.Module, float]:
     """torch.compile the model and compile every batch shape the run will see, on zeros, so that
-    compilation stays out of the epochs' timings. The model's weights, buffers, gradients and
-    the random state are restored afterwards: the run trains exactly as if uncompiled."""
+    compilation stays out of the epochs' timings: training's, and those of the `evaluations`, the
+    (split, mode) pairs of the passes after each epoch ("train" for a re-measure pass, "val",
+    "test"; each mode and gradient-free pass is a graph of its own). The model's weights,
+    buffers, gradients and the random state are restored afterwards: the run trains exactly as
+    if uncompiled."""
     compiled = torch.compile(model)
     started = time.perf_counter()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -276,10 +317,9 @@ def compile_and_warm_up(model: nn.Module, data, optimizer: torch.optim.Optimizer
     for n in shapes(data.train):
         model.train()
         step.forward(compiled, *zeros(n))[1].backward()
-    evals = [b for b in (data.val, data.test) if b is not None]
     with torch.no_grad():
-        for n in set().union(*(shapes(b) for b in evals)):
-            model.train(eval_mode == "train")
+        for mode, n in {(mode, n) for split, mode in evaluations for n in shapes(getattr(data, split))}:
+            model.train(mode == "train")
             step.forward(compiled, *zeros(n), reduction="sum")
     optimizer.zero_grad(set_to_none=True)
     model.load_state_dict(saved)
@@ -319,6 +359,7 @@ def fit(
     resume: bool = True,
     max_epochs: int | None = None,
     evaluate_test: bool = True,
+    alternatives: Sequence[tuple[str, EvalConfig]] = (),
 ) -> FitResult:
     """Train `model` (already on the data's device) on `data` (a DataBundle) with `cfg` (RunConfig).
 
@@ -326,6 +367,14 @@ def fit(
     many epochs in total (for tests of interrupted runs); the run's schedule still spans
     cfg.train.epochs. `evaluate_test=False` leaves the test set alone (tuning trials: the search
     must not see it, and it saves an evaluation pass per epoch).
+
+    `alternatives` are other evaluations of the same weights, each with a metric-name suffix:
+    after each epoch, what differs from the run's own `cfg.eval` is measured again and logged
+    as `<metric>/<suffix>`: val and test loss and accuracy for another mode, train_acc for
+    another `remeasure_train_acc` (the re-measure in the alternative's mode, or the running
+    accuracy of the epoch's batches). Every evaluation pass runs on random streams of its own,
+    seeded from the run seed, the epoch and the split: the weights and training metrics are the
+    same whatever the evaluation, and the best checkpoint follows the run's own val_acc.
     """
     epochs = cfg.train.epochs
     device = data.train.labels.device
@@ -379,11 +428,22 @@ def fit(
         if kind == "last":
             last_queued = epoch
 
+    # The evaluations after each epoch as (metric-name suffix, evaluation, measures train_acc,
+    # measures val and test): the run's own, then the alternatives, each for what it changes.
+    own = cfg.eval
+    plan = [("", own, True, True)] + [
+        (f"/{suffix}", alt, alt.remeasure_train_acc != own.remeasure_train_acc, alt.mode != own.mode)
+        for suffix, alt in alternatives
+    ]
+    held_out = ["val"] * (data.val is not None) + ["test"] * evaluate_test
+    passes = {("train", ev.mode) for _, ev, measures_train, _ in plan if measures_train and ev.remeasure_train_acc}
+    passes |= {(split, ev.mode) for _, ev, _, measures_held_out in plan if measures_held_out for split in held_out}
+
     forward, compile_time = model, None
     stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs
     nothing_to_train = state is not None and result.epochs_done >= stop_after  # a finished run, resumed
     if cfg.train.compile and result.epochs_done < stop_after:
-        forward, compile_time = compile_and_warm_up(model, data, optimizer, step, cfg.eval.mode)
+        forward, compile_time = compile_and_warm_up(model, data, optimizer, step, passes)
     for cb in callbacks:
         cb.on_fit_start(start_epoch=result.epochs_done, epochs=epochs)
     last_saved = time.monotonic()  # the start (or the checkpoint resumed from) counts as saved
@@ -412,13 +472,17 @@ def fit(
                 result.status, result.nonfinite_epoch = "nonfinite", epoch
                 result.last_metrics = {"train_loss": train_loss}
                 break
-            if cfg.eval.remeasure_train_acc:
-                _, train_acc = evaluate(forward, data.train, cfg.eval.mode, step)
-            metrics = {"train_loss": train_loss, "train_acc": train_acc, "lr": lr}
-            if data.val is not None:
-                metrics["val_loss"], metrics["val_acc"] = evaluate(forward, data.val, cfg.eval.mode, step)
-            if evaluate_test:
-                metrics["test_loss"], metrics["test_acc"] = evaluate(forward, data.test, cfg.eval.mode, step)
+
+            @functools.cache  # a pass two evaluations share runs once
+            def measured(split: str, mode: str) -> tuple[float, float]:
+                return _evaluate_apart(forward, getattr(data, split), mode, step, _pass_seed(cfg.seed, epoch, split))
+
+            metrics = {"train_loss": train_loss, "lr": lr}
+            for suffix, ev, measures_train, measures_held_out in plan:
+                if measures_train:
+                    metrics[f"train_acc{suffix}"] = measured("train", ev.mode)[1] if ev.remeasure_train_acc else train_acc
+                for split in held_out if measures_held_out else ():
+                    metrics[f"{split}_loss{suffix}"], metrics[f"{split}_acc{suffix}"] = measured(split, ev.mode)
             metrics["epoch_time_s"] = time.perf_counter() - started
             metrics["train_time_s"] = train_time
             metrics["images_per_s"] = seen / train_time

@@ -18,7 +18,7 @@ from torch import nn
 
 from bench import checkpoint, config, data, engine, reference as reported
 from bench.callbacks import Callback
-from bench.config import OptimConfig, ScheduleConfig
+from bench.config import EvalConfig, OptimConfig, ScheduleConfig
 from bench.data import cifar
 from bench.errors import UserError
 from bench.models import create_model
@@ -807,3 +807,175 @@ def test_the_peak_memory_a_fit_logs_is_its_own_not_the_process_s():
     before = engine.peak_memory_mb(cpu)
     engine.reset_peak_memory(cpu)
     assert engine.peak_memory_mb(cpu) < before - 300
+
+
+# --- evaluation apart from training, and evaluation-only alternatives ---------------------------
+
+# R1's network shrunk to seconds an epoch, its dropout kept (raised, so that a shifted random stream
+# shows in the weights): four stages end on a 4x4 map at 32 px, as the author's head expects.
+HW4_SETS = ["model.blocks=[1,1,1,1]", "model.widths=[4,8,8,8]", "model.stem_width=4", "model.stem_dropout=0.2",
+            "data.val_size=50", "train.epochs=2", "train.checkpoint_min_interval_s=0"]
+RECIPE_EVAL = EvalConfig(mode="train", remeasure_train_acc=True)  # R1's: batch statistics, train_acc re-measured
+STANDARD_EVAL = EvalConfig(mode="eval", remeasure_train_acc=False)
+# What the suite asks of R1's recipe: each evaluation switch flipped alone, on the same weights.
+RECIPE_ALTERNATIVES = [("eval.mode-eval", EvalConfig(mode="eval", remeasure_train_acc=True)),
+                       ("eval.remeasure_train_acc-false", EvalConfig(mode="train", remeasure_train_acc=False))]
+
+
+@pytest.fixture(scope="module")
+def hw4_files() -> cifar.CifarFiles:
+    """Every other image of the embedded CIFAR-100 subset."""
+    full = cifar.load_cifar("cifar100", None)
+    half = lambda s: cifar.Split(s.images[::2].clone(), s.labels[::2].clone())  # noqa: E731
+    return cifar.CifarFiles(half(full.train), half(full.test), full.classes, full.complete, full.location, full.digest)
+
+
+def hw4_cfg(ev: EvalConfig, *extra: str) -> config.RunConfig:
+    sets = [*HW4_SETS, f"eval.mode={ev.mode}", f"eval.remeasure_train_acc={str(ev.remeasure_train_acc).lower()}", *extra]
+    return config.load("hw4-resnet-cifar100", profile="smoke", seed=SEED, sets=sets)
+
+
+def hw4_fit(ev: EvalConfig, files, ckdir: Path, *extra: str, **fit_kwargs):
+    """A fresh hw4 run with evaluation `ev`: its final weights, its callbacks' record and its result."""
+    cfg = hw4_cfg(ev, *extra)
+    model, bundle = fresh(cfg, files)
+    rec = Recorder()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=ckdir, callbacks=[rec], **fit_kwargs)
+    assert result.status == "finished" or "max_epochs" in fit_kwargs
+    return state_of(model), rec, result
+
+
+def series(rec: Recorder, key: str) -> list[float]:
+    return [m[key] for _, m in rec.epochs]
+
+
+@pytest.fixture(scope="module")
+def hw4_runs(hw4_files, tmp_path_factory):
+    """R1's evaluation with the suite's alternatives (and one equal to its own, which adds
+    nothing); the standard evaluation, with alternatives that are R1's switches again; and runs
+    trained with each alternative as their own evaluation."""
+    root = tmp_path_factory.mktemp("hw4")
+    runs = {
+        "recipe": hw4_fit(RECIPE_EVAL, hw4_files, root / "recipe", alternatives=[*RECIPE_ALTERNATIVES, ("same", RECIPE_EVAL)]),
+        "standard": hw4_fit(STANDARD_EVAL, hw4_files, root / "standard", alternatives=[
+            ("eval.mode-train", EvalConfig(mode="train", remeasure_train_acc=False)),
+            ("eval.remeasure_train_acc-true", EvalConfig(mode="eval", remeasure_train_acc=True)),
+            ("both", RECIPE_EVAL)]),
+    }
+    for suffix, alt in RECIPE_ALTERNATIVES:
+        runs[suffix] = hw4_fit(alt, hw4_files, root / suffix)
+    return runs
+
+
+def test_the_evaluation_settings_change_no_trained_weight(hw4_runs):
+    """Train-mode evaluation draws dropout masks and the re-measure pass shuffles and augments the
+    train split: on random streams of their own, so the training draws the same numbers whatever
+    the evaluation."""
+    weights, rec, _ = hw4_runs["recipe"]
+    for name in ("standard", *(s for s, _ in RECIPE_ALTERNATIVES)):
+        assert_same_weights(hw4_runs[name][0], weights)
+        assert series(hw4_runs[name][1], "train_loss") == series(rec, "train_loss"), name
+    assert series(rec, "train_acc") != series(hw4_runs["standard"][1], "train_acc")  # re-measured against running
+
+
+def test_an_evaluation_pass_draws_from_its_seed_alone(hw4_files):
+    """Train-mode evaluation over the augmented train split: the numbers follow the pass's seed,
+    and the training's generators (the CPU's and the data's) are left where they were."""
+    cfg = hw4_cfg(RECIPE_EVAL, "model.stem_dropout=0.5")
+    model, bundle = fresh(cfg, hw4_files)
+    before = torch.get_rng_state(), bundle.generator.get_state()
+    first = engine._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1)
+    assert torch.equal(torch.get_rng_state(), before[0]) and torch.equal(bundle.generator.get_state(), before[1])
+    torch.manual_seed(SEED + 1)  # the training's streams elsewhere: the pass does not follow them
+    bundle.generator.manual_seed(SEED + 1)
+    assert engine._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1) == first
+    assert engine._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=2) != first
+    seeds = {engine._pass_seed(SEED, epoch, split) for epoch in (1, 2) for split in ("train", "val", "test")}
+    assert len(seeds) == 6 and engine._pass_seed(SEED + 1, 1, "val") not in seeds
+
+
+def test_an_alternative_logs_what_a_run_with_that_evaluation_logs(hw4_runs):
+    recipe, standard = hw4_runs["recipe"][1], hw4_runs["standard"][1]
+    eval_mode, no_remeasure = hw4_runs["eval.mode-eval"][1], hw4_runs["eval.remeasure_train_acc-false"][1]
+    for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
+        assert series(recipe, f"{key}/eval.mode-eval") == series(eval_mode, key) == series(standard, key), key
+        assert series(standard, f"{key}/eval.mode-train") == series(recipe, key), key  # batch statistics and dropout, seeded alike
+        assert series(standard, f"{key}/both") == series(recipe, key), key
+        assert series(recipe, key) != series(standard, key), key
+    assert series(recipe, "train_acc/eval.remeasure_train_acc-false") == series(no_remeasure, "train_acc") == series(standard, "train_acc")
+    assert series(standard, "train_acc/eval.remeasure_train_acc-true") == series(eval_mode, "train_acc")
+    assert series(standard, "train_acc/both") == series(recipe, "train_acc")
+
+
+def test_an_alternative_logs_only_the_metrics_its_switches_change(hw4_runs):
+    """A mode alone: validation and test again, not the train split (a pass over 50k images); a
+    re-measure switch alone: train_acc; one equal to the run's own evaluation: nothing."""
+    _, recipe, result = hw4_runs["recipe"]
+    held_out = ["val_loss", "val_acc", "test_loss", "test_acc"]
+    added = {f"{k}/eval.mode-eval" for k in held_out} | {"train_acc/eval.remeasure_train_acc-false"}
+    assert [set(m) for _, m in recipe.epochs] == [METRIC_KEYS | added] * 2
+    _, standard, _ = hw4_runs["standard"]
+    added = ({f"{k}/eval.mode-train" for k in held_out} | {"train_acc/eval.remeasure_train_acc-true"}
+             | {f"{k}/both" for k in [*held_out, "train_acc"]})
+    assert [set(m) for _, m in standard.epochs] == [METRIC_KEYS | added] * 2
+    # Every epoch's alternatives reach the result; the best checkpoint follows the run's own val_acc.
+    assert result.last_metrics == recipe.epochs[-1][1]
+    val = series(recipe, "val_acc")
+    assert (result.best_epoch, result.best_val_acc) == (val.index(max(val)) + 1, max(val))
+    assert result.best_test_acc == recipe.epochs[result.best_epoch - 1][1]["test_acc"]
+
+
+def test_an_alternative_measures_only_the_splits_the_run_evaluates(hw4_files, tmp_path):
+    alternatives = RECIPE_ALTERNATIVES[:1]
+    _, rec, _ = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "no-val", "data.val_size=0", "train.epochs=1", alternatives=alternatives)
+    assert {k for k in rec.epochs[0][1] if "/" in k} == {"test_loss/eval.mode-eval", "test_acc/eval.mode-eval"}
+    _, rec, _ = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "no-test", "train.epochs=1", alternatives=alternatives, evaluate_test=False)
+    assert {k for k in rec.epochs[0][1] if "/" in k} == {"val_loss/eval.mode-eval", "val_acc/eval.mode-eval"}
+
+
+def test_train_mode_evaluation_and_its_alternatives_repeat_and_resume_exactly(hw4_runs, hw4_files, tmp_path):
+    weights, rec, result = hw4_runs["recipe"]
+    alternatives = [*RECIPE_ALTERNATIVES, ("same", RECIPE_EVAL)]
+    again_weights, again, _ = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "again", alternatives=alternatives)
+    assert_same_weights(again_weights, weights)
+    assert [without_time(m) for _, m in again.epochs] == [without_time(m) for _, m in rec.epochs]
+
+    hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "resumed", alternatives=alternatives, max_epochs=1)
+    resumed_weights, resumed, resumed_result = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "resumed", alternatives=alternatives)
+    assert [e for e, _ in resumed.epochs] == [2]
+    assert_same_weights(resumed_weights, weights)
+    assert without_time(resumed.epochs[0][1]) == without_time(rec.epochs[1][1])
+    assert without_time(resumed_result.last_metrics) == without_time(result.last_metrics)
+
+
+class Passes(nn.Module):
+    """Records how each forward runs: on the warm-up's zeros or on images, in train or eval mode,
+    with gradients or not, and the batch size."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.add((not x.any().item(), self.training, torch.is_grad_enabled(), len(x)))
+        return self.model(x)
+
+
+def test_the_compile_warm_up_runs_every_pass_the_epochs_run(hw4_files, tmp_path, monkeypatch):
+    """Each (mode, gradients or not, batch size) is a graph of its own to torch.compile: the
+    warm-up goes through every one the epochs use, alternatives included, so that none is
+    compiled inside a timed epoch. Here torch.compile leaves the model as it is."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    cfg = hw4_cfg(RECIPE_EVAL, "train.epochs=1", "train.compile=true")
+    model, bundle = fresh(cfg, hw4_files)
+    passes = Passes(model)
+    engine.fit(passes, bundle, cfg, checkpoint_dir=tmp_path, alternatives=RECIPE_ALTERNATIVES[:1])
+    warm_up = {p[1:] for p in passes.seen if p[0]}
+    epochs = {p[1:] for p in passes.seen if not p[0]}
+    # Training (with its last, smaller batch), the re-measure pass in train mode, validation and
+    # test in train mode and in the alternative's eval mode.
+    last = bundle.train.num_images % 32
+    assert last and bundle.val.num_images == 50 and bundle.test.num_images == 248  # one batch each
+    assert epochs == {(True, True, 32), (True, True, last), (True, False, 32), (True, False, last),
+                      (True, False, 50), (True, False, 248), (False, False, 50), (False, False, 248)}
+    assert epochs <= warm_up

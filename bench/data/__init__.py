@@ -8,6 +8,7 @@ augmentation through one generator, whose state goes into checkpoints.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,6 +39,12 @@ class Batches:
     @property
     def num_images(self) -> int:
         return len(self.labels)
+
+    def drawing_from(self, gen: torch.Generator) -> Batches:
+        """The same batches shuffled and augmented with `gen`'s draws, leaving this one's generator alone."""
+        other = copy.copy(self)
+        other.gen = gen
+        return other
 
     def _prepare(self, images: Tensor) -> Tensor:
         if self.augment == "crop_flip":
