@@ -109,11 +109,18 @@ def read(experiment: str) -> list[Ablation]:
 
 
 def profile_values(profile: str) -> dict[str, Any]:
-    """The profile's values for keys that ablations set, by dotted key."""
+    """The profile's values for keys that ablations set, by dotted key; a key no experiment's
+    ablation sets is a mistake (a misspelt key would leave the paper's value in place)."""
+    where = f"{config.experiments_dir() / 'profiles' / profile}.toml"
     table = config.read_profile(profile).get("ablations", {})
     if not isinstance(table, dict):
-        raise UserError(f"{config.experiments_dir() / 'profiles' / profile}.toml: ablations should be a table of config keys")
-    return config.flatten(table)
+        raise UserError(f"{where}: ablations should be a table of config keys")
+    values = config.flatten(table)
+    known = {k for name in config.list_experiments() for a in read(name) for k in a.values}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{where}: ablations.{unknown[0]}: no experiment's ablation sets this key; they set {', '.join(sorted(known))}")
+    return values
 
 
 def at_profile(ablation: Ablation, profile: str) -> Ablation:
@@ -162,7 +169,10 @@ def variants(experiment: str, profile: str) -> list[Variant]:
         except UserError as exc:
             raise UserError(f"ablation {name} of {experiment}: {exc}") from None
         if ablation is not None and ablation.evaluation_only:
-            out.append(Variant(name, EVALUATION_ONLY, tuple(sets), label, source, recipe.config_hash(), ablation))
+            # A recipe that already measures this way has the variant's figures as its own.
+            (key, value), = ablation.values.items()
+            same = RECIPE if recipe.flat()[key] == value else None
+            out.append(Variant(name, EVALUATION_ONLY, tuple(sets), label, source, recipe.config_hash(), ablation, same))
             continue
         h = cfg.config_hash()
         out.append(Variant(name, TRAINED, tuple(sets), label, source, h, ablation, seen.get(h)))

@@ -139,7 +139,9 @@ def cmd_run(args) -> int:
         print(suite.dry_run_table(cells))
         which = f", shard {args.shard}: {len(cells)} of {total} cells" if args.shard else ""
         if args.ablate:
-            print("\n" + suite.ablation_table(names, profile=args.profile, seeds=seeds, data_dir=args.data_dir))
+            every = ", every shard together" if args.shard else ""
+            print(f"\nWhat --ablate trains ({seeds} seeds{every}):")
+            print(suite.ablation_table(names, profile=args.profile, seeds=seeds, data_dir=args.data_dir))
             print(f"{total} cells (the recipe and each trained variant x {seeds} seeds), profile {args.profile}{which}")
         else:
             print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}{which}")

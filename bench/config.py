@@ -179,18 +179,31 @@ class RunConfig(Section):
         """Identifies what the run learns: its result keys, seed excluded (the seeds of one config
         share it). Settings that change only speed, checkpoints or logging leave it as it is."""
         values = {k: v for k, v in self.result_values().items() if k != "seed"}
+        if self.evaluation_draws():
+            values.update(EVALUATION_APART)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    def evaluation_draws(self) -> bool:
+        """Whether the run's evaluation draws random numbers: train-mode evaluation (dropout) or
+        a re-measure over the augmented train set."""
+        return self.eval.mode == "train" or self.eval.remeasure_train_acc
 
     def earlier_hash(self) -> str | None:
         """The hash bench gave this config before `config_hash` counted only the result keys
         (every key, seed excluded, as the config had them then); None where no earlier version
-        could have run it (the scheduler stepped before each epoch came after). Runs and
-        checkpoints made then are found by it and carried over."""
+        could have run it (the scheduler stepped before each epoch came after) or ran it otherwise
+        (evaluation that draws took training's random numbers then). Runs and checkpoints made
+        then are found by it and carried over."""
         flat = {k: v for k, v in self.flat().items() if k not in ("seed", *LATER_KEYS)}
-        if flat.pop("schedule.step_before_epoch"):
+        if flat.pop("schedule.step_before_epoch") or self.evaluation_draws():
             return None
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
 
+
+# Evaluation passes draw from random streams of their own since this entry joined the hash; before,
+# a config whose evaluation draws (`RunConfig.evaluation_draws`) took them from training's streams
+# and learned other weights. Its runs from then are another config, never resumed or carried over.
+EVALUATION_APART = {"evaluation.random_streams": "own"}
 
 # Keys added after `earlier_hash`'s version, which its hash never held; none changes a result.
 LATER_KEYS = ("train.system_metrics", "train.system_metrics_interval_s")

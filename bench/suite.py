@@ -156,7 +156,8 @@ def preflight(cells: list[Cell], data_dir: Path | None) -> None:
         try:
             data.check_val_size(c.cfg.data.val_size, len(_files(c.cfg.data.dataset, data_root(c.cfg, data_dir)).train))
         except UserError as exc:
-            raise UserError(f"{c.experiment}: {exc}") from None
+            variant = f" (ablation {c.ablation})" if c.ablation and c.ablation != ablation.RECIPE else ""
+            raise UserError(f"{c.experiment}{variant}: {exc}") from None
     for cfg in {repr(c.cfg.model) + str(c.cfg.data.image_size): c.cfg for c in cells}.values():
         try:
             model = create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options).eval()
@@ -365,7 +366,7 @@ def ablation_table(experiments: list[str], *, profile: str, seeds: int, data_dir
         for v in ablation.variants(name, profile):
             kind = v.kind if v.ablation is None else f"{v.kind}, {v.ablation.kind}"
             if v.kind == ablation.EVALUATION_ONLY or v.same_as is not None:
-                why = "measured on every run's weights" if v.same_as is None else f"the same config as {v.same_as}"
+                why = "measured on every run's weights" if v.same_as is None else f"the same as {v.same_as}"
                 rows.append((f"  {v.name}", v.label, kind, "0", f"0 ({why})", "0"))
                 continue
             cfg = config.load(name, profile=profile, sets=list(v.sets))

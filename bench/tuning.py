@@ -192,7 +192,9 @@ def open_study(
     if base_config_hash and before and before != base_config_hash and study.trials:
         raise UserError(f"study {name} tunes another config (hash {before}) than this command's ({base_config_hash}): "
                         "its trials would mix the two; give this one its own --study NAME")
-    attrs = {"bench.experiment": experiment, "bench.profile": profile, "bench.base_config_hash": base_config_hash}
+    # A study with trials and no recorded base was made by an older bench: what it tuned is unknown.
+    known_base = before is not None or not study.trials
+    attrs = {"bench.experiment": experiment, "bench.profile": profile, "bench.base_config_hash": base_config_hash if known_base else None}
     for key, value in attrs.items():
         if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)

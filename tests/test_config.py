@@ -403,8 +403,7 @@ def test_a_weights_file_counts_by_its_content(tmp_path):
     ("bottleneck-cifar10", "smoke", [], "b2734f207511"),
     ("bottleneck-cifar10", "paper", [], "474161d37c51"),
     ("bottleneck-cifar10", "paper", ["optim.lr=0.05"], "e30a4daa8fad"),
-    # The smoke profile held out 100 images of R1's and R2's subsets then.
-    ("hw4-resnet-cifar100", "smoke", ["data.val_size=100"], "b0ecc5a3be99"),
+    # The smoke profile held out 100 images of R2's subset then.
     ("resnet18-finetune-cifar100", "smoke", ["data.val_size=100"], "63851a220e98"),
     ("resnetb-cifar10", "smoke", ["optim.lr=0.05", "schedule.step_before_epoch=false"], "1ecb18de9088"),
 ])
@@ -415,3 +414,22 @@ def test_the_earlier_hash_is_the_one_bench_gave_the_same_config_before(experimen
 def test_no_earlier_hash_for_a_config_no_earlier_bench_could_run():
     assert config.load("resnetb-cifar10", profile="paper").schedule.step_before_epoch
     assert config.load("resnetb-cifar10", profile="paper").earlier_hash() is None
+
+
+def test_a_config_whose_evaluation_draws_random_numbers_is_another_config_than_before():
+    """Evaluation passes draw from streams of their own now; before, R1's train-mode evaluation
+    (dropout) and re-measure pass (augmentation) took training's draws, and learned other weights."""
+    import hashlib
+    import json
+
+    def before(cfg) -> str:  # the hash as it was: the result keys alone
+        values = {k: v for k, v in cfg.result_values().items() if k != "seed"}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    for sets in ([], ['eval.mode="eval"'], ["eval.remeasure_train_acc=false"]):
+        cfg = load("hw4-resnet-cifar100", profile="smoke", sets=sets)
+        assert cfg.evaluation_draws() and cfg.config_hash() != before(cfg) and cfg.earlier_hash() is None
+    standard = load("hw4-resnet-cifar100", profile="smoke", sets=['eval.mode="eval"', "eval.remeasure_train_acc=false"])
+    assert not standard.evaluation_draws() and standard.config_hash() == before(standard)
+    r4 = load("resnetb-cifar10", profile="smoke")
+    assert r4.config_hash() == before(r4)

@@ -436,7 +436,8 @@ def test_tune_holds_out_a_split_when_the_recipe_has_none_and_the_best_command_do
 # hw4 at 8 px ends on a 1x1 map: a batch of one image cannot train its BatchNorm, and a batch of
 # 1016 of the 1017 training images (1117 embedded, 100 held out) leaves one for the last step.
 HW4 = ["tune", "hw4-resnet-cifar100", "--profile", "smoke", "--epochs", "1", "--sampler", "random", "--pruner", "none",
-       *[a for s in ("model.widths=[4,4,4,4]", "model.blocks=[1,1,1,1]", "model.stem_width=4", "data.image_size=8", "model.pool_kernel=1")
+       *[a for s in ("model.widths=[4,4,4,4]", "model.blocks=[1,1,1,1]", "model.stem_width=4", "data.image_size=8", "model.pool_kernel=1",
+                     "data.val_size=100")
          for a in ("--set", s)]]
 
 
