@@ -143,9 +143,16 @@ def _difference(n_a: int, n_b: int, mean: float, spread: float, test: str, run) 
     return Difference(n_a, n_b, mean, low, high, float(res.pvalue), test, clipped=clipped)
 
 
+def _finite(*groups: np.ndarray) -> None:
+    """A NaN would turn the mean and scipy's test into NaN silently: the caller drops missing values."""
+    if any(np.isnan(g).any() for g in groups):
+        raise ValueError("the values hold NaN: drop the runs that lack the measure first")
+
+
 def welch_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     """mean(b) - mean(a) of two independent groups of seeds: Welch's t-test and its interval."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    _finite(a, b)
     mean = float(b.mean() - a.mean()) if len(a) and len(b) else math.nan
     spread = max(np.ptp(a), np.ptp(b)) if len(a) and len(b) else 0.0
     return _difference(len(a), len(b), mean, spread, "Welch's t", lambda: stats.ttest_ind(b, a, equal_var=False))
@@ -157,14 +164,22 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) != len(b):
         raise ValueError(f"paired values need as many of each: {len(a)} and {len(b)}")
+    _finite(a, b)
     d = b - a
     mean = float(d.mean()) if len(d) else math.nan
     return _difference(len(a), len(b), mean, float(np.ptp(d)) if len(d) else 0.0, "paired t", lambda: stats.ttest_rel(b, a))
 
 
+def points(x: float, digits: int = 1, sign: bool = False) -> str:
+    """A fraction in points with `digits` decimals: 0.021 -> "2.1" ("+2.1" with `sign`). What
+    rounds to zero prints as "0.0" ("+0.0"), never "-0.0"."""
+    text = f"{100 * x:{'+' if sign else ''}.{digits}f}"
+    return f"{0.0:{'+' if sign else ''}.{digits}f}" if float(text) == 0 else text
+
+
 def pt(x: float) -> str:
     """An accuracy difference in points: 0.021 -> "2.1"."""
-    return f"{100 * x:.1f}"
+    return points(x)
 
 
 def effect_verdict(diff: Difference, what: str = "test accuracy") -> str:
@@ -173,7 +188,7 @@ def effect_verdict(diff: Difference, what: str = "test accuracy") -> str:
     if diff.n_a == 0 or diff.n_b == 0:
         return "not run"
     n = f"n = {diff.n_a}" if diff.n_a == diff.n_b else f"n = {diff.n_a} and {diff.n_b}"
-    signed = f"{100 * diff.mean:+.1f} pt"
+    signed = f"{points(diff.mean, sign=True)} pt"
     if min(diff.n_a, diff.n_b) < 2:
         return f"{signed} at {n}: one seed gives no interval; more seeds are needed to tell"
     if diff.no_spread:

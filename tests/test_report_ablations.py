@@ -141,10 +141,11 @@ def test_the_sentence_at_its_edges():
     assert t.sentence == "The recipe already reproduces the reported 63.31 %."
     # A variant whose interval holds it reproduces it.
     t = ablations.tables(_summary(hw4_records(relu=[0.625, 0.640, 0.633])))[0]
-    assert t.sentence.endswith("; post-add-relu reproduces it (within 1 pt of its interval).")  # all-standard, its config again, counts once
+    assert t.sentence.endswith("; post-add-relu (n = 3) reproduces it (within 1 pt of its interval).")  # all-standard, its config again, counts once
     # Nothing moves toward it at n = 3: no variant's interval excludes zero in its direction.
     t = ablations.tables(_summary(hw4_records(evals=[0.46, 0.49, 0.485], relu=[0.47, 0.49, 0.475])))[0]
-    assert t.sentence == "The recipe is 15.3 pt below the reported 63.31 %; no variant moves toward it at n = 3; no variant reaches it."
+    assert t.sentence == ("The recipe is 15.3 pt below the reported 63.31 %; no variant moves toward it at n = 3; "
+                          "1 of 5 variants not run yet; no variant reaches it.")
     # A subset of CIFAR (the smoke profile) is not comparable.
     t = ablations.tables(_summary(hw4_records(complete="false")))[0]
     assert t.sentence.startswith("Profile `paper` is not the reported recipe on the full dataset (subset of CIFAR)")
@@ -209,6 +210,8 @@ def test_write_draws_the_figure_and_exports_the_numbers_with_identical_bytes(tmp
     assert list(csv.variant) == ["recipe", "reported", "eval-mode", "running-train-acc", "post-add-relu", "lr-0.1", "all-standard"]
     row = csv.set_index("variant").loc["eval-mode"]
     assert (row.seeds, row.test) == (3, "paired t")
+    assert row.baseline == pytest.approx(np.mean(RECIPE_FINALS))  # the recipe runs it was paired with
+    assert pd.isna(csv.set_index("variant").loc["reported", "seeds"])  # a reported figure, not a count of seeds
     assert row.difference == pytest.approx(np.mean(EVAL_FINALS) - np.mean(RECIPE_FINALS))
     assert csv.set_index("variant").loc["reported", "difference"] == pytest.approx(REPORTED - np.mean(RECIPE_FINALS))
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
@@ -275,3 +278,149 @@ def test_through_mlflow_on_sqlite(tmp_path):
     assert lines["post-add-relu"].difference.p == pytest.approx(sps.ttest_ind([0.050, 0.047], [0.040, 0.046, 0.043], equal_var=False).pvalue)
     assert lines["shortcut-1x1"].verdict == f"not run: `bench run {HW4} --ablate --profile smoke`"
     assert t.shown and t.sentence.startswith("Profile `smoke` is not the reported recipe on the full dataset (subset of CIFAR)")
+
+
+def test_a_variant_whose_interval_holds_zero_closes_nothing_when_the_recipe_is_above():
+    t = ablations.tables(_summary(hw4_records(recipe=[0.70, 0.71, 0.72], evals=[0.70, 0.715, 0.72], relu=[0.66, 0.72, 0.70])))[0]
+    d = lines_of(t)["post-add-relu"].difference
+    assert d.low < 0 < d.high  # -1.7 pt [-8.5, 5.1], p = 0.45
+    assert "post-add-relu" not in t.sentence
+
+
+def test_a_variant_that_lowers_accuracy_closes_the_gap_when_the_recipe_is_above():
+    t = ablations.tables(_summary(hw4_records(recipe=[0.70, 0.71, 0.72], evals=[0.70, 0.715, 0.72], relu=[0.665, 0.67, 0.675])))[0]
+    d = lines_of(t)["post-add-relu"].difference
+    assert t.sentence.startswith("The recipe is 7.7 pt above the reported 63.31 %; ")
+    # The move toward the figure is -difference: its interval holds its mean.
+    assert f"post-add-relu closes 4.0 pt [{stats.pt(-d.high)}, {stats.pt(-d.low)}] of it" in t.sentence
+    assert -d.high < -d.mean < -d.low
+
+
+def test_a_variant_that_overshoots_does_not_close_more_than_the_gap():
+    t = ablations.tables(_summary(hw4_records(relu=[0.78, 0.79, 0.80])))[0]  # gap 15.3 pt, effect +31 pt
+    d = lines_of(t)["post-add-relu"].difference
+    assert "closes 31.0 pt" not in t.sentence
+    assert f"post-add-relu overshoots it (31.0 pt [{stats.pt(d.low)}, {stats.pt(d.high)}], the gap is 15.3 pt)" in t.sentence
+
+
+def test_a_variant_whose_interval_holds_the_gap_may_close_all_of_it():
+    t = ablations.tables(_summary(hw4_records(relu=[0.60, 0.65, 0.62])))[0]  # +14.3 pt, its interval past 15.3
+    assert "post-add-relu may close all of it (14.3 pt [" in t.sentence
+
+
+def test_a_variant_reproduces_the_figure_only_when_it_moves_toward_it():
+    # n = 2: t = 12.7 makes the variant's own interval [0, 1]: it holds the figure, but the move
+    # toward it is not told apart from noise.
+    t = ablations.tables(_summary(hw4_records(relu=[0.55, 0.70])))[0]
+    relu = lines_of(t)["post-add-relu"]
+    assert stats.verdict(REPORTED, relu.interval) == "reproduced" and relu.difference.low < 0
+    assert t.sentence.endswith("; no variant reaches it.")
+
+
+def test_a_study_of_the_recipe_is_not_linked_to_a_variant_of_the_recipes_config():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    same = ablation.Variant("val-split", ablation.TRAINED, ("data.val_size=0",), "data.val_size=0", "s", "h1", VARIANTS[HW4][4].ablation, "recipe")
+    handles = {"hw4-recipe": _study("hw4-recipe", "h1")}
+    trials = pd.concat([results.trial_frame(n, HW4, "paper", s.trials) for n, s in handles.items()], ignore_index=True)
+    studies = results.Studies(trials=trials, handles=handles, intermediate=pd.DataFrame(columns=results.INTERMEDIATE_COLUMNS))
+    t = ablations.tables(_summary(hw4_records(), variants={HW4: [VARIANTS[HW4][0], same, VARIANTS[HW4][3]]}), studies)[0]
+    assert lines_of(t)["val-split"].studies == () and lines_of(t)["recipe"].studies == ("hw4-recipe",)
+    assert "hw4-recipe" not in ablations.study_links([t])
+
+
+def _markdown_rows(t):
+    text = ablations.markdown([t], {})
+    return {l.split(" | ")[0].lstrip("| "): l for l in text.splitlines() if l.startswith("| ") and "---" not in l}
+
+
+def test_an_evaluation_only_row_shows_the_baseline_it_is_paired_with(table):
+    rows = _markdown_rows(table)
+    # train_acc measured the running way, against the same runs' re-measured train_acc (not the recipe row's test_acc).
+    assert "| 56.17 % [" in rows["running-train-acc"] and "(recipe 61.00 %, 3 pairs) |" in rows["running-train-acc"]
+    assert "(recipe 48.00 %, 3 pairs) |" in rows["eval-mode"]
+    assert "pairs" not in rows["post-add-relu"]
+    assert "same recipe runs' own figure of its metric" in ablations.INTRO
+
+
+def test_a_run_whose_extra_measure_stopped_at_another_epoch_is_left_out_of_the_pair():
+    recs = hw4_records()
+    recs[0]["history"]["test_acc/eval.mode-eval"] = [(1, 0.3)]  # the last epoch's extra pass never logged
+    line = lines_of(ablations.tables(_summary(recs))[0])["eval-mode"]
+    assert (line.difference.n_a, line.baseline.n) == (2, 2)
+    assert line.difference.p == pytest.approx(sps.ttest_rel(EVAL_FINALS[1:], RECIPE_FINALS[1:]).pvalue)
+    assert lines_of(ablations.tables(_summary(recs))[0])["running-train-acc"].difference.n_a == 3
+
+
+def test_tiny_p_values_and_zero_differences_print_plainly():
+    t = ablations.tables(_summary(hw4_records(relu=[0.78, 0.79, 0.80])))[0]
+    assert lines_of(t)["post-add-relu"].difference.p < 1e-4
+    assert "| < 0.0001 (Welch's t) |" in _markdown_rows(t)["post-add-relu"]
+    t = ablations.tables(_summary(hw4_records(relu=[0.469999, 0.48, 0.49])))[0]  # -0.0003 pt
+    row = _markdown_rows(t)["post-add-relu"]
+    assert "| +0.00 pt [" in row and "-0.00" not in row and "-0.0 " not in lines_of(t)["post-add-relu"].verdict
+
+
+def test_the_reported_row_without_a_reported_final_figure_prints_a_dash():
+    curves = report.summarize(results.frames([]), [HW4], suite="x", variants={}, **SAME).curves
+    t = ablations.tables(_summary(hw4_records(recipe=[]), curves=curves.iloc[0:0]))[0]  # the variant ran, the recipe did not
+    assert t.shown and t.reported is None
+    row = _markdown_rows(t)["reported"]
+    assert "nan" not in row and "| reported | test_acc | - | - | - | - |" in row
+
+
+def _dashed(fig) -> list:
+    return [l for l in fig.axes[0].get_lines() if l.get_linestyle() == "--"]
+
+
+def test_the_figure_draws_the_gap_only_where_the_recipe_is_comparable():
+    from bench.report import figures
+
+    paper = ablations.tables(_summary(hw4_records()))[0]
+    assert len(_dashed(figures.ablation_plot(paper))) == 1
+    smoke = ablations.tables(_summary(hw4_records(complete="false")))[0]
+    assert _dashed(figures.ablation_plot(smoke)) == []
+    text = ablations.markdown([smoke], {HW4: "a.png"})
+    assert "The figure draws no line at the reported figure: profile `paper` is not comparable to it (subset of CIFAR)." in text
+    assert "draws no line" not in ablations.markdown([paper], {HW4: "a.png"})
+
+
+def test_the_figure_uses_the_tables_word_for_a_measure_the_runs_lack():
+    from bench.report import figures
+
+    t = ablations.tables(_summary(hw4_records(evals=None)))[0]
+    words = [x.get_text().strip() for x in figures.ablation_plot(t).axes[0].texts]
+    assert words.count("not measured") == 2 and words.count("not run") == 1  # eval-mode, running-train-acc; lr-0.1
+
+
+def test_a_variants_runs_under_its_configs_earlier_hash_are_its_own():
+    recipe = config.load(HW4, profile="paper")
+    mine = report.Recipe(recipe.config_hash(), {})
+    relu = config.load(HW4, profile="paper", sets=["model.post_add_relu=true"])
+    assert relu.earlier_hash() not in (None, relu.config_hash())
+    recs = [r for r in hw4_records() if r["tags"]["bench.config_hash"] == "h1"]
+    for r in recs:
+        r["tags"]["bench.config_hash"] = recipe.config_hash()
+    recs += [record(HW4, s, [v / 2, v], config_hash=relu.earlier_hash(), val=0, start=10) for s, v in enumerate(RELU_FINALS[:2])]
+    recs += [record(HW4, 2, [0.25, RELU_FINALS[2]], config_hash=relu.config_hash(), val=0, start=20)]
+    s = report.summarize(results.frames(recs), [HW4], suite="x", recipes={HW4: mine}, paper={HW4: mine})
+    assert [r.label for r in s.rows] == [None, "ablation post-add-relu: model.post_add_relu=true"]
+    line = lines_of(ablations.tables(s)[0])["post-add-relu"]
+    assert line.interval.n == 3 and line.interval.mean == pytest.approx(np.mean(RELU_FINALS))
+
+
+def test_an_ablation_invalid_under_the_profile_leaves_the_rest_of_the_report(tmp_path, monkeypatch):
+    import shutil
+
+    experiments = tmp_path / "experiments"
+    shutil.copytree(config.experiments_dir(), experiments)
+    monkeypatch.setenv("BENCH_EXPERIMENTS", str(experiments))
+    path = experiments / f"{HW4}.toml"
+    path.write_text(path.read_text().replace('set = { "model.shortcut_kernel" = 1 }', 'set = { "model.no_such_key" = 1 }'))
+    mine = report.Recipe(config.load(HW4, profile="paper").config_hash(), {})
+    s = report.summarize(results.frames(hw4_records()), [HW4], suite="x", recipes={HW4: mine}, paper={HW4: mine})
+    assert s.ablations[HW4] == [] and "shortcut-1x1" in s.ablation_errors[HW4]
+    t = ablations.tables(s)[0]
+    assert t.shown and t.error == s.ablation_errors[HW4]
+    readme = report.write(s, tmp_path / "out").read_text()
+    assert f"### `{HW4}`\n\nNo ablation table: ablation shortcut-1x1 of {HW4}: " in readme
+    assert "## Environment" in readme and not (tmp_path / "out" / f"ablation-{HW4}.png").exists()

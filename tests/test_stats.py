@@ -183,3 +183,16 @@ def test_the_difference_interval_is_cut_at_one_and_says_so():
     d = stats.welch_difference([0.0, 0.02], [0.8, 0.9])  # two seeds: t(1) = 12.7 stretches it past +1
     assert d.clipped and d.high == 1.0 and 0 < d.low < 1.0
     assert stats.effect_verdict(d) == "raises test accuracy by 84.0 pt [29.5, 100.0], interval cut at the bound"
+
+
+@pytest.mark.parametrize("difference", [stats.welch_difference, stats.paired_difference])
+def test_differences_reject_nan(difference):
+    with pytest.raises(ValueError, match="NaN"):
+        difference([0.5, 0.6, math.nan], [0.5, 0.6, 0.7])
+
+
+def test_points_never_print_a_negative_zero():
+    assert stats.pt(-0.0004) == "0.0" and stats.pt(0.0004) == "0.0" and stats.pt(-0.0006) == "-0.1"
+    assert stats.points(-0.00001, 2, sign=True) == "+0.00" and stats.points(0.0123, 2, sign=True) == "+1.23"
+    d = stats.welch_difference([0.50, 0.52, 0.51], [0.5099, 0.50, 0.52])  # -0.003 pt
+    assert "-0.0 pt" not in stats.effect_verdict(d) and "(+0.0 pt [" in stats.effect_verdict(d)

@@ -36,7 +36,7 @@ def write(summary: Summary, out_dir: Path, studies: Studies | None = None) -> Pa
         from bench.report import studies as study_section  # imports optuna: only when there are studies
 
         tuning = study_section.markdown(studies, study_section.draw(studies, out_dir), ablations.study_links(found))
-    section = ablations.markdown(shown, {t.experiment: written[f"ablation-{t.experiment}"] for t in shown})
+    section = ablations.markdown(shown, {t.experiment: written[f"ablation-{t.experiment}"] for t in shown if t.error is None})
     path = out_dir / "README.md"
     path.write_text(markdown(summary, written, tuning, data, section), encoding="utf-8")
     return path

@@ -3,8 +3,9 @@
 A trained variant's runs are the cells of its config hash, compared with the recipe's runs by
 Welch's t (independent seeds). An evaluation-only variant trains nothing: its figure is the
 recipe runs' `final_<metric>/<key>-<value>`, measured again on each run's own weights, so it is
-compared with the same runs' `final_<metric>` by the paired t-test. The reported figure stays in
-each table as a reference row, and one sentence says what closes the gap to it.
+compared with the same runs' `final_<metric>` (logged at the same last epoch) by the paired
+t-test, and the row shows that baseline. The reported figure stays in each table as a reference
+row, and one sentence says what closes the gap to it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bench.report.summary import Row, Summary
 WHAT = {"test_acc": "test accuracy", "train_acc": "train accuracy"}
 COLUMNS = [
     "experiment", "variant", "label", "kind", "source", "metric", "seeds", "mean", "low", "high",
-    "difference", "difference_low", "difference_high", "p", "test", "verdict", "same_as", "studies",
+    "difference", "difference_low", "difference_high", "p", "test", "verdict", "same_as", "studies", "baseline",
 ]
 
 
@@ -39,6 +40,7 @@ class Line:
     verdict: str
     same_as: str | None = None
     studies: tuple[str, ...] = ()  # Optuna studies tuned on this variant's config
+    baseline: stats.Interval | None = None  # the recipe runs' own figures an evaluation-only variant is paired with
 
     @property
     def is_variant(self) -> bool:
@@ -57,11 +59,14 @@ class Table:
     recipe: stats.Interval
     lines: list[Line]
     sentence: str
+    why_not_comparable: str | None = None  # the recipe row's: why its figures are not the reported recipe's
+    error: str | None = None  # why the ablation is invalid under the profile: shown in place of the table
 
     @property
     def shown(self) -> bool:
-        """Whether any variant has figures beyond the recipe's own: else the table says nothing."""
-        return any(line.is_variant and line.interval.n > 0 and line.same_as != ablation.RECIPE for line in self.lines)
+        """Whether any variant has figures beyond the recipe's own (else the table says nothing),
+        or the ablation is invalid (the section says why)."""
+        return self.error is not None or any(line.is_variant and line.interval.n > 0 and line.same_as != ablation.RECIPE for line in self.lines)
 
 
 def kind_text(variant: ablation.Variant) -> str:
@@ -79,8 +84,21 @@ def _accuracies(runs: pd.DataFrame, column: str) -> pd.Series:
     return runs[column].dropna() if column in runs else pd.Series(dtype=float)
 
 
+def _pairs(runs: pd.DataFrame, metrics: pd.DataFrame, own: str, extra: str) -> pd.DataFrame:
+    """The runs' final `own` and `extra` figures (final_<metric> columns), for the runs that
+    logged both at the same last epoch: a run stopped between the two passes measured different
+    weights. Runs from a bench that did not measure `extra` are left out."""
+    columns = [f"final_{own}", f"final_{extra}"]
+    if not set(columns) <= set(runs):
+        return pd.DataFrame(columns=columns)
+    mine = metrics[metrics.run_id.isin(runs.run_id) & metrics.metric.isin([own, extra])]
+    last = mine.groupby(["run_id", "metric"]).epoch.max().unstack()
+    same = last.index[last[own] == last[extra]] if {own, extra} <= set(last) else []
+    return runs[runs.run_id.isin(same)][columns].dropna()
+
+
 def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFrame], experiment: str, profile: str,
-          studies: dict[str, list[str]]) -> Line:
+          studies: dict[str, list[str]], metrics: pd.DataFrame) -> Line:
     common = dict(variant=variant.name, label=variant.label, kind=kind_text(variant), source=variant.source,
                   metric=variant.metric, same_as=variant.same_as)
     base = _accuracies(recipe.runs, "final_test_acc")
@@ -89,17 +107,19 @@ def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFram
         return Line(**common, interval=stats.accuracy_ci(base), difference=None, verdict="reference", studies=tuned)
     what = WHAT.get(variant.metric, variant.metric)
     if variant.kind == ablation.EVALUATION_ONLY:
-        # The same runs measured two ways; runs from a bench that did not measure it are left out.
-        column, own = f"final_{variant.ablation.metric_name()}", f"final_{variant.metric}"
-        pairs = recipe.runs[[own, column]].dropna() if {own, column} <= set(recipe.runs) else pd.DataFrame()
+        # The same runs measured two ways, against their own figure of the metric (train_acc for
+        # the re-measure switch), which the recipe row (test_acc, every run) does not show.
+        pairs = _pairs(recipe.runs, metrics, variant.metric, variant.ablation.metric_name())
         if pairs.empty:
             verdict = (not_run(experiment, profile) if recipe.runs.empty else
                        f"not measured: the recipe's runs do not log `{variant.ablation.metric_name()}` (an older bench)")
             return Line(**common, interval=stats.accuracy_ci([]), difference=None, verdict=verdict)
+        own, column = pairs.columns
         diff = stats.paired_difference(pairs[own], pairs[column])
-        return Line(**common, interval=stats.accuracy_ci(pairs[column]), difference=diff, verdict=stats.effect_verdict(diff, what))
-    if variant.same_as == ablation.RECIPE:
-        return Line(**common, interval=stats.accuracy_ci(base), difference=None, studies=tuned,
+        return Line(**common, interval=stats.accuracy_ci(pairs[column]), difference=diff, verdict=stats.effect_verdict(diff, what),
+                    baseline=stats.accuracy_ci(pairs[own]))
+    if variant.same_as == ablation.RECIPE:  # the recipe's studies are the recipe row's, not this one's
+        return Line(**common, interval=stats.accuracy_ci(base), difference=None,
                     verdict="trains the recipe's config: its runs are the recipe's")
     values = _accuracies(by_hash.get(variant.config_hash, recipe.runs.iloc[0:0]), "final_test_acc")
     if values.empty:
@@ -120,12 +140,27 @@ def _reported_line(recipe: Row) -> Line:
                 stats.mean_ci(values), None, "-")
 
 
-def _size(diff: stats.Difference) -> str:
-    """The size of a move toward the reported figure, positive, with its interval when it has one."""
+def _toward(diff: stats.Difference, direction: int) -> tuple[float, float] | None:
+    """The interval of a move toward the reported figure (the difference times `direction`, the
+    sign of the gap) when it lies wholly above 0, at every seed without spread; else None."""
     if not diff.has_interval:
-        return f"{stats.pt(abs(diff.mean))} pt at every seed"
-    low, high = sorted((abs(diff.low), abs(diff.high)))
-    return f"{stats.pt(abs(diff.mean))} pt [{stats.pt(low)}, {stats.pt(high)}]"
+        move = direction * diff.mean
+        return (move, move) if diff.no_spread and move > 0 else None
+    low, high = sorted((direction * diff.low, direction * diff.high))
+    return (low, high) if low > 0 else None
+
+
+def _closes(line: Line, direction: int, gap: float) -> str:
+    """How much of the gap a variant closes, or that it overshoots it (its near end beyond the gap)."""
+    low, high = _toward(line.difference, direction)
+    move = direction * line.difference.mean
+    size = (f"{stats.pt(move)} pt at every seed" if not line.difference.has_interval
+            else f"{stats.pt(move)} pt [{stats.pt(low)}, {stats.pt(high)}]")
+    if low > gap:
+        return f"{line.variant} overshoots it ({size}, the gap is {stats.pt(gap)} pt)"
+    if high >= gap:
+        return f"{line.variant} may close all of it ({size})"
+    return f"{line.variant} closes {size} of it"
 
 
 def sentence(recipe: Row, lines: list[Line], profile: str) -> str:
@@ -145,17 +180,22 @@ def sentence(recipe: Row, lines: list[Line], profile: str) -> str:
     direction = 1 if gap > 0 else -1
     # A variant that trains another's config is that one again: counted once.
     tested = [l for l in lines if l.is_variant and l.metric == "test_acc" and l.difference is not None and not l.same_as]
-    toward = [l for l in tested if direction * l.difference.mean > 0
-              and (direction * l.difference.low > 0 if l.difference.has_interval else l.difference.no_spread)]
-    reaching = [l.variant for l in tested if l.interval.n and stats.verdict(reported, l.interval) == "reproduced"]
+    toward = [l for l in tested if _toward(l.difference, direction)]
+    # Reproducing asks for a move toward the figure that the data tell apart from noise, not an
+    # interval so wide (n = 2: t = 12.7) that it holds the figure by itself.
+    reaching = [l for l in toward if l.interval.n >= 2 and stats.verdict(reported, l.interval) == "reproduced"]
     parts = [f"The recipe is {stats.pt(abs(gap))} pt {'below' if gap > 0 else 'above'} {target}"]
     if toward:
-        parts += [f"{l.variant} closes {_size(l.difference)} of it" for l in toward]
+        parts += [_closes(l, direction, abs(gap)) for l in toward]
     else:
-        parts.append(f"no variant moves toward it at n = {recipe.final.n}")
+        variants = [l for l in lines if l.is_variant]
+        missing = sum(l.verdict.startswith("not run") for l in variants)
+        parts.append(f"no variant moves toward it at n = {recipe.final.n}"
+                     + (f"; {missing} of {len(variants)} variants not run yet" if missing else ""))
     if reaching:
-        parts.append(f"{', '.join(reaching)} reproduce{'s' if len(reaching) == 1 else ''} it "
-                     f"(within {100 * stats.TOLERANCE:.0f} pt of its interval)")
+        names = ", ".join(f"{l.variant} (n = {l.interval.n})" for l in reaching)
+        parts.append(f"{names} reproduce{'s' if len(reaching) == 1 else ''} it "
+                     f"(within {100 * stats.TOLERANCE:.0f} pt of {'its interval' if len(reaching) == 1 else 'their intervals'})")
     else:
         parts.append("no variant reaches it")
     return "; ".join(parts) + "."
@@ -178,15 +218,21 @@ def tables(summary: Summary, studies=None) -> list[Table]:
     tuned = studies_by_hash(studies)
     out = []
     for recipe in summary.recipe_rows:
+        error = summary.ablation_errors.get(recipe.experiment)
+        if error:
+            out.append(Table(recipe.experiment, summary.profile, recipe.figures["final_test_acc"], recipe.final, [], "",
+                             recipe.why_not_comparable, error))
+            continue
         variants = summary.ablations.get(recipe.experiment, [])
         if not variants:
             continue
-        by_hash = {r.runs.config_hash.iloc[0]: r.runs for r in summary.rows
-                   if r.experiment == recipe.experiment and not r.is_recipe and not r.runs.empty}
-        lines = [_line(v, recipe, by_hash, recipe.experiment, summary.profile, tuned) for v in variants]
+        # A variant's row may hold runs under its config's earlier hash too: found by either.
+        by_hash = {h: r.runs for r in summary.rows if r.experiment == recipe.experiment and not r.is_recipe
+                   for h in r.runs.config_hash.unique()}
+        lines = [_line(v, recipe, by_hash, recipe.experiment, summary.profile, tuned, summary.metrics) for v in variants]
         lines.insert(1, _reported_line(recipe))
         out.append(Table(recipe.experiment, summary.profile, recipe.figures["final_test_acc"], recipe.final, lines,
-                         sentence(recipe, lines, summary.profile)))
+                         sentence(recipe, lines, summary.profile), recipe.why_not_comparable))
     return out
 
 
@@ -218,6 +264,14 @@ def _interval_text(ci: stats.Interval) -> str:
     return f"{_pct(ci.mean)} [{100 * ci.low:.2f}, {100 * ci.high:.2f}]{cut}"
 
 
+def _final_text(line: Line) -> str:
+    if line.variant == REPORTED:
+        return _pct(line.interval.mean) if line.interval.n else "-"
+    if line.baseline is None:
+        return _interval_text(line.interval)
+    return f"{_interval_text(line.interval)} (recipe {_pct(line.baseline.mean)}, {line.baseline.n} pairs)"
+
+
 def _difference_text(line: Line, recipe: stats.Interval) -> str:
     if line.variant == REPORTED:
         return "-" if recipe.n == 0 or line.interval.n == 0 else f"{100 * (line.interval.mean - recipe.mean):+.2f} pt"
@@ -225,14 +279,17 @@ def _difference_text(line: Line, recipe: stats.Interval) -> str:
     if d is None:
         return "-"
     if not d.has_interval:
-        return f"{100 * d.mean:+.2f} pt"
-    return f"{100 * d.mean:+.2f} pt [{100 * d.low:.2f}, {100 * d.high:.2f}]"
+        return f"{stats.points(d.mean, 2, sign=True)} pt"
+    return f"{stats.points(d.mean, 2, sign=True)} pt [{stats.points(d.low, 2)}, {stats.points(d.high, 2)}]"
+
+
+P_FLOOR = 1e-4  # the last digit the table prints
 
 
 def _p_text(d: stats.Difference | None) -> str:
     if d is None or math.isnan(d.p):
         return "-"
-    return f"{d.p:.4f} ({d.test})"
+    return f"{'< 0.0001' if d.p < P_FLOOR else f'{d.p:.4f}'} ({d.test})"
 
 
 def _seeds_text(line: Line) -> str:
@@ -251,17 +308,19 @@ HEADER = ["variant", "changes", "kind", "where it comes from", "seeds", "metric"
 def rows(t: Table) -> list[list[str]]:
     return [[
         f"**{line.variant}**" if line.variant == ablation.RECIPE else line.variant, line.label, line.kind, line.source,
-        _seeds_text(line), line.metric, _pct(line.interval.mean) if line.variant == REPORTED else _interval_text(line.interval), _difference_text(line, t.recipe),
+        _seeds_text(line), line.metric, _final_text(line), _difference_text(line, t.recipe),
         _p_text(line.difference), _verdict_text(line),
     ] for line in t.lines]
 
 
 INTRO = """\
 Each quirk of a reported recipe flipped alone (`bench run EXPERIMENT --ablate`), and all its
-standard values together. The difference is the variant's mean minus the recipe's, in points,
-with its 95 % interval: a trained variant against the recipe's runs by Welch's t-test, an
-evaluation-only one on the recipe runs' own weights, measured both ways, by the paired t-test. The
-verdict follows that interval: it excludes 0 exactly when p < 0.05."""
+standard values together. The difference is the variant's mean minus a baseline, in points, with
+its 95 % interval: a trained variant against the recipe row by Welch's t-test; an evaluation-only
+one against the same recipe runs' own figure of its metric (train accuracy for the re-measure
+switch), measured on the same weights at the same last epoch, by the paired t-test: that baseline
+and the number of pairs stand beside its figure ("recipe 61.00 %, 3 pairs"), and runs that did not
+measure it are left out. The verdict follows that interval: it excludes 0 exactly when p < 0.05."""
 
 
 def markdown(found: list[Table], figures: dict[str, str]) -> str:
@@ -271,8 +330,14 @@ def markdown(found: list[Table], figures: dict[str, str]) -> str:
         return ""
     parts = ["## Ablations\n", INTRO + "\n"]
     for t in shown:
+        if t.error:
+            parts += [f"### `{t.experiment}`\n", f"No ablation table: {t.error}\n"]
+            continue
         parts += [f"### `{t.experiment}`\n", table(HEADER, rows(t)) + "\n", t.sentence + "\n"]
         if t.experiment in figures:
+            if t.why_not_comparable:
+                parts.append(f"The figure draws no line at the reported figure: profile `{t.profile}` is not comparable "
+                             f"to it ({t.why_not_comparable}).\n")
             parts.append(f"![Ablation of {t.experiment}: differences from the recipe]({figures[t.experiment]})\n")
     return "\n".join(parts)
 
@@ -285,10 +350,13 @@ def frame(found: list[Table]) -> pd.DataFrame:
             ci, d = line.interval, line.difference
             diff = (line.interval.mean - t.recipe.mean) if line.variant == REPORTED and ci.n and t.recipe.n else (d.mean if d else None)
             out.append([
-                t.experiment, line.variant, line.label, line.kind, line.source, line.metric, ci.n,
+                t.experiment, line.variant, line.label, line.kind, line.source, line.metric,
+                None if line.variant == REPORTED else ci.n,
                 ci.mean if ci.n else None, ci.low if ci.n >= 2 else None, ci.high if ci.n >= 2 else None,
                 diff, d.low if d and d.has_interval else None, d.high if d and d.has_interval else None,
                 d.p if d and not math.isnan(d.p) else None, d.test if d else None, line.verdict, line.same_as,
-                " ".join(line.studies) or None,
+                " ".join(line.studies) or None, line.baseline.mean if line.baseline else None,
             ])
-    return pd.DataFrame(out, columns=COLUMNS)
+    out = pd.DataFrame(out, columns=COLUMNS)
+    out["seeds"] = out["seeds"].astype("Int64")  # the reported row's is empty, the others whole numbers
+    return out

@@ -133,9 +133,14 @@ def spread_figure(summary, path: Path) -> None:
 
 
 def ablation_figure(t, path: Path) -> None:
+    _save(ablation_plot(t), path)
+
+
+def ablation_plot(t) -> Figure:
     """Each variant's difference from the recipe in points with its 95 % interval (a bare point
-    where it has none; "not run" where it has no figures), a line at zero and a dashed one at the
-    reported figure minus the recipe, in the table's order."""
+    where it has none; the table's "not run" or "not measured" where it has no figures), a line at
+    zero and, where the recipe is comparable to the reported figure, a dashed one at the reported
+    figure minus the recipe, in the table's order."""
     lines = [l for l in t.lines if l.is_variant]
     names = [l.variant + ("" if l.metric == "test_acc" else f" ({l.metric})") for l in lines]
     fig = Figure(figsize=(7, 1.6 + 0.35 * len(lines)), layout="constrained")
@@ -144,20 +149,21 @@ def ablation_figure(t, path: Path) -> None:
     for y, line in enumerate(lines):
         d = line.difference
         if d is None:
-            why = "not run" if line.interval.n == 0 else "the recipe's config" if line.same_as == ablation.RECIPE else "no recipe runs"
+            why = ("not measured" if line.verdict.startswith("not measured") else "not run") if line.interval.n == 0 else "the recipe's config" if line.same_as == ablation.RECIPE else "no recipe runs"
             ax.text(0, y, f" {why}", va="center", fontsize=8, color="0.3")
             continue
         err = [[100 * (d.mean - d.low)], [100 * (d.high - d.mean)]] if d.has_interval else None
         ax.errorbar([100 * d.mean], [y], xerr=err, fmt="o", color="C1" if line.kind.startswith(ablation.EVALUATION_ONLY) else "C0",
                     capsize=3, markersize=5)
-    if t.reported is not None and t.recipe.n:
+    # Off a comparable profile (smoke) the gap is meaningless and would squeeze the effects.
+    if t.reported is not None and t.recipe.n and t.why_not_comparable is None:
         ax.axvline(100 * (t.reported - t.recipe.mean), color="0.15", linestyle="--", linewidth=1, label="reported - recipe")
         ax.legend(fontsize=8, loc="best")
     ax.set_yticks(range(len(lines)), names)
     ax.set_ylim(len(lines) - 0.5, -0.5)
     ax.set_xlabel(f"difference from the recipe, points of accuracy ({t.profile}, 95 % CI)")
     ax.set_title(f"Ablation of {t.experiment}\ntrained variants blue, evaluation-only orange", fontsize=10)
-    _save(fig, path)
+    return fig
 
 
 def _drawn(summary, metric: str) -> bool:
@@ -183,7 +189,7 @@ def draw_all(summary, out_dir: Path, ablation_tables: list | None = None) -> dic
         if set(report.BOTTLENECK_PAIR) <= names:
             comparison_figure(summary, out_dir / FILES["comparison"])
             written["comparison"] = FILES["comparison"]
-        for t in ablation_tables or []:
+        for t in [t for t in ablation_tables or [] if t.error is None]:
             name = f"ablation-{t.experiment}"
             ablation_figure(t, out_dir / f"{name}.png")
             written[name] = f"{name}.png"

@@ -78,6 +78,7 @@ class Summary:
     curves: pd.DataFrame  # the reported per-epoch figures of the suite's experiments
     results: Results | None = None  # every run read, selected or not: the exports' source
     ablations: dict[str, list[ablation.Variant]] = field(default_factory=dict)  # experiment -> its ablation's variants
+    ablation_errors: dict[str, str] = field(default_factory=dict)  # experiment -> why its ablation is invalid under the profile
 
     @property
     def recipe_rows(self) -> list[Row]:
@@ -207,11 +208,15 @@ def summarize(
     reported = reference.load_runs() if reported is None else reported
     profile = choose_profile(results.runs, profile)
     rows = []
-    ablations = {}
+    ablations, ablation_errors = {}, {}
     for name in experiments:
         if name not in reported:
             continue
-        ablations[name] = variants.get(name, []) if variants is not None else ablation.variants(name, profile)
+        try:
+            ablations[name] = variants.get(name, []) if variants is not None else ablation.variants(name, profile)
+            earlier = earlier_hashes(name, profile, ablations[name])
+        except UserError as exc:  # that experiment's table says why; the rest of the report stands
+            ablations[name], earlier, ablation_errors[name] = [], {}, str(exc)
         groups, excluded = select(results.runs, name, profile)
         mine = recipes[name] if recipes is not None else recipe(name, profile)
         theirs = paper[name] if paper is not None else recipe(name, "paper")
@@ -221,13 +226,17 @@ def summarize(
         # Runs of the recipe made before the hash counted only result keys (not yet carried over
         # by a `bench run`) are the recipe's too; a seed run under both counts once, the newest.
         parts = [g for g in (groups.pop(mine.config_hash, None), groups.pop(mine.earlier_hash, None)) if g is not None]
-        ours = pd.concat(parts).sort_values("start_time").drop_duplicates("seed", keep="last").sort_values("seed", ignore_index=True) if parts else empty
+        ours = newest_per_seed(parts) if parts else empty
+        for now, before in earlier.items():  # a variant's runs under its earlier hash are the variant's
+            if before in groups:
+                groups[now] = newest_per_seed([g for g in (groups.get(now), groups.pop(before)) if g is not None])
         recipe_cost = config_cost(name, profile, [])
         rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost))
         # A trained ablation's runs are another config's row, named by the ablation and the values
         # it sets (the first variant's where two train the same config).
         named = {v.config_hash: f"ablation {v.name}: {v.label}" for v in reversed(ablations[name])
                  if v.kind == ablation.TRAINED and v.name != ablation.RECIPE}
+        named |= {before: named[now] for now, before in earlier.items() if now in named}
         others = [(_other_label(runs, mine, named), runs) for runs in groups.values()]
         rows += [_row(results, reported[name], figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost))
                  for label, runs in sorted(others, key=lambda v: v[0])]
@@ -238,7 +247,25 @@ def summarize(
         comparison = stats.welch(a, b)
     selected = pd.concat([r.runs.run_id for r in rows]) if rows else pd.Series(dtype=str)
     metrics = results.metrics[results.metrics.run_id.isin(selected)]
-    return Summary(suite, profile, rows, comparison, metrics, curves[curves.experiment.isin(experiments)], results, ablations)
+    return Summary(suite, profile, rows, comparison, metrics, curves[curves.experiment.isin(experiments)], results, ablations,
+                   ablation_errors)
+
+
+def newest_per_seed(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The runs of one config found under its hashes: a seed run under both counts once, the newest."""
+    return pd.concat(parts).sort_values("start_time").drop_duplicates("seed", keep="last").sort_values("seed", ignore_index=True)
+
+
+def earlier_hashes(experiment: str, profile: str, variants: list[ablation.Variant]) -> dict[str, str]:
+    """Each trained variant's config hash -> the hash bench gave that config before
+    (`config.RunConfig.earlier_hash`), where it had one; the recipe's is `Recipe.earlier_hash`."""
+    out = {}
+    for v in variants:
+        if v.kind == ablation.TRAINED and v.name != ablation.RECIPE and not v.same_as:
+            before = config.load(experiment, profile=profile, sets=list(v.sets)).earlier_hash()
+            if before and before != v.config_hash:
+                out[v.config_hash] = before
+    return out
 
 
 def _other_label(runs: pd.DataFrame, base: Recipe, named: dict[str, str]) -> str:
