@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bench import ablation, stats
-from bench.report.markdown import table
+from bench.report.markdown import ci_text, pct, table
 from bench.report.summary import Row, Summary
 
 WHAT = {"test_acc": "test accuracy", "train_acc": "train accuracy"}
@@ -251,25 +251,12 @@ def study_links(found: list[Table]) -> dict[str, str]:
 # --- the markdown --------------------------------------------------------------------------------
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f} %"
-
-
-def _interval_text(ci: stats.Interval) -> str:
-    if ci.n == 0:
-        return "-"
-    if ci.n == 1:
-        return f"{_pct(ci.mean)} (one seed)"
-    cut = " (cut at the bound)" if ci.clipped else ""
-    return f"{_pct(ci.mean)} [{100 * ci.low:.2f}, {100 * ci.high:.2f}]{cut}"
-
-
 def _final_text(line: Line) -> str:
     if line.variant == REPORTED:
-        return _pct(line.interval.mean) if line.interval.n else "-"
+        return pct(line.interval.mean) if line.interval.n else "-"
     if line.baseline is None:
-        return _interval_text(line.interval)
-    return f"{_interval_text(line.interval)} (recipe {_pct(line.baseline.mean)}, {line.baseline.n} pairs)"
+        return ci_text(line.interval)
+    return f"{ci_text(line.interval)} (recipe {pct(line.baseline.mean)}, {line.baseline.n} pairs)"
 
 
 def _difference_text(line: Line, recipe: stats.Interval) -> str:
