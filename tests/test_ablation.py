@@ -196,7 +196,8 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
     monkeypatch.setenv("BENCH_EXPERIMENTS", str(experiments))
     args = ["run", HW4, "--ablate", "--profile", "tiny", "--seeds", "2"]
     assert cli.main(args) == 0
-    client = mlflow.MlflowClient("sqlite:///mlflow.db")
+    # An absolute URI: MLflow keeps a store (and its open SQLite connection) per URI string.
+    client = mlflow.MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name(HW4)
     runs = client.search_runs([exp.experiment_id])
     names = ["recipe", "post-add-relu", "shortcut-1x1", "val-split", "lr-0.1", "all-standard"]
@@ -239,7 +240,7 @@ def test_a_study_records_the_config_it_starts_from(in_tmp):
     def opened(sets: list[str]):
         base = config.load(HW4, profile="smoke", sets=sets)
         space = tuning.search_space(HW4, base)
-        return tuning.open_study(tuning.storage("sqlite:///optuna.db", 60), f"{HW4}-smoke", sampler_=sampling.sampler("random", 0, space),
+        return tuning.open_study(tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60), f"{HW4}-smoke", sampler_=sampling.sampler("random", 0, space),
                                  pruner_=tuning.pruner("none", 1), first_trial=tuning.recipe_values(space, base), experiment=HW4,
                                  profile="smoke", base_config_hash=base.config_hash())
 
@@ -286,7 +287,7 @@ def test_a_study_an_older_bench_made_is_not_given_a_base_it_may_not_have_tuned(i
 
     base = config.load(HW4, profile="smoke")
     space = tuning.search_space(HW4, base)
-    store = tuning.storage("sqlite:///optuna.db", 60)
+    store = tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60)
     older = optuna.create_study(study_name="older", storage=store, direction="maximize")
     older.enqueue_trial(tuning.recipe_values(space, base))
     study = tuning.open_study(store, "older", sampler_=sampling.sampler("random", 0, space), pruner_=tuning.pruner("none", 1),
