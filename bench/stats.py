@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -135,8 +136,12 @@ def _difference(n_a: int, n_b: int, mean: float, spread: float, test: str, run) 
     nan = math.nan
     if min(n_a, n_b) < 2 or spread <= NO_SPREAD:
         return Difference(n_a, n_b, mean, nan, nan, nan, test, no_spread=min(n_a, n_b) >= 2)
-    res = run()
-    ci = res.confidence_interval(LEVEL)
+    with warnings.catch_warnings():
+        # scipy warns of precision loss where one group's values are all equal: a spread of zero
+        # there is exact (accuracies are counts), and Welch's test takes it as it is.
+        warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation", category=RuntimeWarning)
+        res = run()
+        ci = res.confidence_interval(LEVEL)
     low, high = float(ci.low), float(ci.high)
     clipped = low < DIFFERENCE_BOUNDS[0] or high > DIFFERENCE_BOUNDS[1]
     low, high = max(low, DIFFERENCE_BOUNDS[0]), min(high, DIFFERENCE_BOUNDS[1])

@@ -196,3 +196,14 @@ def test_points_never_print_a_negative_zero():
     assert stats.points(-0.00001, 2, sign=True) == "+0.00" and stats.points(0.0123, 2, sign=True) == "+1.23"
     d = stats.welch_difference([0.50, 0.52, 0.51], [0.5099, 0.50, 0.52])  # -0.003 pt
     assert "-0.0 pt" not in stats.effect_verdict(d) and "(+0.0 pt [" in stats.effect_verdict(d)
+
+
+def test_a_group_whose_seeds_agree_exactly_raises_no_warning():
+    """Accuracies are counts: two seeds at exactly 0.5 are a spread of zero, and scipy's warning of
+    precision loss on them would reach the report's console."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diff = stats.welch_difference([0.5, 0.5, 0.5], [0.52, 0.55, 0.51])
+    assert diff.has_interval and diff.mean == pytest.approx(0.0266666, abs=1e-6)
