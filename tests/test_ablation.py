@@ -194,6 +194,8 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
     shutil.copytree(config.experiments_dir(), experiments)
     (experiments / "profiles" / "tiny.toml").write_text(TINY_PROFILE)
     monkeypatch.setenv("BENCH_EXPERIMENTS", str(experiments))
+    # The recipe's seed 0 trained first by a plain run: --ablate skips it and tags it.
+    assert cli.main(["run", HW4, "--profile", "tiny"]) == 0
     args = ["run", HW4, "--ablate", "--profile", "tiny", "--seeds", "2"]
     assert cli.main(args) == 0
     # An absolute URI: MLflow keeps a store (and its open SQLite connection) per URI string.
@@ -294,3 +296,16 @@ def test_a_study_an_older_bench_made_is_not_given_a_base_it_may_not_have_tuned(i
                               first_trial=tuning.recipe_values(space, base), experiment=HW4, profile="smoke",
                               base_config_hash=base.config_hash())
     assert "bench.base_config_hash" not in study.user_attrs and study.user_attrs["bench.experiment"] == HW4
+
+
+def test_the_cost_of_a_run_counts_its_evaluation_only_passes():
+    from bench import perf
+
+    meta = torch.device("meta")
+    cfg = config.load(HW4, profile="paper")
+    alternatives = ablation.alternatives(HW4, cfg)
+    _, forward = perf.step_flops(cfg, meta)
+    # eval.mode=eval measures the test set once more each epoch; the running train accuracy is free.
+    extra = perf.run_flops(cfg, meta, alternatives=alternatives) - perf.run_flops(cfg, meta)
+    assert extra == pytest.approx(cfg.train.epochs * perf.CIFAR_TEST * forward)
+    assert perf.paper_flops(HW4, meta) == pytest.approx(perf.run_flops(cfg, meta, alternatives=alternatives))
