@@ -419,6 +419,33 @@ def dataset_inputs(parts: dict[str, Any], logged: set[tuple[str, str]] = frozens
     ]
 
 
+# What the stores say when two runs of one experiment add the same dataset at once: MLflow looks the
+# dataset up, then inserts it, and the second insert breaks the key (PostgreSQL, MySQL, SQLite).
+DUPLICATE_KEY = ("duplicate key", "UniqueViolation", "UNIQUE constraint failed", "Duplicate entry", "IntegrityError")
+INPUT_ATTEMPTS = 4
+
+
+def log_datasets(client: MlflowClient, run_id: str, parts: dict[str, Any]) -> None:
+    """Link the run to its datasets (bench.data.Part by "train", "val", "test"), those it has not
+    already. Shards and workers start runs of one experiment at the same moment with the same
+    data, and the loser of MLflow's look-up-then-insert race gets a duplicate-key error with its
+    whole call rolled back: it looks again at what the run holds and sends the rest, so the
+    dataset row the winner made is linked and no input is logged twice."""
+    for attempt in range(1, INPUT_ATTEMPTS + 1):
+        logged = {(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs}
+        inputs = dataset_inputs(parts, logged)
+        if not inputs:
+            return
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as exc:
+            if attempt == INPUT_ATTEMPTS or not any(k in str(exc) for k in DUPLICATE_KEY):
+                raise
+            log.debug("datasets of run %s met another run's at once (%s); again", run_id, exc)
+            time.sleep(0.1 * attempt)
+
+
 class MlflowRun(Callback):
     """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints.
 
@@ -466,9 +493,8 @@ class MlflowRun(Callback):
         for i in range(0, len(params), 100):
             self.writer.submit(self.client.log_batch, self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
         # A resumed run has its datasets already (unless its data changed since).
-        inputs = dataset_inputs(self.datasets, {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs})
-        if inputs:
-            self.writer.submit(self.client.log_inputs, self.run_id, datasets=inputs)
+        if dataset_inputs(self.datasets, {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}):
+            self.writer.submit(log_datasets, self.client, self.run_id, self.datasets)
 
     def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
         if step > self._logged_step:

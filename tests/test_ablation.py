@@ -235,14 +235,12 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
 
 
 def test_a_study_records_the_config_it_starts_from(in_tmp):
-    import optuna
-
     from bench import sampling, tuning
 
-    def opened(sets: list[str]):
+    def opened(sets: list[str], name: str = f"{HW4}-smoke"):
         base = config.load(HW4, profile="smoke", sets=sets)
         space = tuning.search_space(HW4, base)
-        return tuning.open_study(tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60), f"{HW4}-smoke", sampler_=sampling.sampler("random", 0, space),
+        return tuning.open_study(tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60), name, sampler_=sampling.sampler("random", 0, space),
                                  pruner_=tuning.pruner("none", 1), first_trial=tuning.recipe_values(space, base), experiment=HW4,
                                  profile="smoke", base_config_hash=base.config_hash())
 
@@ -250,11 +248,17 @@ def test_a_study_records_the_config_it_starts_from(in_tmp):
     post_add_relu = {v.name: v for v in ablation.variants(HW4, "smoke")}["post-add-relu"]
     assert study.user_attrs["bench.base_config_hash"] == post_add_relu.config_hash
     assert opened(["model.post_add_relu=true"]).user_attrs == study.user_attrs  # the same config continues the study
-    # The study has its recipe trial queued: another config would mix its trials with these.
+    # Only its recipe trial queued: nothing trained yet, so another command may still choose the config.
+    assert opened([]).user_attrs["bench.base_config_hash"] == config.load(HW4, profile="smoke").config_hash()
+    study = opened(["model.post_add_relu=true"])
+    study.tell(study.ask(), 0.1)  # a trial trained on it
     with pytest.raises(UserError, match=f"study {HW4}-smoke tunes another config .*give this one its own --study NAME"):
         opened([])
-    # --best reads the study whatever config the command names.
-    assert cli.main(["tune", HW4, "--profile", "smoke", "--best"]) == 0
+    # --best reads the study whatever config the command names, and records none.
+    assert cli.main(["tune", HW4, "--profile", "smoke", "--best", "--storage", f"sqlite:///{in_tmp / 'optuna.db'}"]) == 0
+    # A study --best made (its recipe trial queued) takes the config of the first command that tunes it.
+    assert cli.main(["tune", HW4, "--profile", "smoke", "--best", "--study", "fresh", "--storage", f"sqlite:///{in_tmp / 'optuna.db'}"]) == 0
+    assert opened(["model.post_add_relu=true"], "fresh").user_attrs["bench.base_config_hash"] == post_add_relu.config_hash
 
 
 def test_an_evaluation_only_switch_the_recipe_already_has_is_the_recipes(experiments_copy, in_tmp, capsys):
@@ -292,6 +296,7 @@ def test_a_study_an_older_bench_made_is_not_given_a_base_it_may_not_have_tuned(i
     store = tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60)
     older = optuna.create_study(study_name="older", storage=store, direction="maximize")
     older.enqueue_trial(tuning.recipe_values(space, base))
+    older.tell(older.ask(), 0.2)  # it tuned something, with no record of what
     study = tuning.open_study(store, "older", sampler_=sampling.sampler("random", 0, space), pruner_=tuning.pruner("none", 1),
                               first_trial=tuning.recipe_values(space, base), experiment=HW4, profile="smoke",
                               base_config_hash=base.config_hash())

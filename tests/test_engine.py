@@ -980,3 +980,18 @@ def test_the_compile_warm_up_runs_every_pass_the_epochs_run(hw4_files, tmp_path,
     assert epochs == {(True, True, 32), (True, True, last), (True, False, 32), (True, False, last),
                       (True, False, 50), (True, False, 248), (False, False, 50), (False, False, 248)}
     assert epochs <= warm_up
+
+
+def test_the_compile_warm_up_leaves_the_random_numbers_training_draws(hw4_files, tmp_path, monkeypatch):
+    """Warm-up runs dropout on zeros: a compiled run (compile as the identity here) draws the same
+    masks as an uncompiled one, and leaves the generator where the uncompiled run leaves it."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    runs = []
+    for i, extra in enumerate(([], ["train.compile=true"])):
+        cfg = hw4_cfg(RECIPE_EVAL, "train.epochs=1", *extra)
+        model, bundle = fresh(cfg, hw4_files)
+        rec = Recorder()
+        engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / str(i), callbacks=[rec])
+        runs.append(({k: v for k, v in rec.epochs[0][1].items() if k not in TIME_METRICS and k != "compile_time_s"}, torch.get_rng_state()))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])

@@ -426,3 +426,25 @@ def test_an_ablation_invalid_under_the_profile_leaves_the_rest_of_the_report(tmp
     readme = report.write(s, tmp_path / "out").read_text()
     assert f"### `{HW4}`\n\nNo ablation table: ablation shortcut-1x1 of {HW4}: " in readme
     assert "## Environment" in readme and not (tmp_path / "out" / f"ablation-{HW4}.png").exists()
+
+
+def test_a_variant_whose_runs_are_all_under_its_earlier_hash_is_not_said_unrun():
+    recipe = config.load(HW4, profile="paper")
+    mine = report.Recipe(recipe.config_hash(), {})
+    standard = {v.name: v for v in ablation.variants(HW4, "paper")}[ablation.ALL_STANDARD]
+    before = config.load(HW4, profile="paper", sets=list(standard.sets)).earlier_hash()
+    recs = [r for r in hw4_records() if r["tags"]["bench.config_hash"] == "h1"]
+    for r in recs:
+        r["tags"]["bench.config_hash"] = recipe.config_hash()
+    recs += [record(HW4, s, [v / 2, v], config_hash=before, val=0, start=10) for s, v in enumerate(RELU_FINALS)]
+    s = report.summarize(results.frames(recs), [HW4], suite="x", recipes={HW4: mine}, paper={HW4: mine})
+    line = lines_of(ablations.tables(s)[0])[ablation.ALL_STANDARD]
+    assert line.interval.n == 3 and line.interval.mean == pytest.approx(np.mean(RELU_FINALS)), line.verdict
+
+
+def test_an_evaluation_only_switch_the_recipe_has_shows_the_recipes_figures():
+    variants = {HW4: [VARIANTS[HW4][0], _variant(EVAL, "h1", ablation.EVALUATION_ONLY, same_as=ablation.RECIPE)]}
+    t = ablations.tables(_summary(hw4_records(evals=None), variants=variants))[0]
+    line = lines_of(t)["eval-mode"]
+    assert line.verdict == "the recipe measures this way already: its figures are the recipe's"
+    assert line.interval == lines_of(t)[ablation.RECIPE].interval and line.difference is None

@@ -3,6 +3,7 @@ digests, system metrics and peak memory, descriptions, the environment, and run 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pickle
@@ -331,3 +332,51 @@ def test_git_dirty_is_unknown_when_git_cannot_say(monkeypatch):
 
     monkeypatch.setattr(tracking, "_git", lambda *args: "0" * 40 if args[0] == "rev-parse" else None)
     assert tracking.environment_tags("cpu")["bench.git_dirty"] == "unknown"
+
+
+class _LosesTheDatasetRace(MlflowClient):
+    """A real client whose first `log_inputs` loses MLflow's look-up-then-insert race: another run
+    of the experiment adds the same datasets just before, and the store's duplicate-key error
+    (as PostgreSQL gives it through a tracking server) ends the call, rolled back."""
+
+    def __init__(self, uri: str, rival: str, error: str) -> None:
+        super().__init__(uri)
+        self.rival, self.error, self.calls = rival, error, 0
+
+    def log_inputs(self, run_id, datasets=None, models=None):
+        self.calls += 1
+        if self.calls == 1:
+            super().log_inputs(self.rival, datasets=datasets)
+            raise mlflow.exceptions.MlflowException(self.error)
+        return super().log_inputs(run_id, datasets=datasets, models=models)
+
+
+DUPLICATE = ('BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk" '
+             'DETAIL: Key (experiment_id, name, digest)=(2, cifar10-train, df64d8d7) already exists.')
+
+
+def test_a_run_that_loses_the_race_for_a_new_dataset_links_the_winners_row(in_tmp):
+    from bench import tracking
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    files = cifar.load_cifar("cifar10", None)
+    parts = data.parts(files, "cifar10", 100, 0)
+    plain = MlflowClient(uri)
+    exp = plain.create_experiment("race")
+    rival, mine = (plain.create_run(exp).info.run_id for _ in range(2))
+    client = _LosesTheDatasetRace(uri, rival, DUPLICATE)
+    tracking.log_datasets(client, mine, parts)
+    assert client.calls == 2
+    for run_id in (rival, mine):
+        assert sorted(d.dataset.name for d in plain.get_run(run_id).inputs.dataset_inputs) == ["cifar10-test", "cifar10-train", "cifar10-val"]
+    # One dataset row each in the store, shared by the two runs.
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(in_tmp / "mlflow.db")) as db:
+        rows = db.execute("SELECT name FROM datasets WHERE experiment_id = ?", (int(exp),)).fetchall()
+    assert sorted(name for (name,) in rows) == ["cifar10-test", "cifar10-train", "cifar10-val"]
+    # Another error is the store's to report, at once.
+    other = _LosesTheDatasetRace(uri, plain.create_run(exp).info.run_id, "INTERNAL_ERROR: disk full")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="disk full"):
+        tracking.log_datasets(other, plain.create_run(exp).info.run_id, parts)
+    assert other.calls == 1

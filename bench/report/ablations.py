@@ -17,7 +17,7 @@ import pandas as pd
 
 from bench import ablation, stats
 from bench.report.markdown import ci_text, pct, table
-from bench.report.summary import Row, Summary
+from bench.report.summary import Row, Summary, earlier_hashes
 
 WHAT = {"test_acc": "test accuracy", "train_acc": "train accuracy"}
 COLUMNS = [
@@ -106,6 +106,9 @@ def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFram
     if variant.name == ablation.RECIPE:
         return Line(**common, interval=stats.accuracy_ci(base), difference=None, verdict="reference", studies=tuned)
     what = WHAT.get(variant.metric, variant.metric)
+    if variant.kind == ablation.EVALUATION_ONLY and variant.same_as == ablation.RECIPE:
+        return Line(**common, interval=stats.accuracy_ci(_accuracies(recipe.runs, f"final_{variant.metric}")), difference=None,
+                    verdict="the recipe measures this way already: its figures are the recipe's")
     if variant.kind == ablation.EVALUATION_ONLY:
         # The same runs measured two ways, against their own figure of the metric (train_acc for
         # the re-measure switch), which the recipe row (test_acc, every run) does not show.
@@ -229,6 +232,9 @@ def tables(summary: Summary, studies=None) -> list[Table]:
         # A variant's row may hold runs under its config's earlier hash too: found by either.
         by_hash = {h: r.runs for r in summary.rows if r.experiment == recipe.experiment and not r.is_recipe
                    for h in r.runs.config_hash.unique()}
+        for now, before in earlier_hashes(recipe.experiment, summary.profile, variants).items():
+            if now not in by_hash and before in by_hash:  # none carried over to the current hash yet
+                by_hash[now] = by_hash[before]
         lines = [_line(v, recipe, by_hash, recipe.experiment, summary.profile, tuned, summary.metrics) for v in variants]
         lines.insert(1, _reported_line(recipe))
         out.append(Table(recipe.experiment, summary.profile, recipe.figures["final_test_acc"], recipe.final, lines,
