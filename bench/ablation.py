@@ -13,6 +13,7 @@ on its own weights each epoch, logged as `<metric>/<key>-<value>` (`test_acc/eva
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,11 +125,9 @@ def profile_values(profile: str) -> dict[str, Any]:
     return values
 
 
-def at_profile(ablation: Ablation, profile: str) -> Ablation:
-    """The ablation with the profile's values for the keys it sets."""
-    scaled = profile_values(profile)
-    values = {k: scaled.get(k, v) for k, v in ablation.values.items()}
-    return Ablation(ablation.name, values, ablation.kind, ablation.source, ablation.evaluation_only)
+def at_profile(ablation: Ablation, scaled: dict[str, Any]) -> Ablation:
+    """The ablation with a profile's values (`profile_values`) for the keys it sets."""
+    return dataclasses.replace(ablation, values={k: scaled.get(k, v) for k, v in ablation.values.items()})
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,8 @@ def variants(experiment: str, profile: str) -> list[Variant]:
     """The recipe, each ablation alone (at the profile's scale), and all standard ablations
     together (when there are two or more of them): every config checked. A variant that trains
     the recipe's config or another variant's is kept, marked `same_as` that one."""
-    ablations = [at_profile(a, profile) for a in read(experiment)]
+    scaled = profile_values(profile)
+    ablations = [at_profile(a, scaled) for a in read(experiment)]
     recipe = config.load(experiment, profile=profile)
     out = [Variant(RECIPE, TRAINED, (), "-", "the reported recipe", recipe.config_hash())]
     standard = [a for a in ablations if a.kind == "standard"]
