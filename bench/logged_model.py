@@ -103,7 +103,7 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
     model_id = found.model_id
     if model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
         client.log_outputs(run_id, [LoggedModelOutput(model_id, step=epoch)])
-    if not client.get_logged_model(model_id).metrics:
+    if not found.metrics:  # a model found by search_logged_models carries its metrics
         _link_metrics(client, run, model_id, epoch)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),

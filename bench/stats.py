@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -69,6 +70,15 @@ def t_band(values: Sequence[float]) -> tuple[float, float]:
     return (ci.low, ci.high) if ci.n >= 2 else (ci.mean, ci.mean)
 
 
+@contextlib.contextmanager
+def _seeds_may_agree():
+    """scipy warns of precision loss where one group's values are all equal: a spread of zero
+    there is exact (accuracies are counts), and the t-tests take it as it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation", category=RuntimeWarning)
+        yield
+
+
 @dataclass(frozen=True)
 class Welch:
     t: float
@@ -85,7 +95,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return None
-    res = stats.ttest_ind(a, b, equal_var=False)
+    with _seeds_may_agree():
+        res = stats.ttest_ind(a, b, equal_var=False)
     return Welch(float(res.statistic), float(res.df), float(res.pvalue), float(a.mean()), float(b.mean()), len(a), len(b))
 
 
@@ -136,10 +147,7 @@ def _difference(n_a: int, n_b: int, mean: float, spread: float, test: str, run) 
     nan = math.nan
     if min(n_a, n_b) < 2 or spread <= NO_SPREAD:
         return Difference(n_a, n_b, mean, nan, nan, nan, test, no_spread=min(n_a, n_b) >= 2)
-    with warnings.catch_warnings():
-        # scipy warns of precision loss where one group's values are all equal: a spread of zero
-        # there is exact (accuracies are counts), and Welch's test takes it as it is.
-        warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation", category=RuntimeWarning)
+    with _seeds_may_agree():
         res = run()
         ci = res.confidence_interval(LEVEL)
     low, high = float(ci.low), float(ci.high)
@@ -182,11 +190,6 @@ def points(x: float, digits: int = 1, sign: bool = False) -> str:
     return f"{0.0:{'+' if sign else ''}.{digits}f}" if float(text) == 0 else text
 
 
-def pt(x: float) -> str:
-    """An accuracy difference in points: 0.021 -> "2.1"."""
-    return points(x)
-
-
 def effect_verdict(diff: Difference, what: str = "test accuracy") -> str:
     """What the difference says, in words, from its interval (it excludes 0 exactly when p < 0.05),
     never from whether the two groups' own intervals overlap."""
@@ -200,10 +203,10 @@ def effect_verdict(diff: Difference, what: str = "test accuracy") -> str:
         if abs(diff.mean) <= NO_SPREAD:
             return f"no difference at any seed ({n})"
         verb = "raises" if diff.mean > 0 else "lowers"
-        return f"{verb} {what} by {pt(abs(diff.mean))} pt at every seed (no spread, no interval)"
+        return f"{verb} {what} by {points(abs(diff.mean))} pt at every seed (no spread, no interval)"
     cut = ", interval cut at the bound" if diff.clipped else ""
     if diff.low > 0:
-        return f"raises {what} by {pt(diff.mean)} pt [{pt(diff.low)}, {pt(diff.high)}]{cut}"
+        return f"raises {what} by {points(diff.mean)} pt [{points(diff.low)}, {points(diff.high)}]{cut}"
     if diff.high < 0:
-        return f"lowers {what} by {pt(-diff.mean)} pt [{pt(-diff.high)}, {pt(-diff.low)}]{cut}"
-    return f"no effect detected at {n} ({signed} [{pt(diff.low)}, {pt(diff.high)}]{cut})"
+        return f"lowers {what} by {points(-diff.mean)} pt [{points(-diff.high)}, {points(-diff.low)}]{cut}"
+    return f"no effect detected at {n} ({signed} [{points(diff.low)}, {points(diff.high)}]{cut})"

@@ -128,9 +128,9 @@ def test_the_markdown_table_and_the_sentence_under_it(table):
     assert "| 0 | test_acc | - | - | - | not run: `bench run hw4-resnet-cifar100 --ablate --profile paper` |" in rows["lr-0.1"]
     d = lines_of(table)["eval-mode"].difference
     relu = lines_of(table)["post-add-relu"].difference
-    assert (f"The recipe is 15.3 pt below the reported 63.31 %; eval-mode closes {stats.pt(d.mean)} pt "
-            f"[{stats.pt(d.low)}, {stats.pt(d.high)}] of it") in table.sentence
-    assert f"post-add-relu closes {stats.pt(relu.mean)} pt [" in table.sentence
+    assert (f"The recipe is 15.3 pt below the reported 63.31 %; eval-mode closes {stats.points(d.mean)} pt "
+            f"[{stats.points(d.low)}, {stats.points(d.high)}] of it") in table.sentence
+    assert f"post-add-relu closes {stats.points(relu.mean)} pt [" in table.sentence
     assert table.sentence.endswith("of it; no variant reaches it.") and "all-standard" not in table.sentence
     assert f"![Ablation of {HW4}: differences from the recipe](ablation-{HW4}.png)" in text
 
@@ -292,7 +292,7 @@ def test_a_variant_that_lowers_accuracy_closes_the_gap_when_the_recipe_is_above(
     d = lines_of(t)["post-add-relu"].difference
     assert t.sentence.startswith("The recipe is 7.7 pt above the reported 63.31 %; ")
     # The move toward the figure is -difference: its interval holds its mean.
-    assert f"post-add-relu closes 4.0 pt [{stats.pt(-d.high)}, {stats.pt(-d.low)}] of it" in t.sentence
+    assert f"post-add-relu closes 4.0 pt [{stats.points(-d.high)}, {stats.points(-d.low)}] of it" in t.sentence
     assert -d.high < -d.mean < -d.low
 
 
@@ -300,7 +300,7 @@ def test_a_variant_that_overshoots_does_not_close_more_than_the_gap():
     t = ablations.tables(_summary(hw4_records(relu=[0.78, 0.79, 0.80])))[0]  # gap 15.3 pt, effect +31 pt
     d = lines_of(t)["post-add-relu"].difference
     assert "closes 31.0 pt" not in t.sentence
-    assert f"post-add-relu overshoots it (31.0 pt [{stats.pt(d.low)}, {stats.pt(d.high)}], the gap is 15.3 pt)" in t.sentence
+    assert f"post-add-relu overshoots it (31.0 pt [{stats.points(d.low)}, {stats.points(d.high)}], the gap is 15.3 pt)" in t.sentence
 
 
 def test_a_variant_whose_interval_holds_the_gap_may_close_all_of_it():

@@ -142,13 +142,13 @@ def test_paired_difference_matches_scipy_and_the_hand_computed_interval():
 
 def test_effect_verdict_follows_the_interval_of_the_difference():
     up = stats.welch_difference([0.60, 0.62, 0.61, 0.65], [0.66, 0.70, 0.69])
-    assert stats.effect_verdict(up) == f"raises test accuracy by 6.3 pt [{stats.pt(up.low)}, {stats.pt(up.high)}]"
+    assert stats.effect_verdict(up) == f"raises test accuracy by 6.3 pt [{stats.points(up.low)}, {stats.points(up.high)}]"
     down = stats.welch_difference([0.66, 0.70, 0.69], [0.60, 0.62, 0.61])
     assert stats.effect_verdict(down, "train accuracy").startswith("lowers train accuracy by 7.3 pt [")
     assert 0 < -down.high < -down.low  # printed as a positive size: [smallest, largest]
     flat = stats.welch_difference([0.60, 0.64, 0.62], [0.61, 0.62, 0.66])
     assert flat.low < 0 < flat.high and flat.p > 0.05
-    assert stats.effect_verdict(flat) == f"no effect detected at n = 3 (+1.0 pt [{stats.pt(flat.low)}, {stats.pt(flat.high)}])"
+    assert stats.effect_verdict(flat) == f"no effect detected at n = 3 (+1.0 pt [{stats.points(flat.low)}, {stats.points(flat.high)}])"
     uneven = stats.welch_difference([0.60, 0.64, 0.62], [0.61, 0.65])
     assert stats.effect_verdict(uneven).startswith("no effect detected at n = 3 and 2 (+1.0 pt [")
 
@@ -192,7 +192,7 @@ def test_differences_reject_nan(difference):
 
 
 def test_points_never_print_a_negative_zero():
-    assert stats.pt(-0.0004) == "0.0" and stats.pt(0.0004) == "0.0" and stats.pt(-0.0006) == "-0.1"
+    assert stats.points(-0.0004) == "0.0" and stats.points(0.0004) == "0.0" and stats.points(-0.0006) == "-0.1"
     assert stats.points(-0.00001, 2, sign=True) == "+0.00" and stats.points(0.0123, 2, sign=True) == "+1.23"
     d = stats.welch_difference([0.50, 0.52, 0.51], [0.5099, 0.50, 0.52])  # -0.003 pt
     assert "-0.0 pt" not in stats.effect_verdict(d) and "(+0.0 pt [" in stats.effect_verdict(d)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from bench import ablation, stats
 from bench.report.markdown import ci_text, pct, table
-from bench.report.summary import Row, Summary, earlier_hashes
+from bench.report.summary import Row, Summary
 
 WHAT = {"test_acc": "test accuracy", "train_acc": "train accuracy"}
 COLUMNS = [
@@ -157,10 +157,10 @@ def _closes(line: Line, direction: int, gap: float) -> str:
     """How much of the gap a variant closes, or that it overshoots it (its near end beyond the gap)."""
     low, high = _toward(line.difference, direction)
     move = direction * line.difference.mean
-    size = (f"{stats.pt(move)} pt at every seed" if not line.difference.has_interval
-            else f"{stats.pt(move)} pt [{stats.pt(low)}, {stats.pt(high)}]")
+    size = (f"{stats.points(move)} pt at every seed" if not line.difference.has_interval
+            else f"{stats.points(move)} pt [{stats.points(low)}, {stats.points(high)}]")
     if low > gap:
-        return f"{line.variant} overshoots it ({size}, the gap is {stats.pt(gap)} pt)"
+        return f"{line.variant} overshoots it ({size}, the gap is {stats.points(gap)} pt)"
     if high >= gap:
         return f"{line.variant} may close all of it ({size})"
     return f"{line.variant} closes {size} of it"
@@ -187,7 +187,7 @@ def sentence(recipe: Row, lines: list[Line], profile: str) -> str:
     # Reproducing asks for a move toward the figure that the data tell apart from noise, not an
     # interval so wide (n = 2: t = 12.7) that it holds the figure by itself.
     reaching = [l for l in toward if l.interval.n >= 2 and stats.verdict(reported, l.interval) == "reproduced"]
-    parts = [f"The recipe is {stats.pt(abs(gap))} pt {'below' if gap > 0 else 'above'} {target}"]
+    parts = [f"The recipe is {stats.points(abs(gap))} pt {'below' if gap > 0 else 'above'} {target}"]
     if toward:
         parts += [_closes(l, direction, abs(gap)) for l in toward]
     else:
@@ -229,12 +229,8 @@ def tables(summary: Summary, studies=None) -> list[Table]:
         variants = summary.ablations.get(recipe.experiment, [])
         if not variants:
             continue
-        # A variant's row may hold runs under its config's earlier hash too: found by either.
-        by_hash = {h: r.runs for r in summary.rows if r.experiment == recipe.experiment and not r.is_recipe
-                   for h in r.runs.config_hash.unique()}
-        for now, before in earlier_hashes(recipe.experiment, summary.profile, variants).items():
-            if now not in by_hash and before in by_hash:  # none carried over to the current hash yet
-                by_hash[now] = by_hash[before]
+        # A variant's row holds its runs under its config's earlier hash too (summarize merged them).
+        by_hash = {r.config_hash: r.runs for r in summary.rows if r.experiment == recipe.experiment and not r.is_recipe}
         lines = [_line(v, recipe, by_hash, recipe.experiment, summary.profile, tuned, summary.metrics) for v in variants]
         lines.insert(1, _reported_line(recipe))
         out.append(Table(recipe.experiment, summary.profile, recipe.figures["final_test_acc"], recipe.final, lines,

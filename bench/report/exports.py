@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.report import ablations
 from bench.results import RUN_KEYS, Studies
 
 RUN_LEAD = [*RUN_KEYS, "run_name", "report_row", "model_parameters", "gflops_per_image"]
@@ -62,9 +63,7 @@ def write(summary, out_dir: Path, studies: Studies | None = None, ablation_table
         "reported.csv": summary.curves.sort_values(["experiment", "metric", "epoch"], kind="stable"),
     }
     if ablation_tables:
-        from bench.report.ablations import frame
-
-        frames["ablations.csv"] = frame(ablation_tables)
+        frames["ablations.csv"] = ablations.frame(ablation_tables)
     if studies is not None:
         for name in sorted(studies.handles):
             frames[study_file("trials", name)] = studies.trials[studies.trials.study == name].sort_values("number", kind="stable")

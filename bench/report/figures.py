@@ -132,10 +132,6 @@ def spread_figure(summary, path: Path) -> None:
     _save(fig, path)
 
 
-def ablation_figure(t, path: Path) -> None:
-    _save(ablation_plot(t), path)
-
-
 def ablation_plot(t) -> Figure:
     """Each variant's difference from the recipe in points with its 95 % interval (a bare point
     where it has none; the table's "not run" or "not measured" where it has no figures), a line at
@@ -191,6 +187,6 @@ def draw_all(summary, out_dir: Path, ablation_tables: list | None = None) -> dic
             written["comparison"] = FILES["comparison"]
         for t in [t for t in ablation_tables or [] if t.error is None]:
             name = f"ablation-{t.experiment}"
-            ablation_figure(t, out_dir / f"{name}.png")
+            _save(ablation_plot(t), out_dir / f"{name}.png")
             written[name] = f"{name}.png"
     return written

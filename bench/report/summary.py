@@ -51,6 +51,7 @@ class Row:
     seconds_per_epoch: float | None = None  # of the metric the reported figure names (train_time_s or epoch_time_s)
     label: str | None = None
     cost: cost.Cost | None = None  # the config's model: parameters and forward GFLOPs per image
+    config_hash: str | None = None  # the config's current hash (its runs may carry an earlier one)
 
     @property
     def device_hours(self) -> float | None:
@@ -157,7 +158,7 @@ def _values(runs: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _row(results: Results, run: reference.ReportedRun, figures: dict, runs: pd.DataFrame, diff: list[str],
-         excluded: dict[str, int], label: str | None, model_cost: cost.Cost | None) -> Row:
+         excluded: dict[str, int], label: str | None, model_cost: cost.Cost | None, config_hash: str | None) -> Row:
     final = stats.accuracy_ci(_values(runs, "final_test_acc"))
     best = stats.accuracy_ci(_values(runs, "best_test_acc"))
     if runs.empty:
@@ -176,7 +177,7 @@ def _row(results: Results, run: reference.ReportedRun, figures: dict, runs: pd.D
     return Row(
         reported=run, figures=figures, runs=runs, final=final, best=best, verdict=verdict, why_not_comparable=why,
         recipe_diff=diff, excluded=excluded, seconds_per_epoch=float(times.value.mean()) if len(times) else None, label=label,
-        cost=model_cost,
+        cost=model_cost, config_hash=config_hash,
     )
 
 
@@ -231,15 +232,14 @@ def summarize(
             if before in groups:
                 groups[now] = newest_per_seed([g for g in (groups.get(now), groups.pop(before)) if g is not None])
         recipe_cost = config_cost(name, profile, [])
-        rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost))
+        rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost, mine.config_hash))
         # A trained ablation's runs are another config's row, named by the ablation and the values
         # it sets (the first variant's where two train the same config).
         named = {v.config_hash: f"ablation {v.name}: {v.label}" for v in reversed(ablations[name])
                  if v.kind == ablation.TRAINED and v.name != ablation.RECIPE}
-        named |= {before: named[now] for now, before in earlier.items() if now in named}
-        others = [(_other_label(runs, mine, named), runs) for runs in groups.values()]
-        rows += [_row(results, reported[name], figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost))
-                 for label, runs in sorted(others, key=lambda v: v[0])]
+        others = [(named.get(h) or variant_label(runs, mine), h, runs) for h, runs in groups.items()]
+        rows += [_row(results, reported[name], figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost), h)
+                 for label, h, runs in sorted(others, key=lambda v: v[0])]
     by_name = {r.experiment: r for r in rows if r.is_recipe}
     comparison = None
     if all(n in by_name for n in BOTTLENECK_PAIR):
@@ -266,9 +266,3 @@ def earlier_hashes(experiment: str, profile: str, variants: list[ablation.Varian
             if before and before != v.config_hash:
                 out[v.config_hash] = before
     return out
-
-
-def _other_label(runs: pd.DataFrame, base: Recipe, named: dict[str, str]) -> str:
-    """Another config's label: an ablation's name and values ("ablation post-add-relu:
-    model.post_add_relu=true"), else the keys where its params differ from the recipe's."""
-    return named.get(runs.config_hash.iloc[0]) or variant_label(runs, base)
