@@ -122,6 +122,9 @@ def profile_values(profile: str) -> dict[str, Any]:
     unknown = sorted(set(values) - {k for name in config.list_experiments() for a in read(name) for k in a.values}) if values else []
     if unknown:
         raise UserError(f"{where}: ablations.{unknown[0]}: no experiment's ablation sets this key")
+    scaled_measure = sorted(set(values) & set(EVALUATION_KEYS))
+    if scaled_measure:  # its metric's name holds the value the engine measures with
+        raise UserError(f"{where}: ablations.{scaled_measure[0]}: an evaluation-only switch has no scale to change")
     return values
 
 

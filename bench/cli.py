@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def cmd_list(args) -> int:
     from bench.models import list_models
 
@@ -103,7 +107,7 @@ def cmd_list(args) -> int:
     print("profiles:")
     for name in config.list_profiles():
         prof = config.read_profile(name)
-        print(f"  {name:30s} {prof.get('description', '')} ({prof.get('seeds', 1)} seeds)")
+        print(f"  {name:30s} {prof.get('description', '')} ({_count(prof.get('seeds', 1), 'seed')})")
     print("models:")
     for name in list_models():
         print(f"  {name}")
@@ -140,11 +144,11 @@ def cmd_run(args) -> int:
         which = f", shard {args.shard}: {len(cells)} of {total} cells" if args.shard else ""
         if args.ablate:
             every = ", every shard together" if args.shard else ""
-            print(f"\nWhat --ablate trains ({seeds} seeds{every}):")
+            print(f"\nWhat --ablate trains ({_count(seeds, 'seed')}{every}):")
             print(suite.ablation_table(names, profile=args.profile, seeds=seeds, data_dir=args.data_dir))
-            print(f"{total} cells (the recipe and each trained variant x {seeds} seeds), profile {args.profile}{which}")
+            print(f"{total} cells (the recipe and each trained variant x {_count(seeds, 'seed')}), profile {args.profile}{which}")
         else:
-            print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {seeds} seeds), profile {args.profile}{which}")
+            print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {_count(seeds, 'seed')}), profile {args.profile}{which}")
         return 0
     device = engine.resolve_device(args.device)
     stores.probe("tracking store", uri)
@@ -295,7 +299,7 @@ def cmd_report(args) -> int:
         raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     for row in summary.rows:
         name = row.experiment if row.is_recipe else f"{row.experiment}, {row.label}"
-        print(f"  {name:30s} {row.final.n} seeds  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
+        print(f"  {name:30s} {_count(row.final.n, 'seed')}  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
     if studies is not None and studies.handles:
         print(f"  tuning: {', '.join(sorted(studies.handles))}")
     print(f"Report: {path}")

@@ -289,6 +289,22 @@ def _evaluate_apart(model: nn.Module, batches, mode: str, step: Step, seed: int)
         return evaluate(model, batches.drawing_from(torch.Generator(device=device).manual_seed(seed)), mode, step)
 
 
+def evaluation_plan(own: EvalConfig, alternatives: Sequence[tuple[str, EvalConfig]] = ()) -> list[tuple[str, EvalConfig, bool, bool]]:
+    """The evaluations after each epoch as (metric-name suffix, evaluation, measures train_acc,
+    measures val and test): the run's own, then the alternatives, each for what it changes."""
+    return [("", own, True, True)] + [
+        (f"/{suffix}", alt, alt.remeasure_train_acc != own.remeasure_train_acc, alt.mode != own.mode)
+        for suffix, alt in alternatives
+    ]
+
+
+def evaluation_passes(plan: list[tuple[str, EvalConfig, bool, bool]], held_out: Sequence[str]) -> set[tuple[str, str]]:
+    """The (split, mode) passes an epoch runs for `plan` ("train" for a re-measure pass); a pass
+    two evaluations share runs once. `held_out`: the splits evaluated, "val" and "test"."""
+    passes = {("train", ev.mode) for _, ev, measures_train, _ in plan if measures_train and ev.remeasure_train_acc}
+    return passes | {(split, ev.mode) for _, ev, _, measures_held_out in plan if measures_held_out for split in held_out}
+
+
 def compile_and_warm_up(
     model: nn.Module, data, optimizer: torch.optim.Optimizer, step: Step, evaluations: Iterable[tuple[str, str]],
 ) -> tuple[nn.Module, float]:
@@ -425,16 +441,9 @@ def fit(
         if kind == "last":
             last_queued = epoch
 
-    # The evaluations after each epoch as (metric-name suffix, evaluation, measures train_acc,
-    # measures val and test): the run's own, then the alternatives, each for what it changes.
-    own = cfg.eval
-    plan = [("", own, True, True)] + [
-        (f"/{suffix}", alt, alt.remeasure_train_acc != own.remeasure_train_acc, alt.mode != own.mode)
-        for suffix, alt in alternatives
-    ]
     held_out = ["val"] * (data.val is not None) + ["test"] * evaluate_test
-    passes = {("train", ev.mode) for _, ev, measures_train, _ in plan if measures_train and ev.remeasure_train_acc}
-    passes |= {(split, ev.mode) for _, ev, _, measures_held_out in plan if measures_held_out for split in held_out}
+    plan = evaluation_plan(cfg.eval, alternatives)
+    passes = evaluation_passes(plan, held_out)
 
     forward, compile_time = model, None
     stop_after = min(epochs, max_epochs) if max_epochs is not None else epochs

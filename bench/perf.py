@@ -296,9 +296,9 @@ def run_flops(cfg: config.RunConfig, device: torch.device, train_total: int = CI
     when `device` is: shapes only, no arithmetic."""
     train_per_image, forward_per_image = step_flops(cfg, device)
     train_images = train_total - cfg.data.val_size
-    passes = [cfg.eval] + [alt for _, alt in alternatives if alt.mode != cfg.eval.mode]
-    eval_images = len(passes) * (cfg.data.val_size + test_total) + (train_images if cfg.eval.remeasure_train_acc else 0)
-    eval_images += sum(train_images for _, alt in alternatives if alt.remeasure_train_acc and not cfg.eval.remeasure_train_acc)
+    images = {"train": train_images, "val": cfg.data.val_size, "test": test_total}
+    passes = engine.evaluation_passes(engine.evaluation_plan(cfg.eval, alternatives), ["val", "test"])
+    eval_images = sum(images[split] for split, _ in passes)
     return cfg.train.epochs * (train_images * train_per_image + eval_images * forward_per_image)
 
 

@@ -44,8 +44,13 @@ class Cell:
         return f"{self.experiment}/{self.profile}/seed{self.cfg.seed}"
 
     @property
+    def variant(self) -> str | None:
+        """The ablation variant it trains, where that is not the recipe."""
+        return self.ablation if self.ablation not in (None, ablation.RECIPE) else None
+
+    @property
     def display(self) -> str:
-        return self.name + (f" ({self.ablation})" if self.ablation and self.ablation != ablation.RECIPE else "")
+        return self.name + (f" ({self.variant})" if self.variant else "")
 
     @property
     def run_name(self) -> str:
@@ -156,7 +161,7 @@ def preflight(cells: list[Cell], data_dir: Path | None) -> None:
         try:
             data.check_val_size(c.cfg.data.val_size, len(_files(c.cfg.data.dataset, data_root(c.cfg, data_dir)).train))
         except UserError as exc:
-            variant = f" (ablation {c.ablation})" if c.ablation and c.ablation != ablation.RECIPE else ""
+            variant = f" (ablation {c.variant})" if c.variant else ""
             raise UserError(f"{c.experiment}{variant}: {exc}") from None
     for cfg in {repr(c.cfg.model) + str(c.cfg.data.image_size): c.cfg for c in cells}.values():
         try:

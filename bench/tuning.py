@@ -189,17 +189,19 @@ def open_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE])
     before = study.user_attrs.get("bench.base_config_hash")
-    if base_config_hash and before and before != base_config_hash and any(t.state != optuna.trial.TrialState.WAITING for t in study.trials):
+    trials = study.get_trials(deepcopy=False)
+    trained = any(t.state != optuna.trial.TrialState.WAITING for t in trials)  # beyond a queued recipe trial
+    if base_config_hash and before and before != base_config_hash and trained:
         raise UserError(f"study {name} tunes another config (hash {before}) than this command's ({base_config_hash}): "
                         "its trials would mix the two; give this one its own --study NAME")
     # A study that has trained trials and no recorded base was made by an older bench: what it
     # tuned is unknown. One with only its queued recipe trial (made by --best) has trained nothing.
-    known_base = before is not None or all(t.state == optuna.trial.TrialState.WAITING for t in study.trials)
+    known_base = before is not None or not trained
     attrs = {"bench.experiment": experiment, "bench.profile": profile, "bench.base_config_hash": base_config_hash if known_base else None}
     for key, value in attrs.items():
         if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
-    if not study.trials and not study.user_attrs.get("bench.recipe_enqueued"):
+    if not trials and not study.user_attrs.get("bench.recipe_enqueued"):
         study.set_user_attr("bench.recipe_enqueued", True)
         study.enqueue_trial(first_trial, user_attrs={"bench.recipe": True})
     return study

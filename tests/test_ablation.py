@@ -314,3 +314,10 @@ def test_the_cost_of_a_run_counts_its_evaluation_only_passes():
     extra = perf.run_flops(cfg, meta, alternatives=alternatives) - perf.run_flops(cfg, meta)
     assert extra == pytest.approx(cfg.train.epochs * perf.CIFAR_TEST * forward)
     assert perf.paper_flops(HW4, meta) == pytest.approx(perf.run_flops(cfg, meta, alternatives=alternatives))
+
+
+def test_a_profile_cannot_scale_an_evaluation_only_switch(experiments_copy):
+    smoke = experiments_copy / "profiles" / "smoke.toml"
+    smoke.write_text(smoke.read_text() + '"eval.mode" = "train"\n')
+    with pytest.raises(UserError, match=r"smoke.toml: ablations.eval.mode: an evaluation-only switch has no scale to change"):
+        ablation.variants(HW4, "smoke")

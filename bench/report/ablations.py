@@ -258,7 +258,7 @@ def _final_text(line: Line) -> str:
         return pct(line.interval.mean) if line.interval.n else "-"
     if line.baseline is None:
         return ci_text(line.interval)
-    return f"{ci_text(line.interval)} (recipe {pct(line.baseline.mean)}, {line.baseline.n} pairs)"
+    return f"{ci_text(line.interval)} (recipe {pct(line.baseline.mean)}, {line.baseline.n} pair{'' if line.baseline.n == 1 else 's'})"
 
 
 def _difference_text(line: Line, recipe: stats.Interval) -> str:
