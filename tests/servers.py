@@ -98,10 +98,12 @@ class Postgres:
         return subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self.user, cwd=self.root,
                               capture_output=True, text=True, check=check, timeout=120)
 
+    def _options(self) -> str:
+        return f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+
     def start(self) -> "Postgres":
         self._run("initdb", "-D", str(self.data), "-U", "bench", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.root / "log"), "-w", "-t", "60", "start")
         stop = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
         _watch(stop, self.user)
         return self
@@ -113,6 +115,13 @@ class Postgres:
 
     def running(self) -> bool:
         return listening(self.port)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server (fast: open sessions are ended, their transactions rolled back), stay
+        down `down_s` seconds, and start it again on the same port with the same data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        time.sleep(down_s)
+        self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.root / "log"), "-w", "-t", "60", "start")
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
@@ -131,13 +140,22 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("mlflow")
-        self.log = open(artifacts.parent / "mlflow-server.log", "w")
-        self.proc = subprocess.Popen(
-            [str(exe), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts.as_uri(),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.command = [str(exe), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts.as_uri(),
+                        "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.log = open(artifacts.parent / "mlflow-server.log", "a")
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         _watch(["killpg", str(self.proc.pid), "mlflow"])
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server (SIGTERM: requests in flight may lose their replies), stay down
+        `down_s` seconds, and start it again on the same port; returns once it answers."""
+        self._kill()
+        time.sleep(down_s)
+        self._start()
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 180) -> "MlflowServer":
         deadline = time.monotonic() + timeout
@@ -155,7 +173,7 @@ class MlflowServer:
     def running(self) -> bool:
         return self.proc.poll() is None or listening(self.port)
 
-    def stop(self) -> None:
+    def _kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -163,4 +181,7 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+    def stop(self) -> None:
+        self._kill()
         self.log.close()
