@@ -1,4 +1,5 @@
-"""Command line: parse, dispatch, exit codes (0 ok, 1 a run failed, 2 a usage or input error)."""
+"""Command line: parse, dispatch, exit codes (0 ok, 1 a run failed, 2 a usage or input error, 75 a server or
+database stayed away past the outage limit: run the same command again later)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import sys
 import threading
 from pathlib import Path
 
-from bench import config, console, hostmem, stores
+from bench import config, console, hostmem, outage, stores
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
 from bench.urls import password, redact, scrub
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
+EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a scheduler may run the job again
+OUTAGE_HELP = (f"seconds to wait for a tracking server or database that stopped answering before stopping with what is done kept "
+               f"(default ${outage.LIMIT_ENV} or {outage.DEFAULT_LIMIT_S:g})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     r.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    r.add_argument("--outage-limit", type=float, metavar="SECONDS", help=OUTAGE_HELP)
     r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
     r.add_argument("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): N processes or machines with 1/N .. N/N run every cell once")
     r.add_argument("--ablate", action="store_true", help="also each experiment's ablations: every quirk switch of the recipe flipped "
@@ -63,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     t.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    t.add_argument("--outage-limit", type=float, metavar="SECONDS", help=OUTAGE_HELP)
     t.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="scratch checkpoints of running trials (default ./checkpoints)")
 
     rep = sub.add_parser("report", help="markdown and figures: the suite's runs beside the reported ones")
@@ -161,7 +167,7 @@ def cmd_run(args) -> int:
     failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
     if failed:
         print(f"{len(failed)} of {len(outcomes)} cells did not finish: {', '.join(o.cell.name for o in failed)}", file=sys.stderr)
-        return 1
+        return EXIT_UNAVAILABLE if any(o.status == suite.UNREACHABLE for o in outcomes) else 1
     return 0
 
 
@@ -448,6 +454,12 @@ def _dispatch(args, urls: list[str]) -> int:
         for flag in ("tracking_uri", "storage", "study"):
             if getattr(args, flag, None) is not None and not getattr(args, flag).strip():
                 raise UserError(f"--{flag.replace('_', '-')} must not be empty")
+        limit = getattr(args, "outage_limit", None)
+        if limit is not None:
+            if not 0 <= limit < float("inf"):
+                raise UserError(f"--outage-limit must be a number of seconds >= 0, got {limit:g}")
+            os.environ[outage.LIMIT_ENV] = f"{limit:g}"  # the workers this command starts read it too
+        outage.limit_s()  # a malformed $BENCH_OUTAGE_LIMIT_S is named before anything runs
         return COMMANDS[args.command](args)
     except UserError as exc:
         if args.debug:
@@ -456,6 +468,12 @@ def _dispatch(args, urls: list[str]) -> int:
         line = " ".join(str(exc).split())
         print(f"bench: error: {scrub(line, urls)}", file=sys.stderr)
         return 2
+    except outage.Unavailable as exc:
+        if args.debug:
+            raise
+        print(f"bench: stopped: {scrub(str(exc), urls)}; what was done is kept: run the same command again once it answers",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt as exc:
         name = getattr(exc, "signal_name", "SIGINT")
         print(f"bench: interrupted ({name}); the same command resumes where it stopped", file=sys.stderr)

@@ -30,6 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench import outage
 from bench.errors import reason
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,21 @@ HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats; generous, since the clocks of two machines may differ
 
 
+def stale_after(outage_limit: float, heartbeat_s: float = HEARTBEAT_S) -> float:
+    """How old a heartbeat must be for its claim to be taken over: STALE_S, or longer than a
+    holder cut off from the store keeps training (the outage limit, then its last heartbeat's
+    wait and a backoff): a holder is never taken over while it may still write to the run."""
+    return max(STALE_S, outage_limit + heartbeat_s + outage.MAX_DELAY_S)
+
+
 class Lease:
     """A claim on one cell in the tracking store; `acquire` says whether this process holds it."""
 
-    def __init__(self, tracker, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> None:
+    def __init__(self, tracker, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float | None = None) -> None:
         self.tracker, self.key = tracker, key
         self.experiment_id = tracker.experiment_id(LEASES_EXPERIMENT)
-        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self.heartbeat_s = heartbeat_s
+        self.stale_s = stale_after(tracker.limit, heartbeat_s) if stale_s is None else stale_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.run_id: str | None = None
         self.holder: str | None = None  # the owner that has the cell, once acquire returned False
@@ -120,6 +129,10 @@ class Lease:
             except Exception as exc:  # a blip of the store: the next beat may get through
                 log.warning("lease on %s: heartbeat failed: %s", self.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
+    def abandon(self) -> None:
+        """Stop the heartbeat without a call to the store (it is away): the claim lapses."""
+        self._stop.set()
+
     def release(self) -> None:
         self._stop.set()
         if self._beat is not None:
@@ -162,9 +175,13 @@ def hold(folder: Path, tracker, key: str, **timing):
             return
         try:
             yield True
+        except outage.Unavailable:
+            lease.abandon()  # the same command on this machine takes it over at once: its process is gone
+            raise
         finally:
             try:
-                lease.release()  # the lock file is unlocked when it is closed
+                if not lease._stop.is_set():
+                    lease.release()  # the lock file is unlocked when it is closed
             except Exception as exc:
                 # The store is unreachable (a cluster going down): the claim goes stale by itself,
                 # and what ended the cell (its result, an interruption) must not be replaced.

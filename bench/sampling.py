@@ -177,9 +177,13 @@ def repeats(trial: optuna.Trial) -> bool:
     return not _queued(me) and _key(trial.params) in tried([t for t in trials if t.number < trial.number])
 
 
+# Failures that say nothing of the trial's values: it is trained again, with the same values.
+RETRIED = ("interrupted", "tracking_unavailable")
+
+
 def queue_interrupted(study: optuna.Study) -> list[int]:
     """Queue a copy, with the same values, of each trial that an interruption (SIGTERM, Ctrl-C)
-    failed and that has no retry yet: optuna fails such a trial at once, where a trial whose
+    or an outage of the tracking server past the limit failed and that has no retry yet: optuna fails such a trial at once, where a trial whose
     process was killed outright is failed by its heartbeat, which queues the retry. Called when
     the interruption happens, and by `bench tune` before it starts (a process killed while it
     queued the retry). The numbers of the trials queued."""
@@ -187,7 +191,7 @@ def queue_interrupted(study: optuna.Study) -> list[int]:
     retried = {t.user_attrs.get("bench.retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
     queued = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("bench.failure") == "interrupted" and t.number not in retried and t.params:
+        if t.state == TrialState.FAIL and t.user_attrs.get("bench.failure") in RETRIED and t.number not in retried and t.params:
             recipe = {k: v for k, v in t.user_attrs.items() if k == "bench.recipe"}
             study.enqueue_trial(t.params, user_attrs={**recipe, "bench.retry_of": t.number})
             queued.append(t.number)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import ablation, config, data, engine, lease, logged_model
+from bench import ablation, config, data, engine, lease, logged_model, outage
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
@@ -95,7 +95,7 @@ ABLATION_TAG = "bench.ablation"
 @dataclass
 class CellOutcome:
     cell: Cell
-    status: str  # finished, skipped (finished before), stopped, nonfinite, failed; busy (another process has it) until waited for
+    status: str  # finished, skipped (finished before), stopped, nonfinite, failed, unreachable, not run; busy (another process has it) until waited for
     epochs: int
     final_test_acc: float | None
     best_test_acc: float | None
@@ -248,11 +248,16 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
         example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
         tracker.log_environment(run_id)
-        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts), ConsoleProgress(label)]
+        ckdir = cell.checkpoint_dir(checkpoint_root)
+        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts, journal=ckdir / JOURNAL), ConsoleProgress(label)]
         # The experiment's evaluation-only ablations, measured on this run's weights every epoch.
         alternatives = ablation.alternatives(cell.experiment, cfg)
         result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks, alternatives=alternatives)
         tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
+    except outage.Unavailable:
+        if run_id is not None:
+            tracker.abandon(run_id)  # left RUNNING in the store: the same command takes it up again
+        raise
     except KeyboardInterrupt as exc:
         if run_id is not None:
             _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")})
@@ -282,6 +287,8 @@ def _end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str
 
 
 WAIT_S = 5.0  # how often to look again at a cell that another process is training
+JOURNAL = "metrics-journal.jsonl"  # beside the checkpoints: the metric batches the store may lack (delivery.Journal)
+UNREACHABLE, NOT_RUN = "unreachable", "not run"  # the tracking store stayed away past the outage limit: the suite stops
 
 
 def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path) -> list[CellOutcome]:
@@ -303,6 +310,18 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
                 print(f"{label}: starting", file=sys.stderr, flush=True)
             try:
                 outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+            except outage.Unavailable as exc:
+                # Every cell needs the store: the suite stops, and the same command goes on later.
+                ckdir = cell.checkpoint_dir(checkpoint_root)
+                kept = f"; its checkpoint and unsent metrics are kept in {ckdir}" if (ckdir / engine.LAST).is_file() else ""
+                print(f"{label}: stopped: {exc}{kept}", file=sys.stderr, flush=True)
+                outcomes[i] = CellOutcome(cell, UNREACHABLE, 0, None, None, 0.0, None)
+                for j in range(len(cells)):
+                    outcomes.setdefault(j, CellOutcome(cells[j], NOT_RUN, 0, None, None, 0.0, None))
+                    if outcomes[j].status == "busy":
+                        outcomes[j] = CellOutcome(cells[j], NOT_RUN, 0, None, None, 0.0, None)
+                todo, busy = [], []
+                break
             except Exception as exc:  # finding the cell's run or its lease: the store, the disk
                 log.error("%s failed: %s", cell.name, reason(exc))
                 outcome = CellOutcome(cell, "failed", 0, None, None, 0.0, None)

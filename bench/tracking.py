@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # the built-in one from Python 3.11 only
 from importlib import metadata
 from pathlib import Path
@@ -42,9 +42,10 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from torch.utils.collect_env import get_pretty_env_info
 
-from bench import console, engine, logged_model
+from bench import console, delivery, engine, logged_model, outage
 from bench.callbacks import Callback
 from bench.errors import reason, unusable
+from bench.urls import redact
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -148,9 +149,22 @@ def environment_text() -> str:
 class SystemMetrics(SystemMetricsMonitor):
     """MLflow's system metrics monitor (metrics `system/...`: CPU, memory, disk, network, and GPUs
     through pynvml) with the CPU time its thread spent, in `cpu_s` once it has stopped: what
-    sampling costs the run (`bench perf` counts it with the tracking time)."""
+    sampling costs the run (`bench perf` counts it with the tracking time). Its samples go through
+    the run's writer, in order with the run's other calls, and wait out an outage with them."""
 
     cpu_s = 0.0
+    writer: delivery.Writer | None = None
+
+    def publish_metrics(self, metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            return super().publish_metrics(metrics)
+        prefix = self._metrics_prefix + (self.node_id + "/" if self.node_id else "")
+        ts = int(time.time() * 1000)
+        batch = [Metric(prefix + k, float(v), ts, self._logging_step) for k, v in metrics.items()]
+        self.writer.submit(self.writer_client.log_batch, self._run_id, metrics=batch, weight=len(batch))
+        self._logging_step += 1
+        for monitor in self.monitors:
+            monitor.clear_metrics()
 
     def monitor(self) -> None:
         try:
@@ -201,53 +215,52 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class Writer:
-    """MLflow calls for one run, made in order on a background thread, so that training never
-    waits for the store. `flush()` waits for every call queued so far and raises the first error."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-writer")
-        self._pending: list[Future] = []
-
-    def submit(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
-        self._pending.append(self._pool.submit(call, *args, **kwargs))
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._pool.shutdown(wait=True)
+# MLflow's own retries of one HTTP request (7 by default, with backoff: about 4 minutes) come
+# before bench's: fewer of them let an outage show within seconds and be waited out here, up to
+# the outage limit, with the calls kept in order. A user's setting is kept.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class Tracker:
-    def __init__(self, uri: str) -> None:
+    """The tracking store of a command: runs, tags, searches, and each run's background writer.
+    Every call waits out an outage of the store (`delivery.RetryingClient`), up to the outage
+    limit, then raises `outage.Unavailable`."""
+
+    def __init__(self, uri: str, limit: float | None = None) -> None:
         self.uri = uri
-        self._writers: dict[str, Writer] = {}
+        self.limit = outage.limit_s() if limit is None else limit
+        self.what = "tracking server" if urlsplit(uri).scheme in ("http", "https") else "tracking store"
+        self._writers: dict[str, delivery.Writer] = {}
         self._monitors: dict[str, SystemMetrics] = {}
         self._environment: set[str] = set()  # runs that get environment.txt when they end
+        self._local = threading.local()  # the Watch of a writer's thread
+        for key, value in HTTP_RETRIES.items():
+            os.environ.setdefault(key, value)
         try:
             with _schema_lock(absolute_uri(uri)):
-                self.client = MlflowClient(tracking_uri=absolute_uri(uri))
-                self.client.search_experiments(max_results=1)  # creates a new store's tables
+                raw = MlflowClient(tracking_uri=absolute_uri(uri))
+                raw.search_experiments(max_results=1)  # creates a new store's tables
         except Exception as exc:  # mlflow raises many types for an unsupported, malformed or unreachable URI
             raise unusable("tracking store", uri, exc) from None
+        self.client = delivery.RetryingClient(raw, self.retry)
 
-    def writer(self, run_id: str) -> Writer:
+    def retry(self, call: Callable[[], Any], before_again: Callable[[], Any] | None = None) -> Any:
+        """`call()`, waiting out an outage of the store (see bench.outage)."""
+        return outage.retry(call, what=self.what, url=self.uri, limit=self.limit, before_again=before_again,
+                            watch=getattr(self._local, "watch", None))
+
+    def writer(self, run_id: str) -> delivery.Writer:
         """The run's background writer; `end_run` drains it before the run ends."""
         if run_id not in self._writers:
-            self._writers[run_id] = Writer()
+            self._writers[run_id] = delivery.Writer(what=self.what, url=self.uri, limit=self.limit,
+                                                    on_start=lambda watch: setattr(self._local, "watch", watch))
         return self._writers[run_id]
 
     def monitor_system(self, run_id: str, interval_s: float) -> SystemMetrics:
         """Start sampling the machine into the run every `interval_s` seconds, until `end_run`.
         A resumed run's samples continue after the steps it has."""
         monitor = SystemMetrics(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=absolute_uri(self.uri))
+        monitor.writer, monitor.writer_client = self.writer(run_id), self.client
         monitor.start()
         self._monitors[run_id] = monitor
         return monitor
@@ -283,6 +296,8 @@ class Tracker:
                 for key, value in written.items():
                     self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
+        except outage.Unavailable:
+            raise
         except Exception as exc:  # mlflow raises many types for a bad or unreachable store
             raise unusable("tracking store", self.uri, exc) from None
 
@@ -308,18 +323,43 @@ class Tracker:
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
     def end_run(self, run_id: str, status: str) -> None:
-        writer = self._writers.pop(run_id, None)
+        """Deliver what the run's writer holds, then end the run with `status`. When the store
+        stays away past the outage limit the run is left as it is in the store (RUNNING), its
+        writer abandoned, and `outage.Unavailable` raised: the same command takes it up again."""
+        writer = self._writers.get(run_id)
         monitor = self._monitors.pop(run_id, None)
         try:
             if monitor is not None:
                 monitor.finish()  # now: the thread would see the run ended only at its next sample
             if run_id in self._environment:
                 self._environment.discard(run_id)
-                _log_text(self.client, run_id, environment_text(), "environment.txt")
+                if writer is not None:
+                    writer.submit(_log_text, self.client, run_id, environment_text(), "environment.txt")
+                else:
+                    _log_text(self.client, run_id, environment_text(), "environment.txt")
             if writer is not None:
                 writer.close()
-        finally:
+        except outage.Unavailable:
+            self.abandon(run_id)
+            raise
+        except BaseException:
+            self.abandon(run_id)
             self.client.set_terminated(run_id, status)
+            raise
+        self._writers.pop(run_id, None)
+        self.client.set_terminated(run_id, status)
+
+    def abandon(self, run_id: str) -> None:
+        """Forget the run without a call to the store (it is away): its writer's queue is
+        dropped (the metrics are in its journal) and its sampling stopped."""
+        writer = self._writers.pop(run_id, None)
+        monitor = self._monitors.pop(run_id, None)
+        self._environment.discard(run_id)
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
+        if writer is not None:
+            writer.abandon()
 
     def fetch_checkpoints(self, run_id: str, checkpoint_dir: Path) -> bool:
         """Download the run's checkpoints (last.pt, best.pt) into `checkpoint_dir`, to resume a run
@@ -453,11 +493,18 @@ class MlflowRun(Callback):
     the step never waits for the store. The queue is drained at each checkpoint (what the store
     holds is then at least as new as the checkpoint before it) and when the run ends. A resumed
     run logs only the epochs and steps after those already in the store, so no step is logged twice.
+
+    While the store is away, training goes on and the calls wait in the queue; checkpoints do not
+    wait for them. Each epoch's metrics are also written to the run's `journal` (a file beside its
+    checkpoints) before its checkpoint, and dropped once the store has them. Once the store has been
+    away for the outage limit, the fit stops at the end of the epoch with its checkpoint written and
+    `on_fit_end` raises `outage.Unavailable`; the next attempt sends the journal's metrics first.
     """
 
     def __init__(
         self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *,
         log_checkpoints: bool = True, model_example: np.ndarray | None = None, datasets: dict[str, Any] | None = None,
+        journal: Path | None = None,
     ) -> None:
         self.tracker, self.client, self.run_id, self.cfg = tracker, tracker.client, run_id, cfg
         self.writer = tracker.writer(run_id)
@@ -471,12 +518,19 @@ class MlflowRun(Callback):
         self._best: Path | None = None  # a best checkpoint written since the last upload
         self._logged_epoch = self._logged_step = 0
         self._steps: list[Metric] = []  # train_step_loss values, sent with the epoch's batch
+        self.journal = delivery.Journal(journal) if journal is not None else None
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
         # Whatever epoch the fit starts from: a run stopped before its first checkpoint (or some
-        # epochs after its last one) has logged epochs that it now trains again.
-        self._logged_epoch = self.tracker.logged_steps(self.run_id, "train_loss")
-        self._logged_step = self.tracker.logged_steps(self.run_id, "train_step_loss")
+        # epochs after its last one) has logged epochs that it now trains again. Those its journal
+        # holds count as logged: they are sent first.
+        held = self.journal.held() if self.journal is not None else []
+        in_journal = lambda key: max((m.step for _, batch in held for m in batch if m.key == key), default=0)  # noqa: E731
+        self._logged_epoch = max(self.tracker.logged_steps(self.run_id, "train_loss"), in_journal("train_loss"))
+        self._logged_step = max(self.tracker.logged_steps(self.run_id, "train_step_loss"), in_journal("train_step_loss"))
+        for n, batch in held:
+            self.writer.submit(self._send_again, batch, weight=len(batch))
+            self.writer.submit(self.journal.sent, n)
         if self.cfg.train.system_metrics:
             self.monitor = self.tracker.monitor_system(self.run_id, self.cfg.train.system_metrics_interval_s)
         # MLflow params are written once. A resumed cell (same config hash) may differ from its
@@ -501,13 +555,28 @@ class MlflowRun(Callback):
             ts = int(time.time() * 1000)
             self._steps += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:
         ts = int(time.time() * 1000)
         batch = self._steps + ([Metric(k, float(v), ts, epoch) for k, v in metrics.items()] if epoch > self._logged_epoch else [])
         self._steps = []
+        n = self.journal.add(batch) if self.journal is not None and batch else None
         # MLflow caps one batch at 1000 metrics.
         for i in range(0, len(batch), 1000):
-            self.writer.submit(self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
+            self.writer.submit(self.client.log_batch, self.run_id, metrics=batch[i : i + 1000], weight=len(batch[i : i + 1000]))
+        if n is not None:
+            self.writer.submit(self.journal.sent, n)
+        down = self.writer.down_s()
+        if down >= self.writer.limit:
+            log.error("%s: the %s %s has not answered for %.0f s: stopping after epoch %d with its checkpoint",
+                      self.run_id, self.tracker.what, redact(self.tracker.uri), down, epoch)
+            return True
+        return False
+
+    def _send_again(self, batch: list[Metric]) -> None:
+        """A batch from the journal: it may have reached the store before the last attempt ended."""
+        left = delivery.unlogged(self.client, self.run_id, batch)
+        if left:
+            self.client.log_batch(self.run_id, metrics=left)
 
     def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
         """Each "last" checkpoint (with the best one, when it changed since) replaces the run's
@@ -518,7 +587,9 @@ class MlflowRun(Callback):
             self._best = path
         if kind != "last":
             return
-        self.writer.flush()
+        # During an outage the checkpoint does not wait: the journal holds the epochs' metrics.
+        if self.writer.flush(through_outage=False) and self.journal is not None:
+            self.journal.compact()
         if not self.log_checkpoints:
             return
         for written in [path] + ([self._best] if self._best is not None else []):
@@ -540,13 +611,18 @@ class MlflowRun(Callback):
             self.writer.submit(uploaded.set)
             self._wait_for(uploaded)
         self.writer.flush()
+        if self.journal is not None:
+            self.journal.compact()
 
     def _log_model(self, file: Path, epoch: int) -> None:
         """Log the run's model. Training has finished and its metrics are right: an error here
         (a full disk, the store) leaves the run FINISHED, tagged with the reason, and `bench
-        register` logs the model from the run's checkpoints later."""
+        register` logs the model from the run's checkpoints later. An outage past the limit is
+        not such an error: the run is taken up again and logs its model then."""
         try:
             logged_model.log(self.client, self.run_id, self.cfg, file, epoch, self.model_example)
+        except outage.Unavailable:
+            raise
         except Exception as exc:
             log.warning("run %s: its model was not logged (%s); `bench register` logs it from the run's checkpoints", self._run_name(), reason(exc))
             self.client.set_tag(self.run_id, logged_model.MODEL_ERROR, reason(exc))

@@ -23,7 +23,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from bench import config, console, data, engine, sampling
+from bench import config, console, data, engine, outage, sampling
 from bench.callbacks import Callback, ConsoleProgress
 from bench.errors import UserError, failure_tags, unusable
 from bench.models import create_model
@@ -151,12 +151,15 @@ def tuning_val_size(cfg: config.RunConfig, train_images: int) -> int | None:
 
 def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats: a trial whose process died is failed once its heartbeat is
-    older than twice the interval, and re-queued with the same parameters."""
+    older than twice the interval, and re-queued with the same parameters. Its calls wait out an
+    outage of the database (bench.optuna_storage)."""
+    from bench.optuna_storage import Storage
+
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we want
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-            return optuna.storages.RDBStorage(
+            return Storage(
                 url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry,
                 engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
             )
@@ -268,6 +271,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     note_run(trial, run_name, url, ctx.tracker.uri)
     ckpt = ctx.checkpoint_root / study / f"trial{trial.number}"
     state, failure, status = "FAIL", {}, None
+    away = None  # the store that stayed away past the outage limit: no call is made to it
     try:
         cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
         trial.set_user_attr("data.val_size", cfg.data.val_size)  # the split the objective was measured on
@@ -289,6 +293,12 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         failure = {"bench.failure": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")}
         status = "KILLED"
         raise
+    except outage.Unavailable as exc:
+        # The worker stops; the trial is failed and queued again with its values (the tracking
+        # server) or failed by its heartbeat and queued by another worker (the database).
+        away = exc.what
+        failure = {"bench.failure": "tracking_unavailable" if away != "Optuna storage" else "storage_unavailable", "bench.failure_reason": str(exc)}
+        raise
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
         failure = failure_tags(exc)
@@ -296,12 +306,18 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         log.error("trial %d of study %s failed:\n%s", trial.number, study, traceback.format_exc())
         raise TrialFailed(failure["bench.failure_reason"]) from exc
     finally:
+        tracking_away = away is not None and away != "Optuna storage"
         try:
-            for key, value in failure.items():
-                trial.set_user_attr(key, value)
-            ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
+            if away is None or tracking_away:
+                for key, value in failure.items():
+                    trial.set_user_attr(key, value)
+            if not tracking_away:
+                ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
         finally:  # the run ends, and its system-metrics sampling with it, whatever the stores said
-            ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+            if tracking_away:
+                ctx.tracker.abandon(run_id)  # left RUNNING: the next worker to see the trial failed ends it
+            else:
+                ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
             shutil.rmtree(ckpt, ignore_errors=True)
     if state == "PRUNED":
         raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
@@ -462,6 +478,10 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
             )
         except KeyboardInterrupt:
             sampling.queue_interrupted(study)  # optuna has failed the trial by now
+            raise
+        except outage.Unavailable as exc:
+            if exc.what != "Optuna storage":
+                sampling.queue_interrupted(study)
             raise
         last = ended[-1]
         # Failures of the trials themselves; one turned away before training is not one.

@@ -108,7 +108,7 @@ def test_leases_stay_out_of_the_experiments_and_leave_no_deleted_runs(tracker, t
 def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tracker):
     dead = lease.Lease(tracker, "cell", heartbeat_s=3600)  # never beats again: a machine that went away
     assert dead.acquire()
-    tracker.set_tags(dead.run_id, {lease.HEARTBEAT: str(time.time() - 2 * lease.STALE_S)})
+    tracker.set_tags(dead.run_id, {lease.HEARTBEAT: str(time.time() - 2 * lease.stale_after(tracker.limit))})
     live = lease.Lease(tracker, "cell2")
     assert live.acquire()
     taker = lease.Lease(tracker, "cell")

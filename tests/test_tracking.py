@@ -17,7 +17,8 @@ import torchvision
 from mlflow.tracking import MlflowClient
 
 from bench import engine, suite, tracking
-from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, Writer, local_artifact_dir, resolve_uri, ui_command
+from bench.delivery import Writer
+from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, local_artifact_dir, resolve_uri, ui_command
 
 from conftest import TINY_SETS
 

@@ -1,0 +1,113 @@
+"""Optuna's RDB storage, made to wait out an outage of its database.
+
+A database that restarts drops every connection: SQLAlchemy's `pool_pre_ping` replaces a dead one
+before it is used, and each storage call that meets the database away is made again, with backoff,
+up to the outage limit (bench.outage), instead of failing the trial in flight and its worker.
+
+A write whose reply was lost may have been made. The ones that are not the same when made twice are
+read back first: a new trial carries a token in its system attributes, by which a second attempt
+finds it; a state change that is found made is not made again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from typing import Any
+
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from bench import outage
+
+TOKEN = "bench.create_token"
+
+# RDBStorage's calls that read or write the study; each is retried as a whole.
+CALLS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "set_trial_param", "get_trial_param",
+    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids", "get_n_trials",
+)
+
+
+class Storage(RDBStorage):
+    """RDBStorage whose calls wait out an outage of the database (see the module)."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self.url = url
+        self.limit = outage.limit_s()
+        self._recovered_at: float | None = None
+        engine_kwargs = dict(kwargs.pop("engine_kwargs", None) or {})
+        if not url.startswith("sqlite"):
+            engine_kwargs.setdefault("pool_pre_ping", True)  # a connection the restart dropped is replaced before use
+        super().__init__(url, engine_kwargs=engine_kwargs, **kwargs)
+
+    def _retry(self, call, before_again=None) -> Any:
+        waited = []
+
+        def again():
+            waited.append(True)
+            return before_again() if before_again is not None else None
+
+        result = outage.retry(call, what="Optuna storage", url=self.url, limit=self.limit, before_again=again)
+        if waited:
+            self._recovered_at = time.monotonic()
+        return result
+
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        token = uuid.uuid4().hex
+        if template_trial is None:  # what RDBStorage makes without one: a running trial, started now
+            template_trial = FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(), datetime_complete=None,
+                params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1,
+            )
+        template = FrozenTrial(
+            number=template_trial.number, state=template_trial.state, value=None, values=template_trial.values,
+            datetime_start=template_trial.datetime_start, datetime_complete=template_trial.datetime_complete,
+            params=template_trial.params, distributions=template_trial.distributions, user_attrs=template_trial.user_attrs,
+            system_attrs={**template_trial.system_attrs, TOKEN: token}, intermediate_values=template_trial.intermediate_values,
+            trial_id=template_trial._trial_id,
+        )
+
+        def made():
+            for trial in RDBStorage.get_all_trials(self, study_id, deepcopy=False):
+                if trial.system_attrs.get(TOKEN) == token:
+                    return trial
+            return None
+
+        return self._retry(lambda: RDBStorage._create_new_trial(self, study_id, template), made)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        def made():
+            # Finished as asked: done. Running: this worker took the waiting trial (or, at the same
+            # instant, another did); taking it is what leaves no trial running with no heartbeat.
+            return True if RDBStorage.get_trial(self, trial_id).state == state else None
+
+        return self._retry(lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values), made)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # Right after an outage the trials still running have not beaten again: their heartbeats
+        # are as old as the outage. None is stale until a grace period has passed since.
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        if self._recovered_at is not None and time.monotonic() - self._recovered_at < grace:
+            return []
+        return self._retry(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
+
+
+def _waiting(name: str):
+    base = getattr(RDBStorage, name)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(lambda: base(self, *args, **kwargs))
+
+    call.__name__, call.__doc__ = name, base.__doc__
+    return call
+
+
+for _name in CALLS:
+    if _name != "_get_stale_trial_ids" and hasattr(RDBStorage, _name):
+        setattr(Storage, _name, _waiting(_name))
+
