@@ -23,8 +23,10 @@ from bench import outage
 
 TOKEN = "bench.create_token"
 
-# RDBStorage's calls that read or write the study; each is retried as a whole.
+# RDBStorage's calls that read or write the study, with those Optuna's cache in front of it
+# (_CachedStorage) calls on it directly; each is retried as a whole.
 CALLS = (
+    "_get_trials", "_get_best_trial_id", "_set_trial_param",
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "set_trial_param", "get_trial_param",

@@ -1,0 +1,103 @@
+"""Outages of real servers while bench works: the `mlflow server` restarted twice and PostgreSQL
+(under both Optuna and MLflow) once, during a 3-worker study and a suite in 2 shards.
+
+Nothing may be lost or written twice: every run ends FINISHED, every metric step is in its run
+once, the study ends at exactly its trial count, and no trial runs twice but the re-run of a
+failed one. The servers are this module's own (loopback, stopped at the end), so that restarting
+them disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from test_scale_out import TINY_ARGS, bench, check_study, runs_by_experiment, tune_args
+from servers import MlflowServer, Postgres, pg_bindir
+
+EPOCHS = 6
+PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    bindir = pg_bindir()
+    if bindir is None:
+        pytest.fail("no PostgreSQL server binaries: install the dev extra (it brings pgserver) or set BENCH_PG_BIN")
+    pg = Postgres(bindir).start()
+    mlflow_server = None
+    try:
+        optuna_url = pg.create("optuna")
+        artifacts = tmp_path_factory.mktemp("mlflow") / "artifacts"
+        artifacts.mkdir()
+        mlflow_server = MlflowServer(pg.create("mlflow"), artifacts).wait_ready()
+        yield {"storage": optuna_url, "tracking": mlflow_server.url, "pg": pg, "mlflow": mlflow_server}
+    finally:
+        if mlflow_server is not None:
+            mlflow_server.stop()
+        pg.stop()
+    assert not pg.running() and (mlflow_server is None or not mlflow_server.running())
+
+
+def steps_once(client: MlflowClient, run) -> list[str]:
+    """What is wrong with the run's metric histories: a step logged twice, or an epoch missing."""
+    wrong = []
+    epochs = int(run.data.tags.get("bench.epochs_done", 0))
+    for key in run.data.metrics:
+        steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, key))
+        wrong += [f"{run.info.run_name} {key} step {s} x{n}" for s, n in steps.items() if n > 1]
+        if key in PER_EPOCH and set(steps) != set(range(1, epochs + 1)):
+            wrong.append(f"{run.info.run_name} {key}: steps {sorted(steps)}, epochs {epochs}")
+    return wrong
+
+
+def test_restarts_of_the_tracking_server_and_the_database_lose_and_double_nothing(servers, tmp_path, subprocess_env):
+    env = {**subprocess_env, "BENCH_OUTAGE_LIMIT_S": "240"}
+    tune = bench([*tune_args(servers, "outage", 6, "--workers", "3", "--heartbeat", "10", "--sampler", "random"),
+                  "--epochs", str(EPOCHS)], tmp_path, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    shards = []
+    for i in (1, 2):
+        (tmp_path / f"machine{i}").mkdir()
+        shards.append(bench(
+            ["run", "resnetb-cifar10", "--profile", "smoke", "--seeds", "4", "--epochs", str(EPOCHS), *TINY_ARGS,
+             "--set", "data.val_size=100", "--tracking-uri", servers["tracking"], "--shard", f"{i}/2"],
+            tmp_path / f"machine{i}", env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    procs = [tune, *shards]
+    client = MlflowClient(servers["tracking"])
+
+    def training() -> bool:
+        """A cell and a trial have logged an epoch."""
+        runs = [r for rs in runs_by_experiment(servers["tracking"]).values() for r in rs if "train_loss" in r.data.metrics]
+        return {r.data.tags.get("bench.kind", "cell") for r in runs} >= {"cell", "trial"}
+
+    deadline = time.time() + 300
+    while not training():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "the work ended before it trained"
+        time.sleep(1)
+    for restart in (lambda: servers["mlflow"].restart(down_s=3), lambda: servers["pg"].restart(down_s=3),
+                    lambda: servers["mlflow"].restart(down_s=3)):
+        assert all(p.poll() is None for p in procs), "the work ended before the restarts: give it more epochs"
+        restart()
+        time.sleep(4)
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-4000:]
+
+    study = check_study(servers, "outage", 6)  # exactly 6 finished; one child run per trial that ran
+    # No trial ran twice, but a failed one queued again with its values.
+    retried = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    ran = Counter(tuple(sorted(t.params.items())) for t in study.trials if t.state != optuna.trial.TrialState.FAIL)
+    assert all(n == 1 for n in ran.values()), ran
+    runs = runs_by_experiment(servers["tracking"])["resnetb-cifar10"]
+    failed_runs = {t.user_attrs.get("mlflow_run_id") for t in retried}
+    assert [r.info.run_name for r in runs if r.info.status != "FINISHED" and r.info.run_id not in failed_runs] == []
+    cells = Counter(r.data.tags["bench.seed"] for r in runs if r.data.tags.get("bench.kind", "cell") == "cell" and "bench.seed" in r.data.tags)
+    assert cells == Counter({"0": 1, "1": 1, "2": 1, "3": 1})
+    wrong = [w for r in runs if r.info.run_id not in failed_runs for w in steps_once(client, r)]
+    assert wrong == []
