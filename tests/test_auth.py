@@ -141,6 +141,9 @@ def test_without_credentials_the_tracking_server_and_the_database_refuse(servers
         lines = proc.stderr.splitlines()  # one line, naming what to set: no traceback, no retries for minutes
         assert len(lines) == 1 and lines[0].startswith(f"bench: error: tracking store {url} {said}"), proc.stderr
         assert "MLFLOW_TRACKING_USERNAME" in lines[0] and not proc.stdout
+    # A path where the server has no API: the search is refused (the basic-auth app denies routes it does not know)
+    proc = bench([*cell[:-1], url + "/nope"], tmp_path, {**env, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": USER_PASSWORD})
+    assert proc.returncode == 2 and f"{url}/nope answers with HTTP 403 to a search of its experiments" in proc.stderr, proc.stderr
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MlflowServer.ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
