@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.errors import UserError, unusable
+from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
 from bench.urls import redact
 
@@ -89,6 +89,33 @@ def _probe_http(what: str, url: str) -> None:
         raise UserError(f"{what} {redact(url)} does not answer ({type(exc).__name__}); is the MLflow server running there?") from None
     if answer.status_code >= 500:
         raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} at /health")
+    _probe_login(what, url)
+
+
+def _probe_login(what: str, url: str) -> None:
+    """A UserError unless the server lets this process read its experiments: /health answers
+    everyone, also where the server requires a login (`mlflow server --app-name basic-auth`).
+    The request carries what MLflow's client would send (MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, ~/.mlflow/credentials, or a user in the URL)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(url.rstrip("/"))
+    try:
+        # The server is up (/health answered): its first API call may wait a while for its database.
+        answer = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
+                              max_retries=0, timeout=(TIMEOUT_S, 60), raise_on_status=False)
+    except Exception:  # MLflow wraps what requests raises; its message would quote the URL as given
+        raise UserError(f"{what} {redact(url)} does not answer a search of its experiments; is it an MLflow server?") from None
+    given = creds.username or creds.token or urlsplit(url).username
+    if answer.status_code == 401 and given:
+        raise UserError(f"{what} {redact(url)} refuses the login (HTTP 401): check the user and password "
+                        "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if answer.status_code == 401:
+        raise UserError(f"{what} {redact(url)} requires a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+                        "MLFLOW_TRACKING_PASSWORD to a user of the server")
+    if answer.status_code >= 400:
+        raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} to a search of its experiments")
 
 
 def _probe_database(what: str, url: str) -> None:
@@ -107,4 +134,6 @@ def _probe_database(what: str, url: str) -> None:
     except ModuleNotFoundError as exc:
         raise unusable(what, url, exc, " (for PostgreSQL: pip install -e '.[postgres]')") from None
     except Exception as exc:  # SQLAlchemy and the drivers raise many types for a bad or unreachable URL
-        raise unusable(what, url, exc) from None
+        # libpq's words for a missing or wrong password ("no password supplied", "password authentication failed")
+        hint = " (give the password in the URL, in ~/.pgpass or in PGPASSWORD)" if "password" in reason(exc) else ""
+        raise unusable(what, url, exc, hint) from None

@@ -3,12 +3,15 @@
 Both listen on 127.0.0.1 only, on free ports, and stop by themselves: each has a watchdog
 process that stops it when the test process is gone, even after a SIGKILL of pytest.
 PostgreSQL runs as an unprivileged user (initdb refuses root): `nobody` when the tests run as root.
+Both are open by default; given a password, PostgreSQL requires it (scram-sha-256) and the MLflow
+server runs its basic-auth app with an admin user of that password.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 WATCHDOG = """
 import os, signal, subprocess, sys, time
@@ -82,10 +86,12 @@ def _watch(command: list[str], user: str | None = None) -> None:
 
 
 class Postgres:
-    """initdb + pg_ctl start on 127.0.0.1:<free port>; databases made with `create`."""
+    """initdb + pg_ctl start on 127.0.0.1:<free port>; databases made with `create`. With a
+    `password`, every connection of the user `bench` must give it (scram-sha-256)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, password: str | None = None) -> None:
         self.bindir = bindir
+        self.password = password
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
         self.data = self.root / "data"
@@ -95,23 +101,43 @@ class Postgres:
             shutil.chown(self.root, self.user)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self.user, cwd=self.root,
+        # The password reaches client programs (createdb) through libpq's PGPASSWORD, never argv.
+        env = {**os.environ, "PGPASSWORD": self.password} if self.password else None
+        return subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self.user, cwd=self.root, env=env,
                               capture_output=True, text=True, check=check, timeout=120)
 
     def _options(self) -> str:
-        return f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+        return (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+                " -c password_encryption=scram-sha-256")
 
     def start(self) -> "Postgres":
-        self._run("initdb", "-D", str(self.data), "-U", "bench", "--auth=trust", "-E", "UTF8", "--no-sync")
+        auth = ["--auth=trust"]
+        if self.password:  # initdb reads the superuser's password from a file, removed once read
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            os.chmod(pwfile, 0o600)
+            if self.user:
+                shutil.chown(pwfile, self.user)
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", "bench", *auth, "-E", "UTF8", "--no-sync")
+        finally:
+            (self.root / "pwfile").unlink(missing_ok=True)
         self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.root / "log"), "-w", "-t", "60", "start")
         stop = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
         _watch(stop, self.user)
         return self
 
     def create(self, database: str) -> str:
-        """A new database; returns its SQLAlchemy URL (psycopg 3 driver)."""
+        """A new database; returns its SQLAlchemy URL (psycopg 3 driver), with the password
+        percent-encoded in it when the server has one."""
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "bench", database)
-        return f"postgresql+psycopg://bench@127.0.0.1:{self.port}/{database}"
+        return self.url(database, self.password)
+
+    def url(self, database: str, password: str | None = None) -> str:
+        """The database's URL as user `bench`, with `password` (any, to try a wrong one) or none."""
+        user = f"bench:{quote(password, safe='')}" if password else "bench"
+        return f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/{database}"
 
     def running(self) -> bool:
         return listening(self.port)
@@ -134,19 +160,37 @@ DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1:<free port> with a database backend and served artifacts."""
+    """`mlflow server` on 127.0.0.1:<free port> with a database backend and served artifacts.
 
-    def __init__(self, backend_uri: str, artifacts: Path) -> None:
+    With an `admin_password`, the server runs MLflow's basic-auth app: every request but /health
+    needs a user's credentials; the user `admin` with that password is made at the first start.
+    Its ini file (users in their own SQLite database beside the artifacts) is named by
+    MLFLOW_AUTH_CONFIG_PATH; the backend URL, which may hold the database's password, goes by
+    MLFLOW_BACKEND_STORE_URI: neither password is in the server's argv."""
+
+    ADMIN = "admin"
+
+    def __init__(self, backend_uri: str, artifacts: Path, admin_password: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("mlflow")
-        self.command = [str(exe), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts.as_uri(),
+        self.command = [str(exe), "server", "--artifacts-destination", artifacts.as_uri(),
                         "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri}
+        if admin_password:
+            ini = artifacts.parent / "basic_auth.ini"
+            ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                           f"database_uri = sqlite:///{artifacts.parent / 'basic_auth.db'}\n"
+                           f"admin_username = {self.ADMIN}\nadmin_password = {admin_password.replace('%', '%%')}\n")  # configparser: %% is %
+            os.chmod(ini, 0o600)
+            self.command += ["--app-name", "basic-auth"]
+            # The key signs the app's CSRF tokens; the app refuses to start without one.
+            self.env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
         self.log = open(artifacts.parent / "mlflow-server.log", "a")
         self._start()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         _watch(["killpg", str(self.proc.pid), "mlflow"])
 
     def restart(self, down_s: float = 0.0) -> None:
