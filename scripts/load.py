@@ -214,6 +214,7 @@ def latency(calls: list[Call]) -> Latency | None:
 @dataclass
 class Check:
     runs: int = 0
+    kinds: Counter = field(default_factory=Counter)  # runs by the tag bench.kind (cells have none)
     not_finished: list[str] = field(default_factory=list)  # "run name (id): STATUS, reason"
     histories: int = 0
     metric_values: int = 0
@@ -297,6 +298,7 @@ def check(tracking_uri: str, storage: str | None = None, study: str | None = Non
     for run in all_runs(client):
         run_id, tags = run.info.run_id, run.data.tags
         result.runs += 1
+        result.kinds[tags.get("bench.kind", "cell")] += 1
         if run.info.status != "FINISHED":
             why = tags.get("bench.failure_reason") or tags.get("bench.failure") or tags.get("bench.status", "")
             result.not_finished.append(f"{run.info.run_name} ({run_id}): {run.info.status} {why}".rstrip())
@@ -383,7 +385,8 @@ def print_figures(check_: Check, calls: list[Call], codes: dict[str, int], trial
     states = ", ".join(f"{n} {s}" for s, n in sorted(check_.trials.items()))
     rows = [
         ("processes", ", ".join(f"{n} exit {c}" for n, c in codes.items())),
-        ("runs written", f"{check_.runs} ({check_.runs - len(check_.not_finished)} FINISHED)"),
+        ("runs written", f"{check_.runs} ({check_.runs - len(check_.not_finished)} FINISHED): "
+                         + ", ".join(f"{n} {kind}" for kind, n in sorted(check_.kinds.items()))),
         ("metric values written", f"{check_.metric_values} in {check_.histories} histories"),
         ("trials written", f"{sum(check_.trials.values())}: {states}; {check_.finished_trials} finished of {trials} asked"),
         ("MLflow requests", f"{len(calls)} ({sum(refused.values())} answered 4xx)"),
@@ -421,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=8, help="bench tune workers on one study (default 8)")
     parser.add_argument("--shards", type=int, default=4, help="bench run --suite all processes, one shard each (default 4)")
-    parser.add_argument("--trials", type=int, default=24, help="finished trials the study runs to (default 24)")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of every trial and cell (default 2)")
+    parser.add_argument("--trials", type=int, default=32, help="finished trials the study runs to (default 32)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of every trial and cell (default 3)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of each experiment of the suite (default 1)")
     parser.add_argument("--keep", type=Path, help="keep the processes' directories and logs here (default: a temporary directory, removed)")
     args = parser.parse_args(argv)
