@@ -229,6 +229,10 @@ def cmd_tune(args) -> int:
         env = {**workers.thread_env(count), "BENCH_OPTUNA_STORAGE": url, "MLFLOW_TRACKING_URI": uri}
         codes = workers.run_all([_worker_args(args, name, parent.run_id, i) for i in range(count)], env)
         failed = [c for c in codes if c != 0]
+        if EXIT_UNAVAILABLE in failed:  # a store stayed away: the parent run is ended by the command that completes the study
+            print(f"{failed.count(EXIT_UNAVAILABLE)} of {count} workers stopped: a server stayed away past the outage limit; "
+                  "run the same command again once it answers", file=sys.stderr)
+            return EXIT_UNAVAILABLE
         if failed:
             stopped = f"{len(failed)} of {count} workers exited with an error ({', '.join(map(str, failed))})"
             print(stopped, file=sys.stderr)

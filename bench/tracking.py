@@ -597,6 +597,8 @@ class MlflowRun(Callback):
         self._best = None
 
     def on_fit_end(self, result) -> None:
+        if self.writer.down_s() >= self.writer.limit:  # stopped by the outage: what is left is sent by the next attempt
+            raise outage.Unavailable(self.tracker.what, self.tracker.uri, self.writer.down_s(), self.writer.limit)
         config_json = json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
         self.writer.submit(_log_text, self.client, self.run_id, config_json, "config.json")
         self._log_summary(result)

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from test_scale_out import TINY_ARGS, bench, check_study, runs_by_experiment, tune_args
 from servers import MlflowServer, Postgres, pg_bindir
 
-EPOCHS = 6
+EPOCHS = 5
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
 
 
