@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -229,3 +230,25 @@ class MlflowServer:
     def stop(self) -> None:
         self._kill()
         self.log.close()
+
+
+@contextmanager
+def pair(artifacts_parent: Path):
+    """A PostgreSQL cluster with databases `optuna` and `mlflow`, and an `mlflow server` on the
+    second, both stopped (and checked stopped) at the end: yields their URLs and the servers."""
+    bindir = pg_bindir()
+    if bindir is None:
+        raise RuntimeError("no PostgreSQL server binaries: install the dev extra (it brings pgserver) or set BENCH_PG_BIN")
+    pg = Postgres(bindir).start()
+    mlflow_server = None
+    try:
+        optuna_url = pg.create("optuna")
+        artifacts = artifacts_parent / "artifacts"
+        artifacts.mkdir()
+        mlflow_server = MlflowServer(pg.create("mlflow"), artifacts).wait_ready()
+        yield {"storage": optuna_url, "tracking": mlflow_server.url, "pg": pg, "mlflow": mlflow_server}
+    finally:
+        if mlflow_server is not None:
+            mlflow_server.stop()
+        pg.stop()
+    assert not pg.running() and (mlflow_server is None or not mlflow_server.running())

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from test_scale_out import TINY_ARGS, bench, check_study, runs_by_experiment, tune_args
-from servers import MlflowServer, Postgres, pg_bindir
+from servers import pair
 
 EPOCHS = 5
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
@@ -27,22 +27,8 @@ PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    bindir = pg_bindir()
-    if bindir is None:
-        pytest.fail("no PostgreSQL server binaries: install the dev extra (it brings pgserver) or set BENCH_PG_BIN")
-    pg = Postgres(bindir).start()
-    mlflow_server = None
-    try:
-        optuna_url = pg.create("optuna")
-        artifacts = tmp_path_factory.mktemp("mlflow") / "artifacts"
-        artifacts.mkdir()
-        mlflow_server = MlflowServer(pg.create("mlflow"), artifacts).wait_ready()
-        yield {"storage": optuna_url, "tracking": mlflow_server.url, "pg": pg, "mlflow": mlflow_server}
-    finally:
-        if mlflow_server is not None:
-            mlflow_server.stop()
-        pg.stop()
-    assert not pg.running() and (mlflow_server is None or not mlflow_server.running())
+    with pair(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
 
 
 def steps_once(client: MlflowClient, run) -> list[str]:

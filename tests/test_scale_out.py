@@ -22,29 +22,15 @@ from mlflow.tracking import MlflowClient
 from bench import tuning
 
 from conftest import TINY_SETS
-from servers import MlflowServer, Postgres, pg_bindir
+from servers import pair
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    bindir = pg_bindir()
-    if bindir is None:
-        pytest.fail("no PostgreSQL server binaries: install the dev extra (it brings pgserver) or set BENCH_PG_BIN")
-    pg = Postgres(bindir).start()
-    mlflow_server = None
-    try:
-        optuna_url = pg.create("optuna")
-        artifacts = tmp_path_factory.mktemp("mlflow") / "artifacts"
-        artifacts.mkdir()
-        mlflow_server = MlflowServer(pg.create("mlflow"), artifacts).wait_ready()
-        yield {"storage": optuna_url, "tracking": mlflow_server.url, "pg": pg, "mlflow": mlflow_server}
-    finally:
-        if mlflow_server is not None:
-            mlflow_server.stop()
-        pg.stop()
-    assert not pg.running() and (mlflow_server is None or not mlflow_server.running())
+    with pair(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
 
 
 def bench(args, cwd, env, **kw):
