@@ -6,9 +6,12 @@ on loopback (tests/servers.py), every epoch logged.
 
 The bench processes reach the server through a reverse proxy that times every MLflow call. Once
 they have exited, the stores are read directly (not through the proxy) and compared with what the
-runs' params and tags say they logged. Prints runs, metric values and trials written, the calls'
-p50/p99 latency, errors, and lost and duplicated records. Exit code 1 when a record is lost or
-duplicated, a run did not finish, a process failed, or the study has not exactly N finished trials.
+runs' params and tags say they logged, and with the suite's plan and the study's trials. Prints
+runs, metric values and trials written, the calls' p50/p99 latency, errors, and lost and duplicated
+records by kind: metric steps, cell runs (one per planned cell), trial runs (the runs the trials
+name), trials (two with the same values, neither a retry of the other), logged models (one per
+run). Exit code 1 when a record is lost or duplicated, a run did not finish, a process failed, or
+the study has not exactly N finished trials.
 A measurement, not a test: it takes minutes and its figures depend on the machine.
 """
 
@@ -26,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,8 +39,11 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the plan is this checkout's, as the processes' bench is
 from conftest import TINY_SETS  # noqa: E402
+
+from bench import cli, config, suite  # noqa: E402
+from bench.tracking import CELL_TAGS  # noqa: E402
 from servers import MlflowServer, Postgres, pg_bindir  # noqa: E402
 
 STUDY = "load"
@@ -211,6 +217,9 @@ def latency(calls: list[Call]) -> Latency | None:
 # --- the check ------------------------------------------------------------------------------------
 
 
+RECORDS = ("cell runs", "trial runs", "trials", "logged models")
+
+
 @dataclass
 class Check:
     runs: int = 0
@@ -220,13 +229,23 @@ class Check:
     metric_values: int = 0
     trials: Counter = field(default_factory=Counter)  # by state name
     finished_trials: int = 0
-    lost: list[tuple[str, str, int]] = field(default_factory=list)  # (run id, key, step)
-    duplicated: list[tuple[str, str, int, int]] = field(default_factory=list)  # (run id, key, step, times)
+    lost: list[tuple[str, str, int]] = field(default_factory=list)  # metric steps: (run id, key, step)
+    duplicated: list[tuple[str, str, int, int]] = field(default_factory=list)  # metric steps: (run id, key, step, times)
+    # Records other than metric steps, by kind (RECORDS): what is missing, what is there twice.
+    lost_records: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in RECORDS})
+    duplicated_records: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in RECORDS})
     unknown: list[str] = field(default_factory=list)  # runs whose expected steps could not be derived
 
     def failed(self, trials: int | None) -> bool:
         wrong_study = trials is not None and self.finished_trials != trials
-        return bool(self.lost or self.duplicated or self.not_finished or self.unknown or wrong_study)
+        records = any(self.lost_records.values()) or any(self.duplicated_records.values())
+        return bool(self.lost or self.duplicated or records or self.not_finished or self.unknown or wrong_study)
+
+    def counts(self, lost: bool) -> dict[str, int]:
+        """Lost (or duplicated) records by kind, metric steps first."""
+        records = self.lost_records if lost else self.duplicated_records
+        return {"metric steps": len(self.lost if lost else self.duplicated), **{k: len(records[k]) for k in RECORDS}}
+
 
 
 def all_runs(client: MlflowClient) -> list:
@@ -283,19 +302,87 @@ def trained_epochs(run, trial_epochs: dict[str, int]) -> int | None:
     return int(tags.get("bench.epochs_done", 0))
 
 
-def check(tracking_uri: str, storage: str | None = None, study: str | None = None) -> Check:
+def planned_cells(run_command: list[str]) -> set[tuple[str, ...]]:
+    """The cells (experiment, profile, seed, config hash) that `bench run` with these arguments
+    trains, planned as cmd_run plans them; its --shard left out: the shards together cover the plan."""
+    args = cli._parser().parse_args(run_command)
+    names = list(dict.fromkeys([*args.experiments, *(config.suite_experiments(args.suite) if args.suite else [])]))
+    seeds = args.seeds or config.profile_seeds(args.profile)
+    cells = suite.plan(names, profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs, ablate=args.ablate)
+    return {tuple(c.tags[k] for k in CELL_TAGS) for c in cells}
+
+
+def check_cells(result: Check, runs: list, plan: set[tuple[str, ...]]) -> None:
+    """One run per planned cell: a cell without one is lost, each run after its first duplicated,
+    and so is a run of a cell the plan does not have (nothing asked for it)."""
+    found: dict[tuple[str, ...], list[str]] = defaultdict(list)  # run ids, the first created first
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        tags = run.data.tags
+        if "bench.kind" not in tags and all(k in tags for k in CELL_TAGS):
+            found[tuple(tags[k] for k in CELL_TAGS)].append(run.info.run_id)
+    result.lost_records["cell runs"] += ["/".join(cell) for cell in sorted(plan - set(found))]
+    for cell, ids in sorted(found.items()):
+        extra = ids if cell not in plan else ids[1:]
+        result.duplicated_records["cell runs"] += [f"{'/'.join(cell)}: run {i}" for i in extra]
+
+
+def check_trials(result: Check, runs: list, trials: list, study: str) -> None:
+    """The study's trial runs are the runs its trials name (user attr mlflow_run_id): a named run
+    that is not there is lost, a run no trial names (a second run of one trial) duplicated. Two
+    trials that trained the same values are one duplicated, unless one is the other's retry."""
+    named = {t.user_attrs["mlflow_run_id"]: t.number for t in trials if "mlflow_run_id" in t.user_attrs}
+    present = {r.info.run_id: r.data.tags.get("optuna.trial", "?") for r in runs
+               if r.data.tags.get("bench.kind") == "trial" and r.data.tags.get("optuna.study") == study}
+    result.lost_records["trial runs"] += [f"trial {n}: run {i}" for i, n in sorted(named.items()) if i not in present]
+    result.duplicated_records["trial runs"] += [f"trial {n}: run {i}" for i, n in sorted(present.items()) if i not in named]
+    trained = [t for t in trials if t.state != optuna.trial.TrialState.FAIL and t.params]
+    for i, a in enumerate(trained):
+        for b in trained[i + 1 :]:
+            if a.params == b.params and not (retry_of(a) == b.number or retry_of(b) == a.number):
+                result.duplicated_records["trials"].append(f"trials {a.number} and {b.number}: {a.params}")
+
+
+def retry_of(trial) -> int | None:
+    """The trial this one re-runs: queued by bench (user attr) or by Optuna's heartbeat (system attr)."""
+    return trial.user_attrs.get("bench.retry_of", trial.system_attrs.get("failed_trial"))
+
+
+def check_models(result: Check, client: MlflowClient) -> None:
+    """At most one logged model per source run."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    sources, token = Counter(), None
+    while True:
+        page = client.search_logged_models(ids, max_results=100, page_token=token)
+        sources.update(m.source_run_id for m in page)
+        token = page.token
+        if not token:
+            break
+    result.duplicated_records["logged models"] += [f"run {run_id}: {n} models" for run_id, n in sorted(sources.items()) if n > 1]
+
+
+def check(tracking_uri: str, storage: str | None = None, study: str | None = None, plan: set[tuple[str, ...]] | None = None) -> Check:
     """Read every run of the tracking store (and the study's trials) and compare them with what
-    was logged: runs not FINISHED, expected (run, key, step) entries missing, entries twice."""
+    was logged: runs not FINISHED, expected (run, key, step) entries missing, entries twice; cell
+    runs against `plan` (planned_cells; None: not compared), trial runs against the trials, logged
+    models against their runs."""
     result = Check()
     trial_epochs: dict[str, int] = {}
+    trials = []
     if storage is not None:
-        for t in optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False):
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+        for t in trials:
             result.trials[t.state.name] += 1
             result.finished_trials += t.state in FINISHED_TRIALS
             if "mlflow_run_id" in t.user_attrs:
                 trial_epochs[t.user_attrs["mlflow_run_id"]] = max(t.intermediate_values, default=0)
     client = MlflowClient(tracking_uri)
-    for run in all_runs(client):
+    runs = all_runs(client)
+    if plan is not None:
+        check_cells(result, runs, plan)
+    if storage is not None:
+        check_trials(result, runs, trials, study)
+    check_models(result, client)
+    for run in runs:
         run_id, tags = run.info.run_id, run.data.tags
         result.runs += 1
         result.kinds[tags.get("bench.kind", "cell")] += 1
@@ -393,8 +480,8 @@ def print_figures(check_: Check, calls: list[Call], codes: dict[str, int], trial
         ("latency p50 / p99", f"{overall.p50_ms:.1f} / {overall.p99_ms:.1f} ms (max {overall.max_ms:.0f} ms)" if overall else "-"),
         ("log-batch p50 / p99", f"{batch.p50_ms:.1f} / {batch.p99_ms:.1f} ms over {batch.calls} calls (max {batch.max_ms:.0f} ms)" if batch else "-"),
         ("errors", f"{len(errors)} ({sum(c.status >= 500 for c in errors)} 5xx, {sum(bool(c.error) for c in errors)} connection failures)"),
-        ("lost records", str(len(check_.lost))),
-        ("duplicated records", str(len(check_.duplicated))),
+        *((f"{which} records", f"{sum(n.values())}: " + ", ".join(f"{c} {kind}" for kind, c in n.items()))
+          for which, n in (("lost", check_.counts(lost=True)), ("duplicated", check_.counts(lost=False)))),
         ("wall time", f"{wall_s / 60:.1f} min"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -418,6 +505,10 @@ def print_figures(check_: Check, calls: list[Call], codes: dict[str, int], trial
         print(f"  lost: run {run_id} {key} step {step}")
     for run_id, key, step, n in check_.duplicated[:20]:
         print(f"  duplicated: run {run_id} {key} step {step} ({n} times)")
+    for which, records in (("lost", check_.lost_records), ("duplicated", check_.duplicated_records)):
+        for kind in RECORDS:
+            for line in records[kind][:20]:
+                print(f"  {which} {kind[:-1]}: {line}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         codes = run_load(args, work, storage, proxy)
         wall_s = time.monotonic() - started
-        checked = check(server.url, storage, STUDY)
+        shard = commands(args, storage, proxy.url)["shard1"]
+        plan = planned_cells(shard[shard.index("run"):])
+        checked = check(server.url, storage, STUDY, plan)
         print_figures(checked, proxy.calls, codes, args.trials, wall_s)
         failed_procs = [n for n, c in codes.items() if c != 0]
         for name in failed_procs:
