@@ -73,7 +73,10 @@ class RetryingClient:
         def again():
             # Params and tags are the same when set twice; a metric step may not be logged twice.
             nonlocal pending
-            pending = unlogged(self._client, run_id, pending) if pending else pending
+            # Metrics linked to a model are logged again at their steps on purpose (the model's
+            # metrics): those are sent as they are; the store drops an identical one.
+            if pending and not any(getattr(m, "model_id", None) for m in pending):
+                pending = unlogged(self._client, run_id, pending)
             return True if not (pending or params or tags) else None
 
         return self._retry(lambda: self._client.log_batch(run_id, metrics=pending, params=list(params), tags=list(tags), **kwargs),
@@ -90,6 +93,12 @@ class RetryingClient:
             return None
 
         return self._retry(lambda: self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name), before_again=again)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        def again():
+            return True if key not in self._client.get_run(run_id).data.tags else None
+
+        return self._retry(lambda: self._client.delete_tag(run_id, key), before_again=again)
 
     def create_logged_model(self, experiment_id: str, *, name: str, source_run_id: str, **kwargs: Any):
         def again():
@@ -228,8 +237,19 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._mend()
         self._sent = 0  # batches up to this number are in the store
         self._next = 1 + max((b["n"] for b in self._read()), default=0)
+
+    def _mend(self) -> None:
+        """Cut a line a killed process left half written: what is appended next starts a line."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
     def _read(self) -> list[dict]:
         try:

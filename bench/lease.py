@@ -50,14 +50,23 @@ def stale_after(outage_limit: float, heartbeat_s: float = HEARTBEAT_S) -> float:
     return max(STALE_S, outage_limit + heartbeat_s + outage.MAX_DELAY_S)
 
 
+# Each claim's heartbeat as this process first saw it, and when: a heartbeat is stale only once it
+# has also stayed the same for a while here.
+_SEEN: dict[str, tuple[str, float]] = {}
+
+
 class Lease:
     """A claim on one cell in the tracking store; `acquire` says whether this process holds it."""
 
-    def __init__(self, tracker, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float | None = None) -> None:
+    def __init__(self, tracker, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float | None = None,
+                 confirm_s: float | None = None) -> None:
         self.tracker, self.key = tracker, key
         self.experiment_id = tracker.experiment_id(LEASES_EXPERIMENT)
         self.heartbeat_s = heartbeat_s
         self.stale_s = stale_after(tracker.limit, heartbeat_s) if stale_s is None else stale_s
+        # How long an old heartbeat must stay unchanged under this process's eyes: a holder the
+        # store could not hear from (an outage within one long epoch) beats again once it is back.
+        self.confirm_s = heartbeat_s + outage.MAX_DELAY_S if confirm_s is None else confirm_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.run_id: str | None = None
         self.holder: str | None = None  # the owner that has the cell, once acquire returned False
@@ -74,7 +83,12 @@ class Lease:
             if claim["status"] != "RUNNING" or claim["run_id"] == self.run_id:
                 continue
             owner = claim["tags"].get(OWNER, "")
-            if time.time() - float(claim["tags"].get(HEARTBEAT, 0)) > self.stale_s or _dead_here(owner):
+            beat = claim["tags"].get(HEARTBEAT, "0")
+            seen = _SEEN.get(claim["run_id"])
+            if seen is None or seen[0] != beat:
+                _SEEN[claim["run_id"]] = seen = (beat, time.monotonic())
+            old = time.time() - float(beat) > self.stale_s and time.monotonic() - seen[1] >= self.confirm_s
+            if old or _dead_here(owner):
                 log.warning("lease on %s: the claim of %s is stale; taking the cell over", self.key, owner)
                 self.tracker.end_run(claim["run_id"], "KILLED")
                 continue

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 import bench.models
-from bench import config, engine, tracking
+from bench import config, engine, outage, tracking
 from bench.data.cifar import NUM_CLASSES, load_cifar
 from bench.errors import UserError, reason
 from bench.models import create_model
@@ -121,9 +121,10 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
                 pip_requirements=requirements, metadata=metadata, serialization_format="pickle",
             )
             client.log_model_artifacts(model_id, str(path))
-    except Exception:
-        with contextlib.suppress(Exception):  # the store may be what failed: the next call finishes it anyway
-            client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    except Exception as exc:
+        if not isinstance(exc, outage.Unavailable):  # a store that is away is not asked again
+            with contextlib.suppress(Exception):  # the store may be what failed: the next call finishes it anyway
+                client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
         raise
     client.finalize_logged_model(model_id, LoggedModelStatus.READY)
     if MODEL_ERROR in run.data.tags:

@@ -12,6 +12,7 @@ finds it; a state change that is found made is not made again.
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bench import outage
 
 TOKEN = "bench.create_token"
+log = logging.getLogger(__name__)
 
 # RDBStorage's calls that read or write the study, with those Optuna's cache in front of it
 # (_CachedStorage) calls on it directly; each is retried as a whole.
@@ -31,7 +33,7 @@ CALLS = (
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "set_trial_param", "get_trial_param",
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids", "get_n_trials",
+    "get_trial", "get_all_trials", "get_best_trial", "get_n_trials",
 )
 
 
@@ -42,6 +44,7 @@ class Storage(RDBStorage):
         self.url = url
         self.limit = outage.limit_s()
         self._recovered_at: float | None = None
+        self._gave_up = False  # an outage has run out the limit: the next call tries once, until one succeeds
         engine_kwargs = dict(kwargs.pop("engine_kwargs", None) or {})
         if not url.startswith("sqlite"):
             engine_kwargs.setdefault("pool_pre_ping", True)  # a connection the restart dropped is replaced before use
@@ -54,7 +57,12 @@ class Storage(RDBStorage):
             waited.append(True)
             return before_again() if before_again is not None else None
 
-        result = outage.retry(call, what="Optuna storage", url=self.url, limit=self.limit, before_again=again)
+        try:
+            result = outage.retry(call, what="Optuna storage", url=self.url, limit=0 if self._gave_up else self.limit, before_again=again)
+        except outage.Unavailable:
+            self._gave_up = True  # what the worker does next (fail the trial, stop) does not wait the limit again
+            raise
+        self._gave_up = False
         if waited:
             self._recovered_at = time.monotonic()
         return result
@@ -84,19 +92,35 @@ class Storage(RDBStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         def made():
-            # Finished as asked: done. Running: this worker took the waiting trial (or, at the same
-            # instant, another did); taking it is what leaves no trial running with no heartbeat.
-            return True if RDBStorage.get_trial(self, trial_id).state == state else None
+            found = RDBStorage.get_trial(self, trial_id).state
+            if state == TrialState.RUNNING and found == TrialState.RUNNING:
+                # Taken from the queue, by this worker's lost attempt or by another worker: not
+                # ours to run. A heartbeat makes a trial nobody runs stale, to be failed and queued
+                # again, instead of running forever.
+                RDBStorage.record_heartbeat(self, trial_id)
+                return False
+            # Completed or pruned: only the worker running the trial tells that, so it was this
+            # call. Failed: the other worker that failed it as stale queues its retry.
+            return True if found == state and state in (TrialState.COMPLETE, TrialState.PRUNED) else None
 
         return self._retry(lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values), made)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         # Right after an outage the trials still running have not beaten again: their heartbeats
         # are as old as the outage. None is stale until a grace period has passed since.
-        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
+        # At least a heartbeat interval and a backoff: a beat waiting out the outage sleeps that long.
+        grace = max(self.grace_period or 2 * (self.heartbeat_interval or 0), (self.heartbeat_interval or 0) + outage.MAX_DELAY_S)
         if self._recovered_at is not None and time.monotonic() - self._recovered_at < grace:
             return []
         return self._retry(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # Optuna's heartbeat thread ends at the first error: one outage past the limit must not end
+        # the trial's heartbeat for good while it still trains; the next beat tries again.
+        try:
+            self._retry(lambda: RDBStorage.record_heartbeat(self, trial_id))
+        except outage.Unavailable as exc:
+            log.warning("trial heartbeat: %s", exc)
 
 
 def _waiting(name: str):
@@ -110,6 +134,6 @@ def _waiting(name: str):
 
 
 for _name in CALLS:
-    if _name != "_get_stale_trial_ids" and hasattr(RDBStorage, _name):
+    if hasattr(RDBStorage, _name):
         setattr(Storage, _name, _waiting(_name))
 

@@ -78,6 +78,8 @@ def transient(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, Unavailable):  # a wait that has run out: not to be waited out again
+            return False
         # SQLAlchemy marks the errors of a connection the database dropped.
         if type(current).__name__ in TRANSIENT_TYPES or getattr(current, "connection_invalidated", False):
             return True

@@ -181,16 +181,19 @@ def repeats(trial: optuna.Trial) -> bool:
 RETRIED = ("interrupted", "tracking_unavailable")
 
 
-def queue_interrupted(study: optuna.Study) -> list[int]:
+def queue_interrupted(study: optuna.Study, only: int | None = None) -> list[int]:
     """Queue a copy, with the same values, of each trial that an interruption (SIGTERM, Ctrl-C)
     or an outage of the tracking server past the limit failed and that has no retry yet: optuna fails such a trial at once, where a trial whose
     process was killed outright is failed by its heartbeat, which queues the retry. Called when
     the interruption happens, and by `bench tune` before it starts (a process killed while it
-    queued the retry). The numbers of the trials queued."""
+    queued the retry). `only`: that trial alone (the one this worker ran). The numbers of the
+    trials queued."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("bench.retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
     queued = []
     for t in trials:
+        if only is not None and t.number != only:
+            continue
         if t.state == TrialState.FAIL and t.user_attrs.get("bench.failure") in RETRIED and t.number not in retried and t.params:
             recipe = {k: v for k, v in t.user_attrs.items() if k == "bench.recipe"}
             study.enqueue_trial(t.params, user_attrs={**recipe, "bench.retry_of": t.number})

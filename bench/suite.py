@@ -22,7 +22,7 @@ from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
 from bench.models import create_model
-from bench.tracking import NOTE, MlflowRun, Tracker, environment_tags
+from bench.tracking import NOTE, MlflowRun, Tracker, drop_pinned, environment_tags
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
         tracker.log_environment(run_id)
         ckdir = cell.checkpoint_dir(checkpoint_root)
+        drop_pinned(ckdir)  # left by a process killed before its uploads
         callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts, journal=ckdir / JOURNAL), ConsoleProgress(label)]
         # The experiment's evaluation-only ablations, measured on this run's weights every epoch.
         alternatives = ablation.alternatives(cell.experiment, cfg)
@@ -257,6 +258,7 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
     except outage.Unavailable:
         if run_id is not None:
             tracker.abandon(run_id)  # left RUNNING in the store: the same command takes it up again
+        drop_pinned(cell.checkpoint_dir(checkpoint_root))
         raise
     except KeyboardInterrupt as exc:
         if run_id is not None:

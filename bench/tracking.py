@@ -156,8 +156,6 @@ class SystemMetrics(SystemMetricsMonitor):
     writer: delivery.Writer | None = None
 
     def publish_metrics(self, metrics: dict[str, float]) -> None:
-        if self.writer is None:
-            return super().publish_metrics(metrics)
         prefix = self._metrics_prefix + (self.node_id + "/" if self.node_id else "")
         ts = int(time.time() * 1000)
         batch = [Metric(prefix + k, float(v), ts, self._logging_step) for k, v in metrics.items()]
@@ -168,7 +166,7 @@ class SystemMetrics(SystemMetricsMonitor):
 
     def monitor(self) -> None:
         try:
-            super().monitor()
+            self._sample()
             if self._shutdown_event.is_set():
                 # MLflow's loop drops the samples taken since its last publication when it is
                 # stopped: a run shorter than one interval would have no system metrics at all.
@@ -179,6 +177,16 @@ class SystemMetrics(SystemMetricsMonitor):
             log.warning("system metrics of run %s: %s", self._run_id, exc)
         finally:
             self.cpu_s = time.thread_time()
+
+    def _sample(self) -> None:
+        """MLflow's loop, less its look at the run after every sample (a call to the store that
+        would end sampling at the first outage): the run's end stops it (`finish`)."""
+        while not self._shutdown_event.is_set():
+            for _ in range(self.samples_before_logging):
+                self.collect_metrics()
+                if self._shutdown_event.wait(self.sampling_interval):
+                    return
+            self.publish_metrics(self.aggregate_metrics())
 
 
 def absolute_uri(uri: str) -> str:
@@ -218,7 +226,8 @@ def _digest(text: str) -> str:
 # MLflow's own retries of one HTTP request (7 by default, with backoff: about 4 minutes) come
 # before bench's: fewer of them let an outage show within seconds and be waited out here, up to
 # the outage limit, with the calls kept in order. A user's setting is kept.
-HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# A server that takes a request and never answers is given 30 s a try (MLflow's default: 120).
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 class Tracker:
@@ -356,8 +365,7 @@ class Tracker:
         monitor = self._monitors.pop(run_id, None)
         self._environment.discard(run_id)
         if monitor is not None:
-            with contextlib.suppress(Exception):
-                monitor.finish()
+            monitor._shutdown_event.set()  # not finish(): it waits for the thread, which need not be waited for
         if writer is not None:
             writer.abandon()
 
@@ -519,6 +527,7 @@ class MlflowRun(Callback):
         self._logged_epoch = self._logged_step = 0
         self._steps: list[Metric] = []  # train_step_loss values, sent with the epoch's batch
         self.journal = delivery.Journal(journal) if journal is not None else None
+        self._stopped_by_outage: float | None = None  # how long the store had been away when the fit was stopped
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
         # Whatever epoch the fit starts from: a run stopped before its first checkpoint (or some
@@ -567,6 +576,7 @@ class MlflowRun(Callback):
             self.writer.submit(self.journal.sent, n)
         down = self.writer.down_s()
         if down >= self.writer.limit:
+            self._stopped_by_outage = down
             log.error("%s: the %s %s has not answered for %.0f s: stopping after epoch %d with its checkpoint",
                       self.run_id, self.tracker.what, redact(self.tracker.uri), down, epoch)
             return True
@@ -597,8 +607,8 @@ class MlflowRun(Callback):
         self._best = None
 
     def on_fit_end(self, result) -> None:
-        if self.writer.down_s() >= self.writer.limit:  # stopped by the outage: what is left is sent by the next attempt
-            raise outage.Unavailable(self.tracker.what, self.tracker.uri, self.writer.down_s(), self.writer.limit)
+        if self._stopped_by_outage is not None:  # what is left is sent by the next attempt
+            raise outage.Unavailable(self.tracker.what, self.tracker.uri, max(self._stopped_by_outage, self.writer.down_s()), self.writer.limit)
         config_json = json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
         self.writer.submit(_log_text, self.client, self.run_id, config_json, "config.json")
         self._log_summary(result)
@@ -669,6 +679,13 @@ def _pin(path: Path) -> Path:
     except OSError:  # a file system without hard links
         shutil.copy2(path, pinned)
     return pinned
+
+
+def drop_pinned(folder: Path) -> None:
+    """Remove the files `_pin` made for uploads that will not happen (their writer was abandoned,
+    or their process killed): they hold old checkpoints."""
+    for pinned in Path(folder).glob(".upload-*"):
+        shutil.rmtree(pinned, ignore_errors=True)
 
 
 def _log_pinned(client: MlflowClient, run_id: str, pinned: Path, artifact_path: str) -> None:

@@ -246,6 +246,7 @@ class TrialContext:
     tracker: Any  # tracking.Tracker
     experiment_id: str
     parent_run_id: str
+    current: int | None = None  # the number of the trial being run
 
 
 def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) -> float:
@@ -254,6 +255,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     if limit is not None and _surplus(trial, limit):
         trial.set_user_attr("bench.surplus", True)
         raise Surplus(f"trial {trial.number}: the study already has {limit} trials")
+    ctx.current = trial.number
     values = {p.name: p.suggest(trial) for p in ctx.space}
     if sampling.repeats(trial):
         trial.set_user_attr("bench.failure", "repeat")
@@ -297,7 +299,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         # The worker stops; the trial is failed and queued again with its values (the tracking
         # server) or failed by its heartbeat and queued by another worker (the database).
         away = exc.what
-        failure = {"bench.failure": "tracking_unavailable" if away != "Optuna storage" else "storage_unavailable", "bench.failure_reason": str(exc)}
+        failure = {"bench.failure": "tracking_unavailable" if away != STORAGE else "storage_unavailable", "bench.failure_reason": str(exc)}
         raise
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
@@ -306,22 +308,41 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         log.error("trial %d of study %s failed:\n%s", trial.number, study, traceback.format_exc())
         raise TrialFailed(failure["bench.failure_reason"]) from exc
     finally:
-        tracking_away = away is not None and away != "Optuna storage"
-        try:
-            if away is None or tracking_away:
-                for key, value in failure.items():
-                    trial.set_user_attr(key, value)
-            if not tracking_away:
-                ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
-        finally:  # the run ends, and its system-metrics sampling with it, whatever the stores said
-            if tracking_away:
-                ctx.tracker.abandon(run_id)  # left RUNNING: the next worker to see the trial failed ends it
-            else:
-                ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
-            shutil.rmtree(ckpt, ignore_errors=True)
+        late = _end_trial(trial, ctx, run_id, state, failure, status, away)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if late is not None:  # trained, but its run could not be ended: failed, and queued again with its values
+        raise late
     if state == "PRUNED":
         raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
     return float(result.best_val_acc) if state == "COMPLETE" else math.nan  # optuna fails a trial whose value is nan
+
+
+STORAGE = "Optuna storage"  # outage.Unavailable.what of the study's database
+
+
+def _end_trial(trial: optuna.Trial, ctx: TrialContext, run_id: str, state: str, failure: dict, status: str | None,
+               away: str | None) -> Exception | None:
+    """End the trial's MLflow run and record how it ended in both stores, as far as they answer:
+    nothing is asked of a store that stayed away past the outage limit (`away`). A tracking
+    server that does so now, after the trial trained, is returned as the trial's failure
+    (tracking_unavailable: queued again), with the run left RUNNING, its writer dropped."""
+    late = None
+    tracking_away = away is not None and away != STORAGE
+    try:
+        if not tracking_away:
+            try:
+                ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
+                ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+            except outage.Unavailable as exc:
+                tracking_away, late = True, exc
+                failure = {"bench.failure": "tracking_unavailable", "bench.failure_reason": str(exc)}
+    finally:
+        if tracking_away:
+            ctx.tracker.abandon(run_id)  # the next worker to see the trial failed ends its run
+        if away != STORAGE:
+            for key, value in failure.items():
+                trial.set_user_attr(key, value)
+    return late
 
 
 def note_run(trial: optuna.Trial, run_name: str, url: str, tracking_uri: str) -> None:
@@ -476,12 +497,14 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
                 lambda trial: objective(trial, ctx, limit=trials), n_trials=1, gc_after_trial=True,
                 callbacks=[parent, report, lambda _, trial: ended.append(trial)], catch=(Surplus, Repeat, TrialFailed),
             )
+        # Optuna has failed the trial by now. Only this worker's: every worker of the study stops at
+        # the same moment, and each queues its own trial again.
         except KeyboardInterrupt:
-            sampling.queue_interrupted(study)  # optuna has failed the trial by now
+            sampling.queue_interrupted(study, only=ctx.current)
             raise
         except outage.Unavailable as exc:
-            if exc.what != "Optuna storage":
-                sampling.queue_interrupted(study)
+            if exc.what != STORAGE:
+                sampling.queue_interrupted(study, only=ctx.current)
             raise
         last = ended[-1]
         # Failures of the trials themselves; one turned away before training is not one.

@@ -111,13 +111,29 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tracker):
     tracker.set_tags(dead.run_id, {lease.HEARTBEAT: str(time.time() - 2 * lease.stale_after(tracker.limit))})
     live = lease.Lease(tracker, "cell2")
     assert live.acquire()
-    taker = lease.Lease(tracker, "cell")
+    # Old, but seen for the first time: its holder may have been cut off from the store and beat
+    # again once it is back; it is taken over once it has stayed the same for confirm_s here.
+    assert not lease.Lease(tracker, "cell", confirm_s=0.5).acquire()
+    time.sleep(0.6)
+    taker = lease.Lease(tracker, "cell", confirm_s=0.5)
     assert taker.acquire()
     assert sorted(claims(tracker)) == sorted([(dead.owner, "KILLED", "active"), (taker.owner, "RUNNING", "active")])
     assert not lease.Lease(tracker, "cell2").acquire()
     assert live_owners(tracker, "cell2") == [live.owner]
     live.release()
     taker.release()
+
+
+def test_a_holder_that_beats_again_after_an_outage_is_not_taken_over(tracker):
+    cut_off = lease.Lease(tracker, "cell", heartbeat_s=3600)
+    assert cut_off.acquire()
+    tracker.set_tags(cut_off.run_id, {lease.HEARTBEAT: str(time.time() - 2 * lease.stale_after(tracker.limit))})
+    assert not lease.Lease(tracker, "cell", confirm_s=0.5).acquire()
+    tracker.set_tags(cut_off.run_id, {lease.HEARTBEAT: str(time.time())})  # the store is back: it beats
+    time.sleep(0.6)
+    assert not lease.Lease(tracker, "cell", confirm_s=0.5).acquire()
+    assert live_owners(tracker, "cell") == [cut_off.owner]
+    cut_off.release()
 
 
 def test_the_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(tracker):
