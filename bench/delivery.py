@@ -159,23 +159,24 @@ class Writer:
         since = self.watch.since
         return 0.0 if since is None else time.monotonic() - since
 
-    def _check(self) -> None:
+    def _check(self, limit: float | None = None) -> None:
         """Raise the outage that ended the writer's deliveries, or one longer than the limit."""
+        limit = self.limit if limit is None else limit
         if isinstance(self._error, outage.Unavailable):
             raise self._error
-        if self.down_s() >= self.limit:
-            raise outage.Unavailable(self.what, self.url, self.down_s(), self.limit)
+        if self.down_s() >= limit:
+            raise outage.Unavailable(self.what, self.url, self.down_s(), limit)
 
-    def flush(self, *, through_outage: bool = True) -> bool:
+    def flush(self, *, through_outage: bool = True, limit: float | None = None) -> bool:
         """Wait until every call queued so far is made; raise the first error. During an outage
         `through_outage=False` returns False at once (the calls stay queued); otherwise it waits
-        for the store, up to the outage limit (then `outage.Unavailable`)."""
+        for the store, up to the outage limit or `limit` (then `outage.Unavailable`)."""
         with self._cond:
             while self._queue and self._error is None:
                 if self.watch.since is not None:
                     if not through_outage:
                         return False
-                    self._check()
+                    self._check(limit)
                 self._cond.wait(0.5)
             if self._error is not None:
                 error, self._error = self._error, None
@@ -184,9 +185,9 @@ class Writer:
                 raise error
         return True
 
-    def close(self) -> None:
+    def close(self, limit: float | None = None) -> None:
         try:
-            self.flush()
+            self.flush(limit=limit)
         finally:
             self.abandon()
 

@@ -150,7 +150,7 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         if self._beat is not None:
-            self._beat.join()
+            self._beat.join(timeout=5)  # a beat waiting out an outage: the release below tells the store
         if self.run_id is not None:
             self.tracker.end_run(self.run_id, "FINISHED")
             self.run_id = None
@@ -195,7 +195,8 @@ def hold(folder: Path, tracker, key: str, **timing):
         finally:
             try:
                 if not lease._stop.is_set():
-                    lease.release()  # the lock file is unlocked when it is closed
+                    with tracker.limited(10):  # a stop is not held up by an outage: the claim lapses
+                        lease.release()  # the lock file is unlocked when it is closed
             except Exception as exc:
                 # The store is unreachable (a cluster going down): the claim goes stale by itself,
                 # and what ended the cell (its result, an interruption) must not be replaced.

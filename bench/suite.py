@@ -275,9 +275,18 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
     )
 
 
+STOP_WAIT_S = 10.0  # the longest a stop waits for the store to hear of it
+
+
 def _end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> None:
     """End the run with `status` and `tags`, as far as the store lets us: the cell has failed or
-    been interrupted already, and a second error (the store down too) must not hide the first."""
+    been interrupted already, and a second error (the store down too) must not hide the first,
+    nor an outage hold the stop up (a run the store did not hear end is taken up again)."""
+    with tracker.limited(STOP_WAIT_S):
+        _end(tracker, run_id, status, tags)
+
+
+def _end(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> None:
     try:
         tracker.set_tags(run_id, tags)
     except Exception as exc:

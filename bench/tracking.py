@@ -255,8 +255,18 @@ class Tracker:
 
     def retry(self, call: Callable[[], Any], before_again: Callable[[], Any] | None = None) -> Any:
         """`call()`, waiting out an outage of the store (see bench.outage)."""
-        return outage.retry(call, what=self.what, url=self.uri, limit=self.limit, before_again=before_again,
-                            watch=getattr(self._local, "watch", None))
+        return outage.retry(call, what=self.what, url=self.uri, limit=getattr(self._local, "limit", self.limit),
+                            before_again=before_again, watch=getattr(self._local, "watch", None))
+
+    @contextlib.contextmanager
+    def limited(self, seconds: float):
+        """This thread's calls wait for the store `seconds` at most: for what a stop (Ctrl-C,
+        SIGTERM, a failure) still tells it, which must not hold the stop up for the outage limit."""
+        self._local.limit = min(seconds, self.limit)
+        try:
+            yield
+        finally:
+            del self._local.limit
 
     def writer(self, run_id: str) -> delivery.Writer:
         """The run's background writer; `end_run` drains it before the run ends."""
@@ -347,7 +357,7 @@ class Tracker:
                 else:
                     _log_text(self.client, run_id, environment_text(), "environment.txt")
             if writer is not None:
-                writer.close()
+                writer.close(limit=getattr(self._local, "limit", None))
         except outage.Unavailable:
             self.abandon(run_id)
             raise

@@ -351,3 +351,40 @@ def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_fini
     client = made[-1].client
     [run] = client.search_runs([client.get_experiment_by_name("resnetb-cifar10").experiment_id])
     assert run.info.status == "FINISHED" and steps(made[-1], run.info.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_trial_stopped_by_an_outage_is_failed_and_run_again_by_the_same_command(tmp_path, monkeypatch, capsys):
+    from bench import cli, tracking
+
+    monkeypatch.chdir(tmp_path)
+    made = []
+
+    class GoesAway(Tracker):
+        def __init__(self, uri, limit=None):
+            super().__init__(uri, limit)
+            away = self.client._client = Away(self.client._client)
+            if not made:  # the first command: the server goes away once trial 0 has logged epoch 2
+                away.after["log_batch"] = lambda kw: setattr(away, "down", away.down or any(
+                    m.key == "train_loss" and m.step == 2 for m in kw.get("metrics", ())))
+            made.append(self)
+
+    monkeypatch.setattr(tracking, "Tracker", GoesAway)
+    argv = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "4", "--trials", "2", "--study", "s",
+            "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--outage-limit", "2",
+            *[a for s in TINY_SETS for a in ("--set", s)], "--set", "train.system_metrics=false"]
+    assert cli.main(argv) == 75
+    assert "stopped: the tracking store" in capsys.readouterr().err
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    [first, retry] = study.trials
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["bench.failure"] == "tracking_unavailable"
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.system_attrs["fixed_params"] == first.params
+    assert retry.user_attrs["bench.retry_of"] == 0
+
+    assert cli.main(argv) == 0
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and len([t for t in study.trials if t.state in (
+        optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]) == 2
+    client = made[-1].client
+    run = client.get_run(first.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"  # left RUNNING by the outage, ended by the next command
