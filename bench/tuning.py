@@ -331,7 +331,13 @@ def _end_trial(trial: optuna.Trial, ctx: TrialContext, run_id: str, state: str, 
     try:
         if not tracking_away:
             try:
-                ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
+                try:
+                    ctx.tracker.set_tags(run_id, {"optuna.state": state, **failure})
+                except outage.Unavailable:
+                    raise
+                except Exception:  # the run ends, and its system-metrics sampling with it, whatever the store said
+                    ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+                    raise
                 ctx.tracker.end_run(run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
             except outage.Unavailable as exc:
                 tracking_away, late = True, exc
