@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 LEASES_EXPERIMENT = "bench-leases"
 KIND, CELL, OWNER = "bench.kind", "bench.lease.cell", "bench.lease.owner"
 CHOOSING, NUMBER, HEARTBEAT = "bench.lease.choosing", "bench.lease.number", "bench.lease.heartbeat"
+LIMIT = "bench.lease.outage_limit"  # the holder's: how long it may go on without the store
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats; generous, since the clocks of two machines may differ
@@ -87,7 +88,8 @@ class Lease:
             seen = _SEEN.get(claim["run_id"])
             if seen is None or seen[0] != beat:
                 _SEEN[claim["run_id"]] = seen = (beat, time.monotonic())
-            old = time.time() - float(beat) > self.stale_s and time.monotonic() - seen[1] >= self.confirm_s
+            stale_s = max(self.stale_s, stale_after(float(claim["tags"].get(LIMIT, 0)), self.heartbeat_s))
+            old = time.time() - float(beat) > stale_s and time.monotonic() - seen[1] >= self.confirm_s
             if old or _dead_here(owner):
                 log.warning("lease on %s: the claim of %s is stale; taking the cell over", self.key, owner)
                 self.tracker.end_run(claim["run_id"], "KILLED")
@@ -102,7 +104,7 @@ class Lease:
             return False
         self.run_id = self.tracker.start_run(
             self.experiment_id, f"lease {self.key}",
-            {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: str(time.time())},
+            {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: str(time.time()), LIMIT: f"{self.tracker.limit:g}"},
         )
         try:
             return self._choose()
@@ -110,7 +112,7 @@ class Lease:
             # Interrupted (Ctrl-C, SIGTERM) or the store failed while choosing: a claim left
             # "choosing" would hold up every contender until it went stale.
             self._stop.set()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), self.tracker.limited(10):
                 self.tracker.delete_run(self.run_id)
             self.run_id = None
             raise

@@ -45,12 +45,13 @@ class Storage(RDBStorage):
         self.limit = outage.limit_s()
         self._recovered_at: float | None = None
         self._gave_up = False  # an outage has run out the limit: the next call tries once, until one succeeds
+        self._mine: set[int] = set()  # the trials this process runs (made running, or taken from the queue)
         engine_kwargs = dict(kwargs.pop("engine_kwargs", None) or {})
         if not url.startswith("sqlite"):
             engine_kwargs.setdefault("pool_pre_ping", True)  # a connection the restart dropped is replaced before use
         super().__init__(url, engine_kwargs=engine_kwargs, **kwargs)
 
-    def _retry(self, call, before_again=None) -> Any:
+    def _retry(self, call, before_again=None, limit: float | None = None, give_up: bool = True) -> Any:
         waited = []
 
         def again():
@@ -58,9 +59,10 @@ class Storage(RDBStorage):
             return before_again() if before_again is not None else None
 
         try:
-            result = outage.retry(call, what="Optuna storage", url=self.url, limit=0 if self._gave_up else self.limit, before_again=again)
+            limit = self.limit if limit is None else limit
+            result = outage.retry(call, what="Optuna storage", url=self.url, limit=0 if self._gave_up else limit, before_again=again)
         except outage.Unavailable:
-            self._gave_up = True  # what the worker does next (fail the trial, stop) does not wait the limit again
+            self._gave_up = self._gave_up or give_up  # what the worker does next (fail the trial, stop) does not wait the limit again
             raise
         self._gave_up = False
         if waited:
@@ -88,7 +90,10 @@ class Storage(RDBStorage):
                     return trial
             return None
 
-        return self._retry(lambda: RDBStorage._create_new_trial(self, study_id, template), made)
+        trial = self._retry(lambda: RDBStorage._create_new_trial(self, study_id, template), made)
+        if trial.state == TrialState.RUNNING:
+            self._mine.add(trial._trial_id)
+        return trial
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         def made():
@@ -99,26 +104,33 @@ class Storage(RDBStorage):
                 # again, instead of running forever.
                 RDBStorage.record_heartbeat(self, trial_id)
                 return False
-            # Completed or pruned: only the worker running the trial tells that, so it was this
-            # call. Failed: the other worker that failed it as stale queues its retry.
-            return True if found == state and state in (TrialState.COMPLETE, TrialState.PRUNED) else None
+            # Finished as asked, a trial this process runs: only its worker tells that, so it was this
+            # call. Another's trial failed (as stale): another worker may have failed it, and that
+            # one queues its retry; this call is made again, and Optuna takes its refusal as such.
+            return True if found == state and trial_id in self._mine else None
 
-        return self._retry(lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values), made)
+        done = self._retry(lambda: RDBStorage.set_trial_state_values(self, trial_id, state, values), made)
+        if state == TrialState.RUNNING and done:
+            self._mine.add(trial_id)
+        return done
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         # Right after an outage the trials still running have not beaten again: their heartbeats
         # are as old as the outage. None is stale until a grace period has passed since.
         # At least a heartbeat interval and a backoff: a beat waiting out the outage sleeps that long.
         grace = max(self.grace_period or 2 * (self.heartbeat_interval or 0), (self.heartbeat_interval or 0) + outage.MAX_DELAY_S)
+        stale = self._retry(lambda: RDBStorage._get_stale_trial_ids(self, study_id))  # may itself wait out the outage
         if self._recovered_at is not None and time.monotonic() - self._recovered_at < grace:
             return []
-        return self._retry(lambda: RDBStorage._get_stale_trial_ids(self, study_id))
+        return stale
 
     def record_heartbeat(self, trial_id: int) -> None:
         # Optuna's heartbeat thread ends at the first error: one outage past the limit must not end
         # the trial's heartbeat for good while it still trains; the next beat tries again.
+        # A beat waits one interval at most: Optuna joins the heartbeat thread when the trial ends
+        # (or is interrupted), and the next beat tries again.
         try:
-            self._retry(lambda: RDBStorage.record_heartbeat(self, trial_id))
+            self._retry(lambda: RDBStorage.record_heartbeat(self, trial_id), limit=self.heartbeat_interval, give_up=False)
         except outage.Unavailable as exc:
             log.warning("trial heartbeat: %s", exc)
 

@@ -226,8 +226,7 @@ def _digest(text: str) -> str:
 # MLflow's own retries of one HTTP request (7 by default, with backoff: about 4 minutes) come
 # before bench's: fewer of them let an outage show within seconds and be waited out here, up to
 # the outage limit, with the calls kept in order. A user's setting is kept.
-# A server that takes a request and never answers is given 30 s a try (MLflow's default: 120).
-HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class Tracker:
@@ -262,11 +261,15 @@ class Tracker:
     def limited(self, seconds: float):
         """This thread's calls wait for the store `seconds` at most: for what a stop (Ctrl-C,
         SIGTERM, a failure) still tells it, which must not hold the stop up for the outage limit."""
-        self._local.limit = min(seconds, self.limit)
+        before = getattr(self._local, "limit", None)
+        self._local.limit = min(seconds, self.limit if before is None else before)
         try:
             yield
         finally:
-            del self._local.limit
+            if before is None:
+                del self._local.limit
+            else:
+                self._local.limit = before
 
     def writer(self, run_id: str) -> delivery.Writer:
         """The run's background writer; `end_run` drains it before the run ends."""

@@ -7,6 +7,7 @@ epoch to the pruner and returns the best validation accuracy; the test set never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shlex
@@ -308,7 +309,9 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         log.error("trial %d of study %s failed:\n%s", trial.number, study, traceback.format_exc())
         raise TrialFailed(failure["bench.failure_reason"]) from exc
     finally:
-        late = _end_trial(trial, ctx, run_id, state, failure, status, away)
+        # An interrupted trial's stop waits for the stores seconds at most, not the outage limit.
+        with ctx.tracker.limited(STOP_WAIT_S) if status == "KILLED" else contextlib.nullcontext():
+            late = _end_trial(trial, ctx, run_id, state, failure, status, away)
         shutil.rmtree(ckpt, ignore_errors=True)
     if late is not None:  # trained, but its run could not be ended: failed, and queued again with its values
         raise late
@@ -318,6 +321,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
 
 
 STORAGE = "Optuna storage"  # outage.Unavailable.what of the study's database
+STOP_WAIT_S = 10.0  # the longest an interrupted trial waits for the tracking store to hear of it
 
 
 def _end_trial(trial: optuna.Trial, ctx: TrialContext, run_id: str, state: str, failure: dict, status: str | None,
@@ -511,6 +515,12 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
         except outage.Unavailable as exc:
             if exc.what != STORAGE:
                 sampling.queue_interrupted(study, only=ctx.current)
+            raise
+        except UnboundLocalError as exc:
+            # Optuna's end of a trial whose state could not be told (the database away past the
+            # limit) reads a state it never set: the outage is what happened.
+            if isinstance(exc.__context__, outage.Unavailable):
+                raise exc.__context__ from None
             raise
         last = ended[-1]
         # Failures of the trials themselves; one turned away before training is not one.

@@ -274,11 +274,18 @@ def test_a_state_change_whose_reply_was_lost_is_read_back(tmp_path, monkeypatch)
     assert storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.RUNNING) is False
     assert RDBStorage.get_trial(storage, waiting._trial_id).state == optuna.trial.TrialState.RUNNING
     assert storage._get_stale_trial_ids(study._study_id) == []  # beaten just now
-    # Completed by the lost attempt: done, not an error.
+    # Failed by the lost attempt, a trial another worker runs: made again, and refused as done
+    # (Optuna's stale-trial sweep takes that as another worker's doing).
     monkeypatch.undo()
     lost_reply(monkeypatch, "set_trial_state_values")
-    assert storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.COMPLETE, [0.5]) is True
-    assert RDBStorage.get_trial(storage, waiting._trial_id).value == 0.5
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(waiting._trial_id, optuna.trial.TrialState.FAIL)
+    # Completed by the lost attempt, a trial this worker runs: done, not an error.
+    mine = study.ask()
+    monkeypatch.undo()
+    lost_reply(monkeypatch, "set_trial_state_values")
+    assert storage.set_trial_state_values(mine._trial_id, optuna.trial.TrialState.COMPLETE, [0.5]) is True
+    assert RDBStorage.get_trial(storage, mine._trial_id).value == 0.5
 
 
 def refused_once():
@@ -302,11 +309,15 @@ def test_after_an_outage_no_running_trial_is_stale_until_its_worker_could_beat(t
     assert storage._get_stale_trial_ids(study._study_id) == []  # its heartbeat may be as old as the outage
     storage._recovered_at -= 1 + outage.MAX_DELAY_S  # a heartbeat interval and a backoff later
     assert storage._get_stale_trial_ids(study._study_id) == [trial._trial_id]
+    # The look for stale trials is itself what waits out the outage: its answer comes too early.
+    refused = refused_once()
+    monkeypatch.setattr(RDBStorage, "_get_stale_trial_ids", lambda self, study_id: refused() or [trial._trial_id])
+    assert storage._get_stale_trial_ids(study._study_id) == []
 
 
-def test_a_heartbeat_outlives_an_outage_past_the_limit_and_the_next_call_does_not_wait_again(tmp_path, monkeypatch):
+def test_a_heartbeat_outlives_an_outage_and_a_call_past_the_limit_is_not_waited_for_again(tmp_path, monkeypatch):
     monkeypatch.setenv(outage.LIMIT_ENV, "0.5")
-    storage = Storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=60)
+    storage = Storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1)
     study = optuna.create_study(storage=storage, study_name="s")
     trial = study.ask()
 
@@ -314,7 +325,11 @@ def test_a_heartbeat_outlives_an_outage_past_the_limit_and_the_next_call_does_no
         raise optuna.exceptions.StorageInternalError("x") from sqlalchemy.exc.OperationalError("", {}, Exception("Connection refused"))
 
     monkeypatch.setattr(RDBStorage, "record_heartbeat", away)
-    storage.record_heartbeat(trial._trial_id)  # logged, not raised: Optuna's heartbeat thread goes on
+    # Logged, not raised: Optuna's heartbeat thread goes on, and it waits one interval at most.
+    storage.record_heartbeat(trial._trial_id)
+    assert not storage._gave_up  # a beat does not speak for the worker's own calls
+    with pytest.raises(outage.Unavailable):
+        storage._retry(lambda: away(storage, trial._trial_id))
     assert storage._gave_up  # the limit is spent: the worker's next call tries once
     tries = []
     with pytest.raises(outage.Unavailable):
@@ -324,23 +339,31 @@ def test_a_heartbeat_outlives_an_outage_past_the_limit_and_the_next_call_does_no
     assert not storage._gave_up
 
 
-def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_finishes(tmp_path, monkeypatch, capsys):
-    from bench import cli, tracking
+def first_command_loses_the_store(monkeypatch) -> list:
+    """Every command's Tracker sees the store through `Away`; the first command's store goes away
+    for good once it holds a train_loss at step 2. Returns the trackers as they are made."""
+    from bench import tracking
 
-    monkeypatch.chdir(tmp_path)
     made = []
 
     class GoesAway(Tracker):
         def __init__(self, uri, limit=None):
             super().__init__(uri, limit)
-            self.client._client = Away(self.client._client)
-            if not made:  # the first command: away once epoch 2 is stored
-                away = self.client._client
+            away = self.client._client = Away(self.client._client)
+            if not made:
                 away.after["log_batch"] = lambda kw: setattr(away, "down", away.down or any(
                     m.key == "train_loss" and m.step == 2 for m in kw.get("metrics", ())))
             made.append(self)
 
     monkeypatch.setattr(tracking, "Tracker", GoesAway)
+    return made
+
+
+def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_finishes(tmp_path, monkeypatch, capsys):
+    from bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    made = first_command_loses_the_store(monkeypatch)
     monkeypatch.setattr(lease, "_dead_here", lambda owner: True)  # the second command is another process
     argv = ["run", "resnetb-cifar10", "--profile", "smoke", "--seeds", "1", "--epochs", "6", "--outage-limit", "2",
             *[a for s in TINY_SETS for a in ("--set", s)], "--set", "train.system_metrics=false"]
@@ -354,21 +377,10 @@ def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_fini
 
 
 def test_a_trial_stopped_by_an_outage_is_failed_and_run_again_by_the_same_command(tmp_path, monkeypatch, capsys):
-    from bench import cli, tracking
+    from bench import cli
 
     monkeypatch.chdir(tmp_path)
-    made = []
-
-    class GoesAway(Tracker):
-        def __init__(self, uri, limit=None):
-            super().__init__(uri, limit)
-            away = self.client._client = Away(self.client._client)
-            if not made:  # the first command: the server goes away once trial 0 has logged epoch 2
-                away.after["log_batch"] = lambda kw: setattr(away, "down", away.down or any(
-                    m.key == "train_loss" and m.step == 2 for m in kw.get("metrics", ())))
-            made.append(self)
-
-    monkeypatch.setattr(tracking, "Tracker", GoesAway)
+    made = first_command_loses_the_store(monkeypatch)
     argv = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "4", "--trials", "2", "--study", "s",
             "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--outage-limit", "2",
             *[a for s in TINY_SETS for a in ("--set", s)], "--set", "train.system_metrics=false"]

@@ -136,6 +136,16 @@ def test_a_holder_that_beats_again_after_an_outage_is_not_taken_over(tracker):
     cut_off.release()
 
 
+def test_a_holder_with_a_longer_outage_limit_is_given_its_own(tracker):
+    patient = lease.Lease(tracker, "cell", heartbeat_s=3600)
+    assert patient.acquire()
+    old = time.time() - 2 * lease.stale_after(tracker.limit)
+    tracker.set_tags(patient.run_id, {lease.HEARTBEAT: str(old), lease.LIMIT: str(4 * lease.stale_after(tracker.limit))})
+    assert not lease.Lease(tracker, "cell", confirm_s=0).acquire()  # old by this process's limit, not by its holder's
+    tracker.set_tags(patient.run_id, {lease.LIMIT: f"{tracker.limit:g}"})
+    assert lease.Lease(tracker, "cell", confirm_s=0).acquire()
+
+
 def test_the_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(tracker):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead = lease.Lease(tracker, "cell")
