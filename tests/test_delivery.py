@@ -400,3 +400,23 @@ def test_a_trial_stopped_by_an_outage_is_failed_and_run_again_by_the_same_comman
     client = made[-1].client
     run = client.get_run(first.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED"  # left RUNNING by the outage, ended by the next command
+
+
+def test_the_journal_keeps_unsent_batches_mends_a_torn_line_and_goes_once_all_are_sent(tmp_path):
+    path = tmp_path / "metrics-journal.jsonl"
+    journal = delivery.Journal(path)
+    first = journal.add([Metric("loss", 1.0, 1, 1)])
+    second = journal.add([Metric("loss", 0.5, 2, 2), Metric("acc", float("nan"), 2, 2)])
+    journal.sent(first)
+    journal.compact()
+    assert [n for n, _ in journal.held()] == [second]
+    with open(path, "a") as f:
+        f.write('{"n": 3, "metrics": [["loss", 0.2')  # a process killed while writing
+    again = delivery.Journal(path)  # the next attempt
+    third = again.add([Metric("loss", 0.1, 3, 3)])
+    held = again.held()
+    assert [n for n, _ in held] == [second, third] and third > second
+    assert [(m.key, m.step) for m in held[0][1]] == [("loss", 2), ("acc", 2)]
+    again.sent(third)
+    again.compact()
+    assert not path.exists()
