@@ -198,6 +198,24 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def _create_sqlite_store(uri: str) -> None:
+    """A new SQLite store's tables made in a file of its own and moved into place when complete:
+    MLflow creates them in dozens of migrations, not in one transaction, and a process stopped
+    among them (Ctrl-C, a kill) would leave a store that no later process can open ("table
+    _alembic_tmp_... already exists"). Called under `_schema_lock`."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        return
+    path = Path(uri[len(prefix):])
+    if path.exists() and path.stat().st_size > 0:
+        return
+    for left in path.parent.glob(f".{path.name}.new-*"):  # of a process stopped while creating it
+        left.unlink(missing_ok=True)
+    new = path.with_name(f".{path.name}.new-{os.getpid()}")
+    MlflowClient(tracking_uri=prefix + str(new)).search_experiments(max_results=1)
+    os.replace(new, path)
+
+
 @contextlib.contextmanager
 def _schema_lock(uri: str):
     """Two processes opening a new SQLite store at once both create MLflow's tables, and one
@@ -246,6 +264,7 @@ class Tracker:
             os.environ.setdefault(key, value)
         try:
             with _schema_lock(absolute_uri(uri)):
+                _create_sqlite_store(absolute_uri(uri))
                 raw = MlflowClient(tracking_uri=absolute_uri(uri))
                 raw.search_experiments(max_results=1)  # creates a new store's tables
         except Exception as exc:  # mlflow raises many types for an unsupported, malformed or unreachable URI

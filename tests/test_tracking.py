@@ -415,3 +415,23 @@ def test_a_cell_finished_by_an_earlier_bench_is_carried_over_and_an_unfinished_o
 ])
 def test_a_run_url_links_a_tracking_server_and_is_a_ui_path_elsewhere(uri, url):
     assert tracking.run_url(uri, "3", "abc") == url
+
+
+def test_a_new_sqlite_store_is_made_whole_or_not_at_all(tmp_path, monkeypatch):
+    (tmp_path / ".mlflow.db.new-1").write_bytes(b"tables half made by a process that was killed")
+    real, stopped = tracking.MlflowClient, []
+
+    def stopped_while_creating(tracking_uri):
+        if ".new-" in tracking_uri and not stopped:
+            stopped.append(tracking_uri)
+            raise KeyboardInterrupt  # Ctrl-C among MLflow's migrations
+        return real(tracking_uri=tracking_uri)
+
+    monkeypatch.setattr(tracking, "MlflowClient", stopped_while_creating)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        Tracker(uri)
+    assert not (tmp_path / "mlflow.db").exists()  # no store that no later process could open
+    tracker = Tracker(uri)  # the next command
+    assert tracker.experiment_id("e") and (tmp_path / "mlflow.db").is_file()
+    assert list(tmp_path.glob(".mlflow.db.new-*")) == []
