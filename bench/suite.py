@@ -327,11 +327,10 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
                 kept = f"; its checkpoint and unsent metrics are kept in {ckdir}" if (ckdir / engine.LAST).is_file() else ""
                 print(f"{label}: stopped: {exc}{kept}", file=sys.stderr, flush=True)
                 outcomes[i] = CellOutcome(cell, UNREACHABLE, 0, None, None, 0.0, None)
-                for j in range(len(cells)):
-                    outcomes.setdefault(j, CellOutcome(cells[j], NOT_RUN, 0, None, None, 0.0, None))
-                    if outcomes[j].status == "busy":
+                for j in range(len(cells)):  # not reached, or put off while another process had them
+                    if j not in outcomes or outcomes[j].status == "busy":
                         outcomes[j] = CellOutcome(cells[j], NOT_RUN, 0, None, None, 0.0, None)
-                todo, busy = [], []
+                busy = []
                 break
             except Exception as exc:  # finding the cell's run or its lease: the store, the disk
                 log.error("%s failed: %s", cell.name, reason(exc))
