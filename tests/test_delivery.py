@@ -420,3 +420,37 @@ def test_the_journal_keeps_unsent_batches_mends_a_torn_line_and_goes_once_all_ar
     again.sent(third)
     again.compact()
     assert not path.exists()
+
+
+def test_a_removed_tag_or_a_model_link_whose_reply_was_lost_is_not_an_error(tracker):
+    from mlflow.entities import LoggedModelOutput
+
+    exp = tracker.experiment_id("e")
+    run_id = tracker.start_run(exp, "r", {"bench.failure": "error"})
+    away = tracker.client._client
+    away.lose_reply.add("delete_tag")
+    tracker.client.delete_tag(run_id, "bench.failure")  # sent again, MLflow would say the tag is not there
+    assert "bench.failure" not in tracker.client.get_run(run_id).data.tags and away.calls["delete_tag"] == 1
+    model = tracker.client.create_logged_model(exp, name="model", source_run_id=run_id)
+    away.lose_reply.add("log_outputs")
+    tracker.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=1)])
+    assert [o.model_id for o in tracker.client.get_run(run_id).outputs.model_outputs] == [model.model_id]
+    assert away.calls["log_outputs"] == 1
+
+
+def test_a_stop_waits_for_the_store_its_own_short_while(tracker):
+    exp = tracker.experiment_id("e")
+    run_id = tracker.start_run(exp, "r", {})
+    tracker.client._client.down = True
+    with tracker.limited(0.5):
+        with tracker.limited(5):  # an inner wait is never longer than the outer one
+            with pytest.raises(outage.Unavailable) as inner:
+                tracker.set_tags(run_id, {"k": "v"})
+        with pytest.raises(outage.Unavailable) as outer:
+            tracker.set_tags(run_id, {"k": "v"})
+    assert inner.value.limit == 0.5 and outer.value.limit == 0.5
+    with pytest.raises(outage.Unavailable) as after:
+        with tracker.limited(1):
+            tracker.end_run(run_id, "KILLED")
+    assert after.value.limit == 1 and tracker.limit == 30  # the command's own limit is back
+    assert not hasattr(tracker._local, "limit")
