@@ -369,6 +369,7 @@ def cmd_perf(args) -> int:
     device = engine.resolve_device(args.device)
     results = perf.run(models, profile=args.profile, device=device, quick=args.quick, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(perf.table(results))
+    print(f"\nWhere a training step's time goes:\n{perf.breakdown_table(results)}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"figures written to {args.json}")

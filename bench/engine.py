@@ -194,14 +194,53 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 
 
+class Clock:
+    """Where training's time goes, part by part: `lap(part)` adds the seconds since the previous
+    lap to `part`. Given a device, it first waits for the device's queued work, so that a part
+    is charged for its work rather than its launch: for measurements only (`bench perf`), since
+    the waits keep an accelerator idle. On the CPU the work is done when the call returns: a lap
+    is a clock read, and needs no device."""
+
+    PARTS = ("data", "forward and backward", "optimizer", "metrics", "evaluation", "tracking", "checkpoints", "other")
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.steps = 0
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        """Count from now: what came before is nobody's."""
+        if self.device is not None:
+            synchronize(self.device)
+        self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        if self.device is not None:
+            synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[part] += now - self._last
+        self._last = now
+
+
+def _no_lap(part: str) -> None:
+    pass
+
+
+def laps(clock: Clock | None) -> Callable[[str], None]:
+    """The clock's `lap`, or one that does nothing when there is no clock."""
+    return clock.lap if clock is not None else _no_lap
+
+
 def train_one_epoch(
     model: nn.Module, batches, optimizer: torch.optim.Optimizer, step: Step = Step(),
-    log_every: int = 0, on_log: Callable[[int, float], None] | None = None,
+    log_every: int = 0, on_log: Callable[[int, float], None] | None = None, clock: Clock | None = None,
 ) -> tuple[float, float, int]:
     """Mean loss and accuracy over the epoch's training batches, and the image count.
 
     Sums stay on the device: one host sync per epoch, and one per `log_every` steps when
-    `on_log(step_in_epoch, mean_loss_since_last_log)` is given.
+    `on_log(step_in_epoch, mean_loss_since_last_log)` is given. A `clock` is told where each
+    step's time went.
     """
     model.train()
     device = batches.labels.device
@@ -209,11 +248,16 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     window = torch.zeros((), device=device)
     seen = 0
+    lap = laps(clock)
+    lap("metrics")
     for i, (x, y) in enumerate(batches, 1):
-        logits, loss = step.forward(model, x, y)
+        lap("data")
         optimizer.zero_grad(set_to_none=True)
+        logits, loss = step.forward(model, x, y)
         loss.backward()
+        lap("forward and backward")
         optimizer.step()
+        lap("optimizer")
         loss = loss.detach().float()
         loss_sum += loss * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -221,9 +265,17 @@ def train_one_epoch(
         if on_log is not None and log_every:
             window += loss
             if i % log_every == 0:
-                on_log(i, window.item() / log_every)
+                mean = window.item() / log_every
                 window.zero_()
-    return loss_sum.item() / seen, correct.item() / seen, seen
+                lap("metrics")
+                on_log(i, mean)
+                lap("tracking")
+        lap("metrics")
+    if clock is not None:
+        clock.steps += len(batches)
+    mean_loss, accuracy = loss_sum.item() / seen, correct.item() / seen
+    lap("metrics")
+    return mean_loss, accuracy, seen
 
 
 @contextlib.contextmanager
@@ -373,6 +425,7 @@ def fit(
     max_epochs: int | None = None,
     evaluate_test: bool = True,
     alternatives: Sequence[tuple[str, EvalConfig]] = (),
+    clock: Clock | None = None,
 ) -> FitResult:
     """Train `model` (already on the data's device) on `data` (a DataBundle) with `cfg` (RunConfig).
 
@@ -388,6 +441,9 @@ def fit(
     accuracy of the epoch's batches). Every evaluation pass runs on random streams of its own,
     seeded from the run seed, the epoch and the split: the weights and training metrics are the
     same whatever the evaluation, and the best checkpoint follows the run's own val_acc.
+
+    A `clock` is told where each epoch's time went, from the start of its first epoch to the end
+    of its last (`bench perf`'s breakdown).
     """
     epochs = cfg.train.epochs
     device = data.train.labels.device
@@ -458,6 +514,9 @@ def fit(
     # Between two epochs the model itself holds it (`live`); during an epoch, the copy of its
     # state taken on the device after the epoch before (`unsaved`), when no checkpoint holds that.
     last_queued, live, unsaved = result.epochs_done, False, None
+    lap = laps(clock)
+    if clock is not None:
+        clock.start()
     try:
         steps_per_epoch = len(data.train)
         for epoch in range(result.epochs_done + 1, stop_after + 1):
@@ -468,9 +527,10 @@ def fit(
 
             synchronize(device)
             started = time.perf_counter()
+            lap("other")
             live = False
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log)
+            train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log, clock)
             train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
             scheduler.step()
             if not math.isfinite(train_loss):
@@ -502,11 +562,14 @@ def fit(
             if compile_time is not None:
                 metrics["compile_time_s"], compile_time = compile_time, None
             result.epochs_done, result.last_metrics = epoch, metrics
+            lap("evaluation")
             # The best checkpoint is chosen on validation accuracy, never on test accuracy.
             if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
                 result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
                 save(best_path, "best", epoch)
+            lap("checkpoints")
             stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
+            lap("tracking")
             # From here the model holds the finished epoch, its best checkpoint is written and the
             # callbacks have its metrics: an interruption may keep it as it is.
             live = True
@@ -516,7 +579,9 @@ def fit(
                 last_saved, unsaved = time.monotonic(), None
             else:
                 unsaved = checkpoint.snapshot(current(epoch), device=None)
+            lap("checkpoints")
             announce()
+            lap("tracking")
             if stop:
                 result.status = "stopped"
                 break

@@ -139,25 +139,50 @@ def reference_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) 
 # --- training -----------------------------------------------------------------------------------
 
 
+def _background_cpu() -> dict[int, float]:
+    """CPU seconds so far of each of this process's Python threads but the main one: tracking's
+    writer and MLflow's system-metrics sampler during a run. Empty where psutil cannot read a
+    process's threads."""
+    import threading
+
+    import psutil
+
+    ids = {t.native_id for t in threading.enumerate() if t is not threading.main_thread()}
+    try:
+        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids}
+    except (psutil.Error, NotImplementedError):
+        return {}
+
+
 class _Timed(Callback):
     """Forwards every hook to `inner` and adds up the seconds spent in it: in `seconds` during
     the epochs, in `closing` at the end of the run (`on_fit_end`: the final upload and flush).
-    `last_epoch_end` is when the last epoch's hooks returned."""
+    The epochs run from `first_epoch_start` (the start hooks returned) to `last_epoch_end` (the
+    last epoch's hooks returned); `background_cpu_s` is what the other Python threads spent of
+    the CPU between the two."""
 
     def __init__(self, inner: Callback) -> None:
         self.inner, self.seconds, self.closing = inner, 0.0, 0.0
-        self.last_epoch_end = 0.0
+        self.first_epoch_start = self.last_epoch_end = 0.0
+        self._cpu_start: dict[int, float] = {}
+        self.background_cpu_s = 0.0
 
     def _time(self, hook: str, *args, **kwargs):
         started = time.perf_counter()
         try:
             return getattr(self.inner, hook)(*args, **kwargs)
         finally:
+            if hook == "on_epoch_end":
+                now = _background_cpu()
+                self.background_cpu_s = sum(cpu - self._cpu_start.get(tid, 0.0) for tid, cpu in now.items())
             ended = time.perf_counter()
             if hook == "on_fit_end":
                 self.closing += ended - started
-            else:
+            elif hook != "on_fit_start":  # before the epochs: in the whole run's figure, not theirs
                 self.seconds += ended - started
+            if hook == "on_fit_start":
+                self._cpu_start = _background_cpu()
+                self.first_epoch_start = time.perf_counter()
             if hook == "on_epoch_end":
                 self.last_epoch_end = ended
 
@@ -188,15 +213,17 @@ def perf_config(experiment: str, profile: str, budget: Budget) -> config.RunConf
 
 @dataclass(frozen=True)
 class SuiteTiming:
-    images_per_s: float  # from the start of fit to the end of its last epoch
-    whole_run_images_per_s: float  # the same images over the whole fit, closing included
-    tracking_s: float  # in MLflow hooks during the epochs, and the system-metrics thread's CPU time
+    images_per_s: float  # from the start of the first epoch to the end of the last
+    whole_run_images_per_s: float  # the same images over the whole fit, its start and closing included
+    tracking_s: float  # in MLflow hooks during the epochs, and the CPU time of tracking's background threads
     closing_s: float  # after the last epoch: the last checkpoint written and uploaded, the final flush
     closing_tracking_s: float  # the MLflow part of closing_s
+    clock: engine.Clock | None  # where the epochs' time went, when a clock was given
 
 
-def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, workdir: Path) -> SuiteTiming:
-    """engine.fit with MLflow tracking to a fresh SQLite store, timed."""
+def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, workdir: Path,
+                   clock: engine.Clock | None = None) -> SuiteTiming:
+    """engine.fit with MLflow tracking to a fresh SQLite store, timed (part by part by `clock`)."""
     from bench.tracking import MlflowRun, Tracker
 
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
@@ -210,14 +237,14 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
     timed = _Timed(mlflow_run)
     engine.synchronize(device)
     started = time.perf_counter()
-    result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / "checkpoints", callbacks=[timed], resume=False, evaluate_test=False)
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / "checkpoints", callbacks=[timed], resume=False,
+                        evaluate_test=False, clock=clock)
     tracker.end_run(run_id, "FINISHED")
     ended = time.perf_counter()
     assert result.status == "finished", result.status
     images = result.epochs_done * bundle.train.num_images
-    sampling_s = mlflow_run.monitor.cpu_s if mlflow_run.monitor is not None else 0.0
-    return SuiteTiming(images / (timed.last_epoch_end - started), images / (ended - started), timed.seconds + sampling_s,
-                       ended - timed.last_epoch_end, timed.closing)
+    return SuiteTiming(images / (timed.last_epoch_end - timed.first_epoch_start), images / (ended - started),
+                       timed.seconds + timed.background_cpu_s, ended - timed.last_epoch_end, timed.closing, clock)
 
 
 def _median_pair(pairs: list[tuple[float, SuiteTiming]]) -> tuple[float, SuiteTiming]:
@@ -226,31 +253,45 @@ def _median_pair(pairs: list[tuple[float, SuiteTiming]]) -> tuple[float, SuiteTi
     return sorted(pairs, key=lambda pair: pair[1].images_per_s / pair[0])[len(pairs) // 2]
 
 
-def _suite_in_tmp(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device) -> SuiteTiming:
+def _suite_in_tmp(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, clock: engine.Clock | None = None) -> SuiteTiming:
     with tempfile.TemporaryDirectory() as tmp:
-        return suite_training(cfg, files, device, Path(tmp))
+        return suite_training(cfg, files, device, Path(tmp), clock)
 
 
-def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device) -> float:
-    """Images/s of a minimal loop: same model, optimizer, batch, memory format and autocast, over
-    batches made once and held in memory; no augmentation, metrics, checkpoints or tracking."""
+def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, clock: engine.Clock | None = None) -> float:
+    """Images/s of a minimal loop: the same model, optimizer, memory format and autocast, and the
+    same batches (drawn from the same on-device augmentation: work any loop training this recipe
+    does, and measured against torchvision's on its own); no metrics, checkpoints or tracking.
+    A `clock` is told where each step's time went."""
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
-    batches = [(x.clone(), y.clone()) for x, y in bundle.train]
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
     step = engine.step_for(cfg.train, device)
     model.to(memory_format=step.memory_format).train()
     optimizer = engine.build_optimizer(model.parameters(), cfg.optim)
+    lap = engine.laps(clock)
     engine.synchronize(device)
     started = time.perf_counter()
+    if clock is not None:
+        clock.start()
     for _ in range(cfg.train.epochs):
-        for x, y in batches:
-            _, loss = step.forward(model, x, y)
+        for x, y in bundle.train:
+            lap("data")
             optimizer.zero_grad(set_to_none=True)
+            _, loss = step.forward(model, x, y)
             loss.backward()
+            lap("forward and backward")
             optimizer.step()
+            lap("optimizer")
+        if clock is not None:
+            clock.steps += len(bundle.train)
     engine.synchronize(device)
     return cfg.train.epochs * bundle.train.num_images / (time.perf_counter() - started)
+
+
+def _step_ms(clock: engine.Clock) -> dict[str, float]:
+    """Milliseconds per training step of each part of the clock's time."""
+    return {part: 1000 * seconds / clock.steps for part, seconds in clock.seconds.items()}
 
 
 # --- FLOPs ------------------------------------------------------------------------------------------
@@ -336,19 +377,31 @@ def measure_model(
             f"torchvision's {reference_rate:,.0f} (x{suite_rate / reference_rate:.1f})")
 
     bare_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), files, device)  # warm
+    # On the CPU a part's work is done when its call returns: the timed runs carry the clocks. An
+    # accelerator would have to wait at every lap, so its breakdown comes from runs of its own.
+    laps_ride_along = device.type == "cpu"
     pairs: list[tuple[float, SuiteTiming]] = []
+    bare_clocks: list[engine.Clock | None] = []
     for i in range(budget.repeats):
         # A pair: the bare loop and the suite back to back, taking turns going first. The
         # machine's speed drifts (a neighbour's load, a warming cache) over minutes, more than
         # the harness costs; both runs of a pair see nearly the same machine, so the ratio is
         # taken within each pair, and the pair of median ratio counts.
+        bare_clock, suite_clock = (engine.Clock(), engine.Clock()) if laps_ride_along else (None, None)
         if i % 2 == 0:
-            bare = bare_training(cfg, files, device)
-            pairs.append((bare, _suite_in_tmp(cfg, files, device)))
+            bare = bare_training(cfg, files, device, bare_clock)
+            pairs.append((bare, _suite_in_tmp(cfg, files, device, suite_clock)))
         else:
-            suite = _suite_in_tmp(cfg, files, device)
-            pairs.append((bare_training(cfg, files, device), suite))
+            suite = _suite_in_tmp(cfg, files, device, suite_clock)
+            pairs.append((bare_training(cfg, files, device, bare_clock), suite))
+        bare_clocks.append(bare_clock)
     bare_rate, suite = _median_pair(pairs)
+    if laps_ride_along:
+        bare_clock, suite_clock = bare_clocks[pairs.index((bare_rate, suite))], suite.clock
+    else:
+        bare_clock, suite_clock = engine.Clock(device), engine.Clock(device)
+        bare_training(cfg, files, device, bare_clock)
+        _suite_in_tmp(cfg, files, device, suite_clock)
     suite_rate = suite.images_per_s
     epoch_s = files.train.labels.numel() / suite_rate
     tracking_epoch_s = suite.tracking_s / cfg.train.epochs
@@ -361,6 +414,7 @@ def measure_model(
         "epoch_s": epoch_s, "tracking_ms_per_epoch": 1000 * tracking_epoch_s, "tracking_share": tracking_epoch_s / epoch_s,
         "train_flops_per_image": train_flops, "achieved_flops_per_s": train_flops * suite_rate,
         "flops_utilization": train_flops * suite_rate / probe_flops, "paper_flops_per_seed": paper_flops(experiment, device),
+        "step_ms": _step_ms(suite_clock), "bare_step_ms": _step_ms(bare_clock),
     })
     say(f"{model_name}: training {suite_rate:,.1f} images/s against a bare loop's {bare_rate:,.1f} "
         f"(x{suite_rate / bare_rate:.3f}), tracking {1000 * tracking_epoch_s:.1f} ms per epoch; "
@@ -406,7 +460,24 @@ def table(results: dict[str, Any]) -> str:
             f"{r['tracking_ms_per_epoch']:.1f}", f"{100 * r['tracking_share']:.2f}",
             f"{r['achieved_flops_per_s'] / 1e9:,.1f}", f"{100 * r['flops_utilization']:.1f}",
         ))
+    return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def breakdown_table(results: dict[str, Any]) -> str:
+    """Where a training step's time goes, in ms per step, the engine's beside the bare loop's
+    (the epoch's evaluation, tracking and checkpoints spread over its steps)."""
+    rows = [("ms per step (engine / bare)", *engine.Clock.PARTS, "total")]
+    for name, r in results.items():
+        if name == "device":
+            continue
+        engine_ms, bare_ms = r["step_ms"], r["bare_step_ms"]
+        rows.append((name, *(f"{engine_ms[p]:.2f} / {bare_ms[p]:.2f}" for p in engine.Clock.PARTS),
+                     f"{sum(engine_ms.values()):.1f} / {sum(bare_ms.values()):.1f}"))
+    return _aligned(rows)

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -132,6 +133,26 @@ def test_same_seed_gives_identical_weights_and_metrics(reference, files, tmp_pat
     assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs]
     assert (result.best_epoch, result.best_val_acc, result.best_test_acc) == (
         reference["result"].best_epoch, reference["result"].best_val_acc, reference["result"].best_test_acc)
+
+
+def test_a_clock_is_told_where_every_epoch_went_and_changes_nothing_trained(reference, files, tmp_path):
+    """`bench perf`'s breakdown: every part of an epoch is charged to one of the clock's parts, the
+    steps are counted, and a run with a clock trains exactly as the reference did without one."""
+    cfg = make_cfg("train.log_every_steps=2", "train.checkpoint_every=2", "train.checkpoint_min_interval_s=0")
+    model, bundle = fresh(cfg, files)
+    rec, clock = Recorder(), engine.Clock()
+    started = time.perf_counter()
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[rec], clock=clock)
+    elapsed = time.perf_counter() - started
+    assert_same_weights(state_of(model), reference["final"])
+    assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs]
+    assert clock.steps == result.epochs_done * len(bundle.train)
+    assert set(clock.seconds) == set(engine.Clock.PARTS)
+    # Training, its sums, the evaluation passes, the callbacks (per-step losses and epoch ends) and
+    # the checkpoints (best and last files, the copies between) each took some time.
+    assert all(clock.seconds[part] > 0 for part in engine.Clock.PARTS if part != "other"), clock.seconds
+    # The laps split the time between the clock's start and the last epoch's end: no second twice.
+    assert sum(clock.seconds.values()) <= elapsed
 
 
 def test_another_seed_gives_other_initial_weights(reference, files):

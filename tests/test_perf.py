@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from bench import cli, config, hostmem, perf
+from bench import cli, config, engine, hostmem, perf
 
 CPU = torch.device("cpu")
 TINY = perf.Budget(pipeline_images=256, train_images=128, epochs=2, repeats=1)
@@ -19,7 +19,7 @@ PER_MODEL = {
     "pipeline_ratio", "pipeline_images_per_s", "pipeline_reference_images_per_s", "engine_ratio",
     "engine_images_per_s", "bare_images_per_s", "tracking_ms_per_epoch", "tracking_share", "flops_utilization",
     "achieved_flops_per_s", "train_flops_per_image", "paper_flops_per_seed", "epoch_s", "engine_ratio_whole_run",
-    "closing_s", "closing_tracking_s",
+    "closing_s", "closing_tracking_s", "step_ms", "bare_step_ms",
 }
 
 
@@ -89,6 +89,13 @@ def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
     assert out["achieved_flops_per_s"] == pytest.approx(out["train_flops_per_image"] * out["engine_images_per_s"])
     assert out["flops_utilization"] == pytest.approx(out["achieved_flops_per_s"] / probe)
     assert len(lines) == 2 and "data pipeline" in lines[0] and "bare loop" in lines[1]
+    # Where a step's time goes: every part, in both loops; the bare loop has no metrics, evaluation,
+    # tracking or checkpoints to pay for, and both draw their batches from the pipeline.
+    assert set(out["step_ms"]) == set(out["bare_step_ms"]) == set(engine.Clock.PARTS)
+    for part in ("data", "forward and backward", "optimizer"):
+        assert out["step_ms"][part] > 0 and out["bare_step_ms"][part] > 0
+    assert out["step_ms"]["metrics"] > 0 and out["step_ms"]["tracking"] > 0 and out["step_ms"]["checkpoints"] > 0
+    assert all(out["bare_step_ms"][part] == 0 for part in ("metrics", "evaluation", "tracking", "checkpoints", "other"))
     assert not (tmp_path / "mlruns").exists()  # the temporary store's artifacts went with it
 
 
@@ -107,6 +114,9 @@ def test_bench_perf_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["model", "pipeline", "x"]
     assert "resnet_b" in table
+    breakdown = table[table.index("Where a training step's time goes"):].splitlines()
+    assert all(part in breakdown[1] for part in engine.Clock.PARTS)
+    assert breakdown[3].split()[0] == "resnet_b" and breakdown[3].count(" / ") == len(engine.Clock.PARTS) + 1
 
 
 @pytest.mark.parametrize(
