@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -58,8 +59,9 @@ def run(cells, *, args, count: int) -> list:
     from bench import suite
 
     dispatch = suite.Dispatch(cells, bar=False)
-    pool = _start(cells, args, count)
+    pool: list[Worker] = []
     try:
+        _start(pool, cells, args, count)
         while not dispatch.over:
             live = [w for w in pool if w.conn is not None]
             if not live:  # every worker died: nobody is left to run the rest
@@ -72,32 +74,31 @@ def run(cells, *, args, count: int) -> list:
                         break
                     w.cell, w.label = taken
                     w.started = time.monotonic()
-                    w.conn.send(taken)
+                    with contextlib.suppress(OSError):  # it has just died: its pipe's end says so below
+                        w.conn.send(taken)
             for conn in wait([w.conn for w in live], timeout=dispatch.wait_s() if dispatch.put_off else None):
                 _receive(next(w for w in live if w.conn is conn), dispatch, args.checkpoint_dir)
         _stop(pool, None)
-    except KeyboardInterrupt as exc:
-        _stop(pool, signal.SIGTERM if getattr(exc, "signal_name", "SIGINT") == "SIGTERM" else signal.SIGINT)
+    except BaseException as exc:  # Ctrl-C or SIGTERM, passed on; an error here stops the workers as Ctrl-C does
+        _stop(pool, signal.SIGTERM if getattr(exc, "signal_name", None) == "SIGTERM" else signal.SIGINT)
         raise
     return dispatch.results()
 
 
-def _start(cells, args, count: int) -> list[Worker]:
+def _start(pool: list[Worker], cells, args, count: int) -> None:
     context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // count)
     env = {k: v for k, v in workers.thread_env(count).items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    pool = []
+    threads = int(env["OMP_NUM_THREADS"])
     # A worker starts with SIGINT ignored, until its own handler is in place: a Ctrl-C while it
     # imports torch would end it with a traceback. The thread variables are in its environment
     # before torch reads them.
     with _environment(env), _ignoring(signal.SIGINT):
         for i, device in enumerate(devices(args.device, count)):
             ours, theirs = context.Pipe()
-            process = context.Process(target=work, args=(i + 1, threads, device, cells, args, theirs), name=f"bench-worker-{i + 1}")
+            process = context.Process(target=work, args=(threads, device, cells, args, theirs), name=f"bench-worker-{i + 1}")
             process.start()
             theirs.close()
             pool.append(Worker(i + 1, device, process, ours))
-    return pool
 
 
 def _receive(w: Worker, dispatch, checkpoint_root) -> None:
@@ -112,6 +113,8 @@ def _receive(w: Worker, dispatch, checkpoint_root) -> None:
         if w.cell is not None:
             outcome = CellOutcome(dispatch.cells[w.cell], "failed", 0, None, None, time.monotonic() - w.started, None)
             dispatch.record(w.cell, w.label, outcome, why=f"worker {w.number} exited with code {w.process.exitcode}")
+        else:
+            print(f"bench: worker {w.number} ({w.device}) exited with code {w.process.exitcode}", file=sys.stderr, flush=True)
         return
     kind, *rest = message
     if kind == "ready":
@@ -173,7 +176,7 @@ def _ignoring(signum: int):
         signal.signal(signum, previous)
 
 
-def work(number: int, threads: int, device: str, cells, args, conn: Connection) -> None:
+def work(threads: int, device: str, cells, args, conn: Connection) -> None:
     """A worker process: runs the cells the parent sends until it sends None. An outage that stops a
     cell is reported and the worker waits for the next message (the parent sends no more cells)."""
     import torch
@@ -185,6 +188,7 @@ def work(number: int, threads: int, device: str, cells, args, conn: Connection) 
     with cli.process(args):
         signal.signal(signal.SIGINT, _stop_once)
         signal.signal(signal.SIGTERM, _stop_once)
+        sys.unraisablehook = _stop_again_if_lost
         try:
             tracker = Tracker(resolve_uri(args.tracking_uri))
             where = engine.resolve_device(device)
@@ -200,6 +204,11 @@ def work(number: int, threads: int, device: str, cells, args, conn: Connection) 
                 conn.send(("outcome", {k: v for k, v in vars(outcome).items() if k != "cell"}))
         except KeyboardInterrupt as exc:  # the cell's run is KILLED, its checkpoint kept: the parent says the rest
             sys.exit(143 if getattr(exc, "signal_name", "SIGINT") == "SIGTERM" else 130)
+        except (EOFError, BrokenPipeError):  # the parent is gone (killed): nobody is left to take an outcome
+            sys.exit(1)
+
+
+_stopping: list[int] = []  # the signal that stops this worker, once one has come
 
 
 def _stop_once(signum, frame) -> None:
@@ -207,6 +216,17 @@ def _stop_once(signum, frame) -> None:
     # cell, a later one must not cut that stop short.
     from bench import cli
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _stopping:
+        return
+    _stopping.append(signum)
     raise cli.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _stop_again_if_lost(unraisable) -> None:
+    """sys.unraisablehook: a stop raised while a finalizer or weakref callback ran is dropped by
+    Python, and the cell would train on with the later signals ignored: the signal comes again a
+    moment later, once this hook and that finalizer are done."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopping:
+        threading.Timer(0.05, os.kill, (os.getpid(), _stopping.pop())).start()
+    else:
+        sys.__unraisablehook__(unraisable)
