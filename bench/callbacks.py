@@ -32,18 +32,20 @@ class Callback:
 
 
 class ConsoleProgress(Callback):
-    """A tqdm bar with ETA on a terminal; one plain line per epoch otherwise."""
+    """A tqdm bar with ETA on a terminal; one plain line per epoch otherwise, or always with
+    `bars=False` (processes that share one terminal: their bars would overwrite each other)."""
 
-    def __init__(self, label: str, stream=None) -> None:
+    def __init__(self, label: str, stream=None, bars: bool = True) -> None:
         self.label = label
         self.stream = stream or sys.stderr
+        self.bars = bars
         self.bar: tqdm | None = None
         self.started = 0.0
 
     def on_fit_start(self, *, start_epoch: int, epochs: int) -> None:
         self.epochs = epochs
         self.started = time.perf_counter()
-        if self.stream.isatty():
+        if self.bars and self.stream.isatty():
             self.bar = tqdm(total=epochs, initial=start_epoch, desc=self.label, unit="epoch", file=self.stream, leave=False)
         elif start_epoch:
             print(f"{self.label}: resuming after epoch {start_epoch}/{epochs}", file=self.stream, flush=True)

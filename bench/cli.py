@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--outage-limit", type=float, metavar="SECONDS", help=OUTAGE_HELP)
     r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
+    r.add_argument("--workers", type=int, default=1, metavar="K", help="K processes on this machine train the cells (of the shard), "
+                   "each on its device (GPUs in turn, several on one GPU allowed) with its share of the CPU threads (default 1)")
     r.add_argument("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): N processes or machines with 1/N .. N/N run every cell once")
     r.add_argument("--ablate", action="store_true", help="also each experiment's ablations: every quirk switch of the recipe flipped "
                    "alone, and all standard values together (switches that change only the measurement are measured on every run's weights)")
@@ -128,7 +130,7 @@ def cmd_run(args) -> int:
         names += config.suite_experiments(args.suite)
     if not names:
         raise UserError("name experiments to run or give --suite NAME (see `bench list`)")
-    for value, flag in ((args.seeds, "--seeds"), (args.epochs, "--epochs")):
+    for value, flag in ((args.seeds, "--seeds"), (args.epochs, "--epochs"), (args.workers, "--workers")):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.ablate and (args.sets or args.epochs is not None):
@@ -140,6 +142,7 @@ def cmd_run(args) -> int:
     cells = suite.plan(names, profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs, ablate=args.ablate)
     total = len(cells)
     cells = suite.shard(cells, args.shard)
+    count = min(args.workers, len(cells))  # more workers than cells would have nothing to do
     from bench.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
@@ -155,13 +158,25 @@ def cmd_run(args) -> int:
             print(f"{total} cells (the recipe and each trained variant x {_count(seeds, 'seed')}), profile {args.profile}{which}")
         else:
             print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {_count(seeds, 'seed')}), profile {args.profile}{which}")
+        if args.workers > 1 and cells:
+            from bench import run_workers
+
+            on = ", ".join(f"worker {i + 1} on {d}" for i, d in enumerate(run_workers.devices(args.device, count)))
+            print(f"{_count(count, 'worker')} would start: {on}")
         return 0
     device = engine.resolve_device(args.device)
     stores.probe("tracking store", uri)
     suite.preflight(cells, args.data_dir)
     from bench.tracking import Tracker, ui_command
 
-    outcomes = suite.run_cells(cells, tracker=Tracker(uri), device=device, data_dir=args.data_dir, checkpoint_root=args.checkpoint_dir)
+    if count > 1:
+        from bench import run_workers
+
+        run_workers.devices(args.device, count)  # a worker's device that is not there stops here, before any worker starts
+        suite.create_experiments(cells, Tracker(uri))
+        outcomes = run_workers.run(cells, args=args, count=count)
+    else:
+        outcomes = suite.run_cells(cells, tracker=Tracker(uri), device=device, data_dir=args.data_dir, checkpoint_root=args.checkpoint_dir)
     print(suite.summary_table(outcomes))
     print(f"\nSee the runs: {ui_command(redact(uri))}")
     failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
@@ -447,11 +462,19 @@ def _stopping_on_sigterm():
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with process(args) as urls:
+        return _dispatch(args, urls)
+
+
+@contextlib.contextmanager
+def process(args):
+    """A bench process's setup for the command `args`, the worker processes of `bench run --workers`
+    included: the log, passwords hidden, memory, SIGTERM, the console. Yields the store URLs to hide."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     urls = _guard_passwords(args)
     hostmem.keep_freed_memory()  # before any work: training re-uses its memory every step
     with _stopping_on_sigterm(), console.terminal(args.debug, secret=any(password(u) for u in urls)):
-        return _dispatch(args, urls)
+        yield urls
 
 
 def _dispatch(args, urls: list[str]) -> int:

@@ -190,9 +190,10 @@ def _skipped(cell: Cell, run, tracker: Tracker) -> CellOutcome:
     )
 
 
-def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
+def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str,
+             bars: bool = True) -> CellOutcome:
     """Train the cell, resume it, or skip it when finished; "busy" when another process (here or
-    on another machine) holds its lease."""
+    on another machine) holds its lease. `bars`: a progress bar on a terminal (see ConsoleProgress)."""
     exp_id = tracker.experiment_id(cell.experiment)
     existing = tracker.find_cell_run(exp_id, cell.tags)
     if existing is not None and existing.info.status == "FINISHED":
@@ -205,7 +206,7 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
             existing = _carry_over(cell, tracker, exp_id)
         if existing is not None and existing.info.status == "FINISHED":
             return _skipped(cell, existing, tracker)
-        return _train(cell, existing, exp_id, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+        return _train(cell, existing, exp_id, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label, bars=bars)
 
 
 def _carry_over(cell: Cell, tracker: Tracker, exp_id: str):
@@ -225,7 +226,8 @@ def _carry_over(cell: Cell, tracker: Tracker, exp_id: str):
     return tracker.find_cell_run(exp_id, cell.tags)
 
 
-def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str) -> CellOutcome:
+def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str,
+           bars: bool) -> CellOutcome:
     """Train the cell in its run. Whatever fails on the way (the store, the data, the device, a
     checkpoint, the training itself) fails this cell alone: its run ends FAILED with the reason in
     `bench.failure_reason`. An interruption (Ctrl-C, SIGTERM) ends it KILLED and goes on up."""
@@ -250,7 +252,7 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         tracker.log_environment(run_id)
         ckdir = cell.checkpoint_dir(checkpoint_root)
         drop_pinned(ckdir)  # left by a process killed before its uploads
-        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts, journal=ckdir / JOURNAL), ConsoleProgress(label)]
+        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts, journal=ckdir / JOURNAL), ConsoleProgress(label, bars=bars)]
         # The experiment's evaluation-only ablations, measured on this run's weights every epoch.
         alternatives = ablation.alternatives(cell.experiment, cfg)
         result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks, alternatives=alternatives)
@@ -306,52 +308,121 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
     """Run the cells one after another; a failed cell is recorded and the next one goes on. A cell
     that another process is training is put off until the others are done, then waited for: it
     ends skipped once that process finishes it, or is taken over if that process dies."""
+    create_experiments(cells, tracker)
+    dispatch = Dispatch(cells, bar=sys.stderr.isatty())
+    while not dispatch.over:
+        taken = dispatch.take()
+        if taken is None:
+            time.sleep(dispatch.wait_s())
+            continue
+        i, label = taken
+        try:
+            outcome = attempt(cells[i], tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+        except outage.Unavailable as exc:
+            dispatch.unreachable(i, label, str(exc), checkpoint_root)
+            continue
+        dispatch.record(i, label, outcome)
+    return dispatch.results()
+
+
+def create_experiments(cells: list[Cell], tracker: Tracker) -> None:
+    """The store is reachable and every experiment exists before the first cell runs."""
     for name in dict.fromkeys(c.experiment for c in cells):
-        tracker.experiment_id(name, config.about_markdown(name))  # the store is reachable and every experiment exists first
-    outcomes: dict[int, CellOutcome] = {}
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, position=0) if tty else None
-    todo = list(range(len(cells)))
-    while todo:
-        busy = []
-        for i in todo:
-            cell = cells[i]
-            label = f"[{i + 1}/{len(cells)}] {cell.display}"
-            if bar is None and i not in outcomes:
-                print(f"{label}: starting", file=sys.stderr, flush=True)
-            try:
-                outcome = run_cell(cell, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
-            except outage.Unavailable as exc:
-                # Every cell needs the store: the suite stops, and the same command goes on later.
-                ckdir = cell.checkpoint_dir(checkpoint_root)
-                kept = f"; its checkpoint and unsent metrics are kept in {ckdir}" if (ckdir / engine.LAST).is_file() else ""
-                print(f"{label}: stopped: {exc}{kept}", file=sys.stderr, flush=True)
-                outcomes[i] = CellOutcome(cell, UNREACHABLE, 0, None, None, 0.0, None)
-                for j in range(len(cells)):  # not reached, or put off while another process had them
-                    if j not in outcomes or outcomes[j].status == "busy":
-                        outcomes[j] = CellOutcome(cells[j], NOT_RUN, 0, None, None, 0.0, None)
-                busy = []
-                break
-            except Exception as exc:  # finding the cell's run or its lease: the store, the disk
-                log.error("%s failed: %s", cell.name, reason(exc))
-                outcome = CellOutcome(cell, "failed", 0, None, None, 0.0, None)
-            if outcome.status == "busy":
-                if i not in outcomes:
-                    print(f"{label}: another process is training it; coming back to it", file=sys.stderr, flush=True)
-                outcomes[i] = outcome
-                busy.append(i)
-                continue
-            outcomes[i] = outcome
-            if bar is None:
-                print(f"{label}: {outcome.status} in {outcome.seconds:.0f} s", file=sys.stderr, flush=True)
-            else:
-                bar.update(1)
-        if busy:
-            time.sleep(WAIT_S)
-        todo = busy
-    if bar is not None:
-        bar.close()
-    return [outcomes[i] for i in range(len(cells))]
+        tracker.experiment_id(name, config.about_markdown(name))
+
+
+def attempt(cell: Cell, **kwargs) -> CellOutcome:
+    """`run_cell`, with an error in finding the cell's run or its lease (the store, the disk)
+    failing this cell alone; an outage goes on up, as it stops the suite."""
+    try:
+        return run_cell(cell, **kwargs)
+    except outage.Unavailable:
+        raise
+    except Exception as exc:
+        log.error("%s failed: %s", cell.name, reason(exc))
+        return CellOutcome(cell, "failed", 0, None, None, 0.0, None)
+
+
+class Dispatch:
+    """Which cell runs next and what its outcome means, for one process or the workers of
+    `bench run --workers`: the cells in order; one that another process is training (busy) put off
+    and tried again WAIT_S later, after the cells not tried yet; after an outage, no more cells
+    (those not reached, or put off, end "not run"). One line per event when there is no bar."""
+
+    def __init__(self, cells: list[Cell], *, bar: bool) -> None:
+        self.cells = cells
+        self.outcomes: dict[int, CellOutcome] = {}
+        self.fresh = list(range(len(cells)))
+        self.put_off: dict[int, float] = {}  # busy cells: when to look again
+        self.running: set[int] = set()
+        self.stopped = False
+        self.bar = tqdm(total=len(cells), desc="cells", unit="cell", file=sys.stderr, position=0) if bar else None
+
+    def label(self, i: int) -> str:
+        return f"[{i + 1}/{len(self.cells)}] {self.cells[i].display}"
+
+    @property
+    def over(self) -> bool:
+        return not (self.fresh or self.put_off or self.running)
+
+    def take(self, where: str = "") -> tuple[int, str] | None:
+        """The next cell to run and its label (`where` runs it: a worker), or None while every
+        cell left is put off (for `wait_s`) or running."""
+        if self.fresh:
+            i = self.fresh.pop(0)
+        else:
+            due = [i for i, t in self.put_off.items() if t <= time.monotonic()]
+            if not due:
+                return None
+            i = min(due, key=self.put_off.get)
+            del self.put_off[i]
+        self.running.add(i)
+        label = self.label(i) + (f" ({where})" if where else "")
+        if self.bar is None and i not in self.outcomes:
+            print(f"{label}: starting", file=sys.stderr, flush=True)
+        return i, label
+
+    def wait_s(self) -> float:
+        """Seconds until a cell put off is due again."""
+        return max(0.0, min(self.put_off.values(), default=time.monotonic() + WAIT_S) - time.monotonic())
+
+    def record(self, i: int, label: str, outcome: CellOutcome, why: str = "") -> None:
+        self.running.discard(i)
+        if outcome.status == "busy" and self.stopped:
+            outcome = CellOutcome(self.cells[i], NOT_RUN, 0, None, None, 0.0, None)
+        if outcome.status == "busy":
+            if i not in self.outcomes:
+                print(f"{label}: another process is training it; coming back to it", file=sys.stderr, flush=True)
+            self.outcomes[i] = outcome
+            self.put_off[i] = time.monotonic() + WAIT_S
+            return
+        self.outcomes[i] = outcome
+        if self.bar is None:
+            print(f"{label}: {outcome.status} in {outcome.seconds:.0f} s" + (f" ({why})" if why else ""), file=sys.stderr, flush=True)
+        else:
+            self.bar.update(1)
+
+    def unreachable(self, i: int, label: str, message: str, checkpoint_root: Path) -> None:
+        """The store stayed away past the outage limit while cell `i` ran: every cell needs it, so
+        no other starts, and the same command goes on later."""
+        self.running.discard(i)
+        ckdir = self.cells[i].checkpoint_dir(checkpoint_root)
+        kept = f"; its checkpoint and unsent metrics are kept in {ckdir}" if (ckdir / engine.LAST).is_file() else ""
+        print(f"{label}: stopped: {message}{kept}", file=sys.stderr, flush=True)
+        self.outcomes[i] = CellOutcome(self.cells[i], UNREACHABLE, 0, None, None, 0.0, None)
+        self.stop()
+
+    def stop(self) -> None:
+        """No more cells start: those not reached, or put off, end "not run"."""
+        for j in [*self.fresh, *self.put_off]:
+            self.outcomes[j] = CellOutcome(self.cells[j], NOT_RUN, 0, None, None, 0.0, None)
+        self.fresh, self.put_off = [], {}
+        self.stopped = True
+
+    def results(self) -> list[CellOutcome]:
+        if self.bar is not None:
+            self.bar.close()
+        return [self.outcomes[i] for i in range(len(self.cells))]
 
 
 def _table(rows: list[tuple[str, ...]], rule: bool) -> str:
