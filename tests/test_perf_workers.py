@@ -48,7 +48,7 @@ def test_the_estimate_is_each_cells_flops_at_its_models_rate_per_trainer():
 
 
 def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys):
-    monkeypatch.setattr(perf_workers, "QUICK", TINY)
+    monkeypatch.setattr(perf_workers, "CPU_QUICK", TINY)
     out = in_tmp / "perf.json"
     assert cli.main(["perf", "--workers", "2", "1", "--quick", "--model", "resnet_b", "--device", "cpu", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
