@@ -210,7 +210,7 @@ def run(models: list[str], workers: list[int], *, profile: str, device: torch.de
         timings = measure(k, experiments, profile=profile, device=device, budget=budget, on_model=heard)
         results["workers"][str(k)] = {
             m: {"images_per_s": sum(t.images_per_s for t in ts), "per_trainer_images_per_s": [t.images_per_s for t in ts],
-                "relative": sum(t.images_per_s for t in ts) / base[m], "train_flops_per_image": flops_per_image[m],
+                "relative_to_smallest_k": sum(t.images_per_s for t in ts) / base[m], "train_flops_per_image": flops_per_image[m],
                 "trainers": [asdict(t) for t in ts]}
             for m, ts in timings.items()
         }
@@ -241,7 +241,7 @@ def table(results: dict[str, Any]) -> str:
     first = next(iter(measured))
     rows = [("K", *(f"{m} img/s" for m in models), "paper suite min")]
     for k, figures in measured.items():
-        cells = [f"{figures[m]['images_per_s']:,.1f}" + (f" x{figures[m]['relative']:.2f}" if k != first else "") for m in models]
+        cells = [f"{figures[m]['images_per_s']:,.1f}" + (f" x{figures[m]['relative_to_smallest_k']:.2f}" if k != first else "") for m in models]
         rows.append((k, *cells, f"{est['minutes'][k]:,.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]

@@ -58,6 +58,7 @@ def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys)
         trainers = model["trainers"]
         assert len(trainers) == k and all(t["images_per_s"] > 0 and t["images"] == TINY.train_images for t in trainers)
         assert model["images_per_s"] == pytest.approx(sum(t["images_per_s"] for t in trainers))
+        assert model["relative_to_smallest_k"] == pytest.approx(model["images_per_s"] / figures["workers"]["1"]["resnet_b"]["images_per_s"])
         # Each in a process of its own, with its share of the cores.
         assert len({t["pid"] for t in trainers} | {os.getpid()}) == k + 1
         assert all(t["threads"] == max(1, os.cpu_count() // k) for t in trainers)
