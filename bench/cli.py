@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     pf.add_argument("--profile", default="smoke", help="the profile whose batch sizes, image sizes and checkpoint interval to use (default smoke)")
     pf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
+    pf.add_argument("--workers", type=int, nargs="+", metavar="K", help="instead: the throughput of K trainers at once on the device, "
+                    "for each K, and the K that trains one seed of the paper suite fastest (an estimate)")
     for command in sub.choices.values():  # --debug also after the command's name, where it is usually typed
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return p
@@ -371,9 +373,11 @@ def cmd_register(args) -> int:
 def cmd_perf(args) -> int:
     import json
 
-    from bench import engine, perf
+    from bench import engine, perf, perf_workers
     from bench.models import list_models
 
+    if args.workers is not None and min(args.workers) < 1:
+        raise UserError(f"--workers must be at least 1, got {min(args.workers)}")
     models = args.models or list_models()
     unknown = sorted(set(models) - set(list_models()))
     if unknown:
@@ -382,9 +386,14 @@ def cmd_perf(args) -> int:
     if args.json is not None:
         _check_writable(args.json)
     device = engine.resolve_device(args.device)
-    results = perf.run(models, profile=args.profile, device=device, quick=args.quick, say=lambda line: print(line, file=sys.stderr, flush=True))
-    print(perf.table(results))
-    print(f"\nWhere a training step's time goes:\n{perf.breakdown_table(results)}")
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.workers is not None:
+        results = perf_workers.run(models, sorted(set(args.workers)), profile=args.profile, device=device, quick=args.quick, say=say)
+        print(perf_workers.table(results))
+    else:
+        results = perf.run(models, profile=args.profile, device=device, quick=args.quick, say=say)
+        print(perf.table(results))
+        print(f"\nWhere a training step's time goes:\n{perf.breakdown_table(results)}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"figures written to {args.json}")

@@ -1,0 +1,253 @@
+"""`bench perf --workers K [K ...]`: the throughput of K trainers sharing one device, and the K
+that trains one seed of the paper suite fastest.
+
+For each K, K processes (spawned: CUDA cannot be forked) train each model in turn, all on the same
+device (cuda: cuda:0), each with its share of the CPU threads, as `bench run --workers K` runs
+cells: the suite's engine with MLflow tracking to a temporary SQLite store of the process's own,
+the recipe under the profile (`perf.perf_config`) on the embedded images. A model's first epoch
+warms up (kernels, allocator, the store's first writes); then the trainers wait for one another
+and time the remaining epochs together, and wait again before the next model, so that no trainer's
+set-up falls into another's timed epochs.
+
+The estimate: each cell of `bench run --suite all --profile paper --seeds 1` takes its FLOPs
+(`perf.paper_flops`) at the FLOP/s one of K trainers of its model achieved (train FLOPs per image
+at the measured profile times the images/s per trainer); the cells go in suite order to the first
+free of K workers, as the suite's dispatcher hands them out; the last to finish sets the wall time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import multiprocessing
+import os
+import queue
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from bench import config, data, engine, hostmem, perf
+from bench.callbacks import Callback
+from bench.data import cifar
+from bench.models import create_model
+
+PAPER_SUITE = "all"
+ASSUMPTION = ("each cell at the FLOP/s measured with K copies of its own model at once, under --profile {profile}'s "
+              "batch and image sizes (--profile paper for the paper suite's own), evaluation passes at the training "
+              "FLOP/s; cells in suite order to the first free worker")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What each trainer trains per model. Read by `perf.perf_config` as perf's budget is."""
+
+    train_images: int  # images per epoch (tiled from the embedded subset)
+    epochs: int  # the first warms up, the others are timed
+
+
+CPU_FULL, CPU_QUICK = Budget(train_images=512, epochs=4), Budget(train_images=256, epochs=3)
+# A GPU trains these networks tens of times faster than a CPU: more images, so that the timed
+# epochs last seconds, not the milliseconds that an epoch's tracking and sync would dominate.
+GPU_FULL, GPU_QUICK = Budget(train_images=8192, epochs=4), Budget(train_images=2048, epochs=3)
+
+
+def budget_for(device: torch.device, quick: bool) -> Budget:
+    if device.type == "cpu":
+        return CPU_QUICK if quick else CPU_FULL
+    return GPU_QUICK if quick else GPU_FULL
+
+
+@dataclass(frozen=True)
+class TrainerTiming:
+    """One trainer's timed epochs of one model. `started` and `ended` are wall-clock times (the
+    same clock in every process), to show that the trainers ran at once."""
+
+    pid: int
+    threads: int
+    started: float
+    ended: float
+    images: int
+    images_per_s: float
+
+
+def wall_time(seconds: Sequence[float], workers: int) -> float:
+    """The wall time of cells taking `seconds`, handed out in order, each to the first free of
+    `workers` workers: when the last worker finishes."""
+    free = [0.0] * workers  # a heap of the times the workers become free
+    for s in seconds:
+        heapq.heapreplace(free, free[0] + s)
+    return max(free)
+
+
+class _Together(Callback):
+    """Starts the clock when every trainer has finished its warm-up epoch, and reads it at the end
+    of each epoch after that (after the tracking callback's own work: it comes later in the list)."""
+
+    def __init__(self, barrier) -> None:
+        self.barrier = barrier
+        self.started = self.ended = 0.0
+        self.started_at = self.ended_at = 0.0
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 1:
+            self.barrier.wait()
+            self.started, self.started_at = time.perf_counter(), time.time()
+        self.ended, self.ended_at = time.perf_counter(), time.time()
+
+
+def _train(experiment: str, *, profile: str, budget: Budget, device: torch.device, tracker, workdir: Path, barrier) -> TrainerTiming:
+    from bench.tracking import MlflowRun
+
+    cfg = perf.perf_config(experiment, profile, budget)
+    embedded = cifar.load_cifar(cfg.data.dataset, None)
+    files = cifar.CifarFiles(perf._tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False,
+                             embedded.location, embedded.digest)
+    engine.seed_everything(cfg.seed, cfg.train.deterministic)
+    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
+    experiment_id = tracker.client.create_experiment(experiment, artifact_location=(workdir / experiment / "artifacts").as_uri())
+    run_id = tracker.start_run(experiment_id, "perf-workers", {})
+    clock = _Together(barrier)
+    result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / experiment / "checkpoints",
+                        callbacks=[MlflowRun(tracker, run_id, cfg), clock], resume=False, evaluate_test=False)
+    tracker.end_run(run_id, "FINISHED")
+    assert result.status == "finished", result.status
+    barrier.wait()  # every trainer done with this model before any starts the next
+    images = (result.epochs_done - 1) * bundle.train.num_images
+    return TrainerTiming(os.getpid(), torch.get_num_threads(), clock.started_at, clock.ended_at, images, images / (clock.ended - clock.started))
+
+
+def _trainer(workers: int, experiments: list[str], profile: str, device: str, budget: Budget, barrier, reports) -> None:
+    """One of `workers` processes: each experiment's model in turn; puts (experiment, timing) on
+    `reports`, or (None, the error) when it fails, after releasing the others from the barrier."""
+    try:
+        # Each trainer's share of the cores, as `bench run --workers` gives each worker.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        hostmem.keep_freed_memory()  # as the command line sets it for every run
+        from bench.tracking import Tracker
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+            for experiment in experiments:
+                timing = _train(experiment, profile=profile, budget=budget, device=torch.device(device), tracker=tracker,
+                                workdir=Path(tmp), barrier=barrier)
+                reports.put((experiment, timing))
+    except BaseException as exc:
+        barrier.abort()
+        reports.put((None, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def measure(workers: int, experiments: dict[str, str], *, profile: str, device: torch.device, budget: Budget,
+            on_model: Callable[[str, list[TrainerTiming]], None]) -> dict[str, list[TrainerTiming]]:
+    """Model name -> the timings of `workers` trainers of `experiments` (model name -> experiment)
+    at once on `device`; `on_model` hears of each model once all its trainers have reported."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, reports = ctx.Barrier(workers), ctx.Queue()
+    model_of = {e: m for m, e in experiments.items()}
+    procs = [ctx.Process(target=_trainer, args=(workers, list(experiments.values()), profile, str(device), budget, barrier, reports), daemon=True)
+             for _ in range(workers)]
+    for p in procs:
+        p.start()
+    timings: dict[str, list[TrainerTiming]] = {m: [] for m in experiments}
+    try:
+        while any(len(t) < workers for t in timings.values()):
+            try:
+                experiment, timing = reports.get(timeout=1)
+            except queue.Empty:
+                # A process that ended cleanly has put all its reports; one that did not, or all
+                # ended with reports missing, is a failure.
+                failed = [p.exitcode for p in procs if p.exitcode]
+                if failed or (all(p.exitcode is not None for p in procs) and reports.empty()):
+                    raise RuntimeError(f"a trainer of {workers} ended (exit code {failed[0] if failed else 0}) before "
+                                       "reporting every model; its error is above")
+                continue
+            if experiment is None:
+                raise RuntimeError(f"a trainer of {workers} failed: {timing}")
+            timings[model_of[experiment]].append(timing)
+            if len(timings[model_of[experiment]]) == workers:
+                on_model(model_of[experiment], timings[model_of[experiment]])
+    finally:
+        barrier.abort()  # releases any trainer still waiting, after a failure or Ctrl-C
+        if any(len(t) < workers for t in timings.values()):
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)  # stops its training; its temporary store is removed
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return timings
+
+
+def run(models: list[str], workers: list[int], *, profile: str, device: torch.device, quick: bool,
+        say: Callable[[str], None]) -> dict[str, Any]:
+    budget = budget_for(device, quick)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # every trainer on the same GPU
+    experiments = {m: e for m, e in perf.models_and_experiments().items() if m in models}
+    meta = torch.device("meta")  # FLOPs are counted on shapes alone
+    flops_per_image = {m: perf.step_flops(perf.perf_config(e, profile, budget), meta)[0] for m, e in experiments.items()}
+    results: dict[str, Any] = {
+        "device": {"name": engine.device_name(device), "type": device.type, "index": device.index, "torch": torch.__version__,
+                   "cpu_count": os.cpu_count(), "profile": profile, "quick": quick, "budget": asdict(budget),
+                   "tracking": "MLflow, a temporary SQLite store per trainer"},
+        "workers": {},
+    }
+    base: dict[str, float] = {}  # each model's total at the smallest K
+    for k in workers:
+        def heard(model: str, timings: list[TrainerTiming], k: int = k) -> None:
+            total = sum(t.images_per_s for t in timings)
+            base.setdefault(model, total)
+            say(f"{model}, K={k}: {' + '.join(f'{t.images_per_s:,.1f}' for t in timings)} images/s = {total:,.1f} "
+                f"(x{total / base[model]:.2f} of K={workers[0]}, {timings[0].threads} thread{'s' * (timings[0].threads > 1)} each)")
+
+        timings = measure(k, experiments, profile=profile, device=device, budget=budget, on_model=heard)
+        results["workers"][str(k)] = {
+            m: {"images_per_s": sum(t.images_per_s for t in ts), "per_trainer_images_per_s": [t.images_per_s for t in ts],
+                "relative_to_smallest_k": sum(t.images_per_s for t in ts) / base[m], "train_flops_per_image": flops_per_image[m],
+                "trainers": [asdict(t) for t in ts]}
+            for m, ts in timings.items()
+        }
+    results["estimate"] = estimate(results["workers"], experiments, profile)
+    return results
+
+
+def estimate(measured: dict[str, dict[str, Any]], experiments: dict[str, str], profile: str) -> dict[str, Any]:
+    """One seed of the paper suite's cells whose models were measured, for each K measured."""
+    meta = torch.device("meta")
+    cells = [e for e in config.suite_experiments(PAPER_SUITE) if e in experiments.values()]
+    model_of = {e: m for m, e in experiments.items()}
+    flops = {e: perf.paper_flops(e, meta) for e in cells}
+    cell_s, minutes = {}, {}
+    for k, models in measured.items():
+        cell_s[k] = {e: flops[e] / (models[model_of[e]]["train_flops_per_image"] * models[model_of[e]]["images_per_s"] / int(k))
+                     for e in cells}
+        minutes[k] = wall_time([cell_s[k][e] for e in cells], int(k)) / 60
+    fastest = min(minutes, key=minutes.get)
+    return {"suite": PAPER_SUITE, "profile": "paper", "seeds": 1, "cells": cells, "complete": len(cells) == len(config.suite_experiments(PAPER_SUITE)),
+            "paper_flops": flops, "cell_s": cell_s, "minutes": minutes, "fastest_workers": int(fastest),
+            "assumption": ASSUMPTION.format(profile=profile)}
+
+
+def table(results: dict[str, Any]) -> str:
+    measured, est = results["workers"], results["estimate"]
+    models = list(next(iter(measured.values())))
+    first = next(iter(measured))
+    rows = [("K", *(f"{m} img/s" for m in models), "paper suite min")]
+    for k, figures in measured.items():
+        cells = [f"{figures[m]['images_per_s']:,.1f}" + (f" x{figures[m]['relative_to_smallest_k']:.2f}" if k != first else "") for m in models]
+        rows.append((k, *cells, f"{est['minutes'][k]:,.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    what = "one seed of the paper suite" if est["complete"] else f"one seed of the paper suite's {', '.join(est['cells'])} (the models measured)"
+    k = str(est["fastest_workers"])
+    lines += [f"fastest: K={k}, {what} in about {est['minutes'][k]:,.0f} min (estimate)",
+              f"img/s: all K trainers together (x: against K={first}); assumed: {est['assumption']}"]
+    return "\n".join(lines)
