@@ -201,11 +201,14 @@ class Clock:
     the waits keep an accelerator idle. On the CPU the work is done when the call returns: a lap
     is a clock read, and needs no device."""
 
+    # A step's parts; then "closing": after the last epoch's callbacks, its checkpoint written and
+    # announced, once a run, not a step's.
     PARTS = ("data", "forward and backward", "optimizer", "metrics", "evaluation", "tracking", "checkpoints", "other")
+    CLOSING = "closing"
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device
-        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.seconds = dict.fromkeys((*self.PARTS, self.CLOSING), 0.0)
         self.steps = 0
         self._last = time.perf_counter()
 
@@ -443,7 +446,8 @@ def fit(
     same whatever the evaluation, and the best checkpoint follows the run's own val_acc.
 
     A `clock` is told where each epoch's time went, from the start of its first epoch to the end
-    of its last (`bench perf`'s breakdown).
+    of its last epoch's callbacks, and then what the closing took: the last checkpoint written and
+    announced (`bench perf`'s breakdown).
     """
     epochs = cfg.train.epochs
     device = data.train.labels.device
@@ -574,14 +578,15 @@ def fit(
             # callbacks have its metrics: an interruption may keep it as it is.
             live = True
             due = epoch % cfg.train.checkpoint_every == 0 and time.monotonic() - last_saved >= cfg.train.checkpoint_min_interval_s
-            if due or epoch == epochs or stop or epoch == stop_after:
+            final = stop or epoch == stop_after
+            if due or epoch == epochs or final:
                 save(last_path, "last", epoch)
                 last_saved, unsaved = time.monotonic(), None
             else:
                 unsaved = checkpoint.snapshot(current(epoch), device=None)
-            lap("checkpoints")
+            lap(Clock.CLOSING if final else "checkpoints")
             announce()
-            lap("tracking")
+            lap(Clock.CLOSING if final else "tracking")
             if stop:
                 result.status = "stopped"
                 break

@@ -139,15 +139,17 @@ def reference_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) 
 # --- training -----------------------------------------------------------------------------------
 
 
+TRACKING_THREADS = ("mlflow-writer", "SystemMetricsMonitor")  # delivery.Writer's, MLflow's sampler's
+
+
 def _background_cpu() -> dict[int, float]:
-    """CPU seconds so far of each of this process's Python threads but the main one: tracking's
-    writer and MLflow's system-metrics sampler during a run. Empty where psutil cannot read a
-    process's threads."""
+    """CPU seconds so far of each of tracking's background threads (the ordered writer, MLflow's
+    system-metrics sampler). Empty where psutil cannot read a process's threads."""
     import threading
 
     import psutil
 
-    ids = {t.native_id for t in threading.enumerate() if t is not threading.main_thread()}
+    ids = {t.native_id for t in threading.enumerate() if t.name in TRACKING_THREADS}
     try:
         return {t.id: t.user_time + t.system_time for t in psutil.Process().threads() if t.id in ids}
     except (psutil.Error, NotImplementedError):
@@ -156,7 +158,8 @@ def _background_cpu() -> dict[int, float]:
 
 class _Timed(Callback):
     """Forwards every hook to `inner` and adds up the seconds spent in it: in `seconds` during
-    the epochs, in `closing` at the end of the run (`on_fit_end`: the final upload and flush).
+    the epochs, in `closing` at the end of the run (the last epoch's checkpoint announced and
+    uploaded, `on_fit_end`'s final flush).
     The epochs run from `first_epoch_start` (the start hooks returned) to `last_epoch_end` (the
     last epoch's hooks returned); `background_cpu_s` is what the other Python threads spent of
     the CPU between the two."""
@@ -165,6 +168,7 @@ class _Timed(Callback):
         self.inner, self.seconds, self.closing = inner, 0.0, 0.0
         self.first_epoch_start = self.last_epoch_end = 0.0
         self._cpu_start: dict[int, float] = {}
+        self.epochs = 0
         self.background_cpu_s = 0.0
 
     def _time(self, hook: str, *args, **kwargs):
@@ -176,8 +180,10 @@ class _Timed(Callback):
                 now = _background_cpu()
                 self.background_cpu_s = sum(cpu - self._cpu_start.get(tid, 0.0) for tid, cpu in now.items())
             ended = time.perf_counter()
-            if hook == "on_fit_end":
-                self.closing += ended - started
+            if hook == "on_fit_start":
+                self.epochs = kwargs["epochs"]
+            if hook == "on_fit_end" or (hook == "on_checkpoint" and args[2] == self.epochs):
+                self.closing += ended - started  # the last epoch's checkpoint: once a run, after its epochs
             elif hook != "on_fit_start":  # before the epochs: in the whole run's figure, not theirs
                 self.seconds += ended - started
             if hook == "on_fit_start":
@@ -290,8 +296,9 @@ def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.
 
 
 def _step_ms(clock: engine.Clock) -> dict[str, float]:
-    """Milliseconds per training step of each part of the clock's time."""
-    return {part: 1000 * seconds / clock.steps for part, seconds in clock.seconds.items()}
+    """Milliseconds per training step of each part of a step's time (the run's closing is not a
+    step's: it is in `closing_s`)."""
+    return {part: 1000 * clock.seconds[part] / clock.steps for part in engine.Clock.PARTS}
 
 
 # --- FLOPs ------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from bench import config, data, engine, hostmem, perf
+from bench import config, data, engine, hostmem, perf, workers as shares
 from bench.callbacks import Callback
 from bench.data import cifar
 from bench.models import create_model
@@ -38,7 +38,8 @@ from bench.models import create_model
 PAPER_SUITE = "all"
 ASSUMPTION = ("each cell at the FLOP/s measured with K copies of its own model at once, under --profile {profile}'s "
               "batch and image sizes (--profile paper for the paper suite's own), evaluation passes at the training "
-              "FLOP/s; cells in suite order to the first free worker")
+              "FLOP/s; cells in suite order to the first free worker; on a GPU the last cells, running with fewer "
+              "beside them, go faster than assumed: an upper bound there")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,13 @@ class TrainerTiming:
     ended: float
     images: int
     images_per_s: float
+
+
+def together(timings: Sequence[TrainerTiming]) -> float:
+    """Images/s of the trainers together: every timed image over the span from the first start to
+    the last end (a trainer that ends later runs its tail alone, so rates taken over each one's own
+    window would add up to more than the device did)."""
+    return sum(t.images for t in timings) / (max(t.ended for t in timings) - min(t.started for t in timings))
 
 
 def wall_time(seconds: Sequence[float], workers: int) -> float:
@@ -126,7 +134,7 @@ def _trainer(workers: int, experiments: list[str], profile: str, device: str, bu
     `reports`, or (None, the error) when it fails, after releasing the others from the barrier."""
     try:
         # Each trainer's share of the cores, as `bench run --workers` gives each worker.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, shares.usable_cores() // workers))
         hostmem.keep_freed_memory()  # as the command line sets it for every run
         from bench.tracking import Tracker
 
@@ -202,15 +210,15 @@ def run(models: list[str], workers: list[int], *, profile: str, device: torch.de
     base: dict[str, float] = {}  # each model's total at the smallest K
     for k in workers:
         def heard(model: str, timings: list[TrainerTiming], k: int = k) -> None:
-            total = sum(t.images_per_s for t in timings)
+            total = together(timings)
             base.setdefault(model, total)
             say(f"{model}, K={k}: {' + '.join(f'{t.images_per_s:,.1f}' for t in timings)} images/s = {total:,.1f} "
                 f"(x{total / base[model]:.2f} of K={workers[0]}, {timings[0].threads} thread{'s' * (timings[0].threads > 1)} each)")
 
         timings = measure(k, experiments, profile=profile, device=device, budget=budget, on_model=heard)
         results["workers"][str(k)] = {
-            m: {"images_per_s": sum(t.images_per_s for t in ts), "per_trainer_images_per_s": [t.images_per_s for t in ts],
-                "relative_to_smallest_k": sum(t.images_per_s for t in ts) / base[m], "train_flops_per_image": flops_per_image[m],
+            m: {"images_per_s": together(ts), "per_trainer_images_per_s": [t.images_per_s for t in ts],
+                "relative_to_smallest_k": together(ts) / base[m], "train_flops_per_image": flops_per_image[m],
                 "trainers": [asdict(t) for t in ts]}
             for m, ts in timings.items()
         }
@@ -224,14 +232,21 @@ def estimate(measured: dict[str, dict[str, Any]], experiments: dict[str, str], p
     cells = [e for e in config.suite_experiments(PAPER_SUITE) if e in experiments.values()]
     model_of = {e: m for m, e in experiments.items()}
     flops = {e: perf.paper_flops(e, meta) for e in cells}
-    cell_s, minutes = {}, {}
+    cell_s: dict[str, dict[str, float]] = {}
+    minutes: dict[str, float | None] = {}
     for k, models in measured.items():
+        if int(k) > len(cells):
+            # `bench run` starts one worker per cell, with that many workers' threads: this K is not
+            # one it runs.
+            minutes[k] = None
+            continue
         cell_s[k] = {e: flops[e] / (models[model_of[e]]["train_flops_per_image"] * models[model_of[e]]["images_per_s"] / int(k))
                      for e in cells}
         minutes[k] = wall_time([cell_s[k][e] for e in cells], int(k)) / 60
-    fastest = min(minutes, key=minutes.get)
+    runnable = {k: m for k, m in minutes.items() if m is not None}
+    fastest = int(min(runnable, key=runnable.get)) if runnable else None
     return {"suite": PAPER_SUITE, "profile": "paper", "seeds": 1, "cells": cells, "complete": len(cells) == len(config.suite_experiments(PAPER_SUITE)),
-            "paper_flops": flops, "cell_s": cell_s, "minutes": minutes, "fastest_workers": int(fastest),
+            "paper_flops": flops, "cell_s": cell_s, "minutes": minutes, "fastest_workers": fastest,
             "assumption": ASSUMPTION.format(profile=profile)}
 
 
@@ -242,12 +257,18 @@ def table(results: dict[str, Any]) -> str:
     rows = [("K", *(f"{m} img/s" for m in models), "paper suite min")]
     for k, figures in measured.items():
         cells = [f"{figures[m]['images_per_s']:,.1f}" + (f" x{figures[m]['relative_to_smallest_k']:.2f}" if k != first else "") for m in models]
-        rows.append((k, *cells, f"{est['minutes'][k]:,.0f}"))
+        rows.append((k, *cells, "-" if est["minutes"][k] is None else f"{est['minutes'][k]:,.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     what = "one seed of the paper suite" if est["complete"] else f"one seed of the paper suite's {', '.join(est['cells'])} (the models measured)"
-    k = str(est["fastest_workers"])
-    lines += [f"fastest: K={k}, {what} in about {est['minutes'][k]:,.0f} min (estimate)",
-              f"img/s: all K trainers together (x: against K={first}); assumed: {est['assumption']}"]
+    if est["fastest_workers"] is None:
+        lines.append(f"fastest: none estimated: every K measured is more than the {len(est['cells'])} cells (bench run starts one worker a cell)")
+    else:
+        k = str(est["fastest_workers"])
+        lines.append(f"fastest: K={k}, {what} in about {est['minutes'][k]:,.0f} min (estimate)")
+    if any(m is None for m in est["minutes"].values()):
+        lines.append(f"-: more workers than the {len(est['cells'])} cells; bench run would start one worker a cell")
+    lines.append(f"img/s: all K trainers together, their images over the span of their timed epochs (x: against K={first}); "
+                 f"assumed: {est['assumption']}")
     return "\n".join(lines)

@@ -76,7 +76,10 @@ def run(cells, *, args, count: int) -> list:
                     w.started = time.monotonic()
                     with contextlib.suppress(OSError):  # it has just died: its pipe's end says so below
                         w.conn.send(taken)
-            for conn in wait([w.conn for w in live], timeout=dispatch.wait_s() if dispatch.put_off else None):
+            # A cell put off comes due for an idle worker; with every worker busy, only a message
+            # can change anything (a timeout of a due cell's 0 s would spin).
+            idle = any(w.ready and w.cell is None for w in live)
+            for conn in wait([w.conn for w in live], timeout=dispatch.wait_s() if dispatch.put_off and idle else None):
                 _receive(next(w for w in live if w.conn is conn), dispatch, args.checkpoint_dir)
         _stop(pool, None)
     except BaseException as exc:  # Ctrl-C or SIGTERM, passed on; an error here stops the workers as Ctrl-C does
@@ -134,7 +137,7 @@ def _stop(pool: list[Worker], signum: int | None) -> None:
         for w in pool:
             if w.process.exitcode is not None:
                 continue
-            if w.conn is None or (signum is not None and not w.ready):
+            if w.conn is None or not w.ready:  # dead, or still starting: it holds no cell
                 w.process.kill()
             elif signum is None:
                 with contextlib.suppress(OSError):  # it has just died: joined below
@@ -189,9 +192,12 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
         signal.signal(signal.SIGINT, _stop_once)
         signal.signal(signal.SIGTERM, _stop_once)
         sys.unraisablehook = _stop_again_if_lost
+        _stop_when_orphaned(os.getppid())
         try:
             tracker = Tracker(resolve_uri(args.tracking_uri))
             where = engine.resolve_device(device)
+            if where.type == "cuda":
+                torch.cuda.set_device(where)  # no context on cuda:0 from code that uses the current device
             conn.send(("ready",))
             while (message := conn.recv()) is not None:
                 index, label = message
@@ -209,6 +215,19 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
 
 
 _stopping: list[int] = []  # the signal that stops this worker, once one has come
+ORPHAN_CHECK_S = 1.0
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A parent killed (SIGKILL) cannot pass a stop on: the worker stops its cell as on SIGTERM
+    (run KILLED, checkpoint kept) instead of training on with the GPU and the cell's lease held."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _stop_once(signum, frame) -> None:

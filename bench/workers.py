@@ -31,9 +31,18 @@ def device_for(device: str, index: int) -> str:
     return f"cuda:{index % gpus}" if gpus else device
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's or a batch job's CPU set),
+    not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def thread_env(workers: int) -> dict[str, str]:
     """Each worker's share of the CPU cores, so K workers do not fight over them."""
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    threads = str(max(1, usable_cores() // workers))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 

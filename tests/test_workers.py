@@ -22,9 +22,17 @@ def test_workers_take_the_gpus_in_turn(device, gpus, expected, monkeypatch):
 
 
 def test_workers_share_the_cpu_threads(monkeypatch):
-    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(workers, "usable_cores", lambda: 16)
     assert workers.thread_env(3)["OMP_NUM_THREADS"] == "5"
     assert workers.thread_env(32)["OMP_NUM_THREADS"] == "1"
+
+
+def test_the_cores_shared_are_those_the_process_may_run_on(monkeypatch):
+    """A container or batch job limited to 8 of a machine's 128 cores shares those 8."""
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert workers.usable_cores() == 8
+    assert workers.thread_env(4)["OMP_NUM_THREADS"] == "2"
 
 
 def test_sampler_seeds_repeat_alone_and_are_fresh_for_workers_and_joiners(tmp_path):
