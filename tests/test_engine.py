@@ -147,7 +147,9 @@ def test_a_clock_is_told_where_every_epoch_went_and_changes_nothing_trained(refe
     assert_same_weights(state_of(model), reference["final"])
     assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs]
     assert clock.steps == result.epochs_done * len(bundle.train)
-    assert set(clock.seconds) == set(engine.Clock.PARTS)
+    assert set(clock.seconds) == {*engine.Clock.PARTS, engine.Clock.CLOSING}
+    # The last epoch's checkpoint, written once a run after its epochs, is the run's closing.
+    assert clock.seconds[engine.Clock.CLOSING] > 0
     # Training, its sums, the evaluation passes, the callbacks (per-step losses and epoch ends) and
     # the checkpoints (best and last files, the copies between) each took some time.
     assert all(clock.seconds[part] > 0 for part in engine.Clock.PARTS if part != "other"), clock.seconds
