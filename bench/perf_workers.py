@@ -212,7 +212,7 @@ def run(models: list[str], workers: list[int], *, profile: str, device: torch.de
         def heard(model: str, timings: list[TrainerTiming], k: int = k) -> None:
             total = together(timings)
             base.setdefault(model, total)
-            say(f"{model}, K={k}: {' + '.join(f'{t.images_per_s:,.1f}' for t in timings)} images/s = {total:,.1f} "
+            say(f"{model}, K={k}: {', '.join(f'{t.images_per_s:,.1f}' for t in timings)} images/s, together {total:,.1f} "
                 f"(x{total / base[model]:.2f} of K={workers[0]}, {timings[0].threads} thread{'s' * (timings[0].threads > 1)} each)")
 
         timings = measure(k, experiments, profile=profile, device=device, budget=budget, on_model=heard)
