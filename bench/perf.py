@@ -161,8 +161,8 @@ class _Timed(Callback):
     the epochs, in `closing` at the end of the run (the last epoch's checkpoint announced and
     uploaded, `on_fit_end`'s final flush).
     The epochs run from `first_epoch_start` (the start hooks returned) to `last_epoch_end` (the
-    last epoch's hooks returned); `background_cpu_s` is what the other Python threads spent of
-    the CPU between the two."""
+    last epoch's hooks returned); `background_cpu_s` is what tracking's background threads spent
+    of the CPU between the two."""
 
     def __init__(self, inner: Callback) -> None:
         self.inner, self.seconds, self.closing = inner, 0.0, 0.0
