@@ -32,7 +32,6 @@ import torch
 
 from bench import config, data, engine, hostmem, perf, workers as shares
 from bench.callbacks import Callback
-from bench.data import cifar
 from bench.models import create_model
 
 PAPER_SUITE = "all"
@@ -111,9 +110,7 @@ def _train(experiment: str, *, profile: str, budget: Budget, device: torch.devic
     from bench.tracking import MlflowRun
 
     cfg = perf.perf_config(experiment, profile, budget)
-    embedded = cifar.load_cifar(cfg.data.dataset, None)
-    files = cifar.CifarFiles(perf._tiled(embedded.train, budget.train_images), embedded.test, embedded.classes, False,
-                             embedded.location, embedded.digest)
+    files = perf.embedded_files(cfg.data.dataset, budget.train_images)
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
@@ -134,7 +131,7 @@ def _trainer(workers: int, experiments: list[str], profile: str, device: str, bu
     `reports`, or (None, the error) when it fails, after releasing the others from the barrier."""
     try:
         # Each trainer's share of the cores, as `bench run --workers` gives each worker.
-        torch.set_num_threads(max(1, shares.usable_cores() // workers))
+        torch.set_num_threads(shares.thread_share(workers))
         hostmem.keep_freed_memory()  # as the command line sets it for every run
         from bench.tracking import Tracker
 

@@ -91,7 +91,7 @@ def run(cells, *, args, count: int) -> list:
 def _start(pool: list[Worker], cells, args, count: int) -> None:
     context = multiprocessing.get_context("spawn")
     env = {k: v for k, v in workers.thread_env(count).items() if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    threads = int(env["OMP_NUM_THREADS"])
+    threads = workers.thread_share(count)
     # A worker starts with SIGINT ignored, until its own handler is in place: a Ctrl-C while it
     # imports torch would end it with a traceback. The thread variables are in its environment
     # before torch reads them.

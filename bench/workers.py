@@ -40,9 +40,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_share(workers: int) -> int:
+    """Each of `workers` processes' share of the usable cores, at least one."""
+    return max(1, usable_cores() // workers)
+
+
 def thread_env(workers: int) -> dict[str, str]:
     """Each worker's share of the CPU cores, so K workers do not fight over them."""
-    threads = str(max(1, usable_cores() // workers))
+    threads = str(thread_share(workers))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
