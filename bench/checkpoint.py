@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import torch
 
+from bench import stops
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"\0bench-sha256\0"
@@ -75,21 +77,23 @@ def _write_tmp(state: dict[str, Any], path: Path) -> Path:
 def save(state: dict[str, Any], path: Path) -> None:
     """Write to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
-    tmp = _write_tmp(state, path)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with stops.held():  # a stop in the middle of torch.save would come out as another error
+        tmp = _write_tmp(state, path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def save_rotating(state: dict[str, Any], path: Path) -> None:
     """Like `save`, keeping the file `path` held as `previous(path)`: if the new one is ever
     unreadable (a disk that lied about fsync, a bad copy), the one before it still is."""
     path = Path(path)
-    tmp = _write_tmp(state, path)
-    if path.exists():
-        # A crash between the two renames leaves only previous(path): load_latest reads it.
-        os.replace(path, previous(path))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with stops.held():
+        tmp = _write_tmp(state, path)
+        if path.exists():
+            # A crash between the two renames leaves only previous(path): load_latest reads it.
+            os.replace(path, previous(path))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -208,6 +208,8 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
                     conn.send(("unreachable", str(exc)))
                     continue
                 conn.send(("outcome", {k: v for k, v in vars(outcome).items() if k != "cell"}))
+                if _stopping:  # a stop that some library swallowed: the parent sends no more cells
+                    sys.exit(143 if _stopping[0] == signal.SIGTERM else 130)
         except KeyboardInterrupt as exc:  # the cell's run is KILLED, its checkpoint kept: the parent says the rest
             sys.exit(143 if getattr(exc, "signal_name", "SIGINT") == "SIGTERM" else 130)
         except (EOFError, BrokenPipeError):  # the parent is gone (killed): nobody is left to take an outcome

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import ablation, config, data, engine, lease, logged_model, outage
+from bench import ablation, config, data, engine, lease, logged_model, outage, stops
 from bench.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
@@ -267,6 +267,10 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
             _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")})
         raise
     except Exception as exc:
+        if (stop := stops.within(exc)) is not None:  # an error in the clean-up of a stop is that stop
+            if run_id is not None:
+                _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")})
+            raise stop
         log.error("%s failed:\n%s", cell.name, traceback.format_exc())
         if run_id is not None:
             _end_quietly(tracker, run_id, "FAILED", failure_tags(exc))

@@ -4,11 +4,12 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 
 import pytest
 import torch
 
-from bench import checkpoint
+from bench import checkpoint, cli
 
 
 def test_save_then_load_round_trips_tensors_and_plain_values(tmp_path):
@@ -136,3 +137,29 @@ def test_the_saver_raises_a_failed_write_and_close_waits_for_the_rest(tmp_path):
     with pytest.raises(OSError):
         saver.close()
     assert checkpoint.load(tmp_path / "ok.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("save", [checkpoint.save, checkpoint.save_rotating])
+@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])
+def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_whole(save, signum, stop, tmp_path, monkeypatch):
+    """Raised inside torch.save, a KeyboardInterrupt comes out of its zip writer as a RuntimeError
+    ("unexpected pos"): the cell would fail instead of stopping. The stop waits for the write."""
+    state = {"epoch": 4, "w": torch.arange(50_000.0)}  # large enough to be written in several pieces
+    path = tmp_path / "last.pt"
+    checkpoint.save({"epoch": 3}, path)
+    real, writes = checkpoint._Hashing.write, []
+
+    def write(self, data):
+        writes.append(len(data))
+        if len(writes) == 2:
+            signal.raise_signal(signum)  # its handler runs at the next bytecode, in the middle of torch.save
+        return real(self, data)
+
+    monkeypatch.setattr(checkpoint._Hashing, "write", write)
+    with cli._stopping_on_sigterm(), pytest.raises(stop):
+        save(state, path)
+    assert len(writes) > 2  # the write went on after the signal
+    loaded = checkpoint.load(path)
+    assert loaded["epoch"] == 4 and torch.equal(loaded["w"], state["w"])
+    assert not path.with_name(path.name + ".tmp").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back

@@ -261,3 +261,34 @@ except KeyboardInterrupt:
 """
     done = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "stopped once", done.stderr
+
+
+def test_a_worker_whose_stop_was_swallowed_ends_after_its_outcome(tmp_path, subprocess_env):
+    # A library may catch a stop and return as if nothing happened (the cell ends "failed"): the
+    # worker sends that outcome and exits with the stop's code instead of waiting for a next cell
+    # the stopping parent never sends (it would be killed after 30 s).
+    script = f"""
+import signal, sys, threading
+from multiprocessing import Pipe
+from bench import cli, run_workers, suite
+
+def attempt(cell, **kw):
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        sum(range(1000))  # the handler runs here
+    except KeyboardInterrupt:
+        pass
+    return suite.CellOutcome(cell, "failed", 0, None, None, 0.0, None)
+
+suite.attempt = attempt
+ours, theirs = Pipe()
+args = cli._parser().parse_args(["run", "--suite", "cifar10", "--tracking-uri", "sqlite:///{tmp_path}/mlflow.db"])
+cells = suite.plan(["bottleneck-cifar10"], profile="smoke", seeds=1)
+threading.Thread(target=lambda: ours.send((0, "[1/1]")), daemon=True).start()
+try:
+    run_workers.work(1, "cpu", cells, args, theirs)
+except SystemExit as exc:
+    print("exit", exc.code, [m[0] for m in iter(lambda: ours.poll(1) and ours.recv(), False)])
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "exit 143 ['ready', 'outcome']", done.stderr[-3000:]
