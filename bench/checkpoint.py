@@ -166,7 +166,7 @@ class Saver:
             try:
                 write(state, path)  # nothing runs meanwhile: no copy needed
                 future.set_result(None)
-            except Exception as exc:  # a KeyboardInterrupt goes on up at once: the write did not happen
+            except Exception as exc:  # a stop goes on up: it comes once the write is whole (stops.held), or abandons it
                 future.set_exception(exc)
             self._pending.append((future, info))
             return

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import checkpoint
+from bench import checkpoint, stops
 
 try:
     import resource
@@ -497,9 +497,10 @@ def fit(
         nonlocal last_queued
         announce(keep=1)
         write = checkpoint.save_rotating if kind == "last" else checkpoint.save
-        saver.submit(write, taken if taken is not None else current(epoch), path, (kind, path, epoch))
-        if kind == "last":
-            last_queued = epoch
+        with stops.held():  # a stop during a write on the CPU comes once the write is whole and counted
+            saver.submit(write, taken if taken is not None else current(epoch), path, (kind, path, epoch))
+            if kind == "last":
+                last_queued = epoch
 
     held_out = ["val"] * (data.val is not None) + ["test"] * evaluate_test
     plan = evaluation_plan(cfg.eval, alternatives)
@@ -598,7 +599,9 @@ def fit(
                     for cb in callbacks:
                         cb.on_checkpoint(kind, path, epoch)
         announce(keep=0)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt) and stops.within(exc) is None:
+            raise  # a failure, not a stop (an error a library made of a stop is that stop)
         # The epoch in progress is lost; the last finished one is kept (not where the checkpoints
         # are thrown away after the fit: resume=False).
         keep = (result.epochs_done, None) if live else (unsaved["epoch"], unsaved) if unsaved is not None else (0, None)

@@ -9,32 +9,57 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
+import time
 
 HELD = (signal.SIGINT, signal.SIGTERM)
+INSIST_AFTER_S = 1.0  # a second Ctrl-C this long after the first abandons the wait (a hung disk)
+_holding = threading.local()
 
 
 @contextlib.contextmanager
-def held():
+def held(what: str = "the checkpoint being written"):
     """Inside, a stop signal is noted, not acted on; on leaving, the handlers that were there come
-    back and each noted signal is raised again, in the order it came, as if it arrived then.
-    Outside the main thread (where Python runs no signal handler) it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    back and the first noted signal is raised again, as if it arrived then (its handler may ignore
+    the rest, as the command's do). A second SIGINT at least INSIST_AFTER_S after the first (a user
+    pressing Ctrl-C again at a write that hangs) is acted on at once. Nested, only the outermost
+    holds; outside the main thread (where Python runs no signal handler) it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_holding, "on", False):
         yield
         return
-    noted: list[int] = []
+    noted: dict[int, float] = {}
+    previous: dict[int, object] = {}
+
+    def give_back(signum: int) -> None:
+        if signum in previous:
+            signal.signal(signum, previous[signum])  # may run a pending handler first, and raise
+            del previous[signum]
 
     def note(signum, frame) -> None:
-        if signum not in noted:
-            noted.append(signum)
+        # Left installed if the restore below was cut short by another stop: it acts as the
+        # handler it stands for, and puts that one back.
+        insisted = signum == signal.SIGINT and time.monotonic() - noted.get(signum, float("inf")) >= INSIST_AFTER_S
+        if getattr(_holding, "on", False) and not insisted:
+            if not noted:
+                print(f"bench: stopping once {what} is whole (Ctrl-C again to abandon it)", file=sys.stderr, flush=True)
+            noted.setdefault(signum, time.monotonic())
+            return
+        noted.pop(signum, None)
+        give_back(signum)
+        signal.raise_signal(signum)
 
-    previous = {signum: signal.signal(signum, note) for signum in HELD}
     try:
+        _holding.on = True
+        for signum in HELD:
+            if signal.getsignal(signum) is not None:  # None: a handler set from C, which cannot be put back
+                previous[signum] = signal.signal(signum, note)
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in noted:
+        _holding.on = False
+        for signum in HELD:
+            give_back(signum)
+        for signum in list(noted)[:1]:
             signal.raise_signal(signum)
 
 

@@ -268,9 +268,10 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         raise
     except Exception as exc:
         if (stop := stops.within(exc)) is not None:  # an error in the clean-up of a stop is that stop
+            log.warning("%s: stopped; the clean-up after the stop failed: %s", cell.name, reason(exc))
             if run_id is not None:
                 _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")})
-            raise stop
+            raise stop from None
         log.error("%s failed:\n%s", cell.name, traceback.format_exc())
         if run_id is not None:
             _end_quietly(tracker, run_id, "FAILED", failure_tags(exc))
@@ -343,6 +344,8 @@ def attempt(cell: Cell, **kwargs) -> CellOutcome:
     except outage.Unavailable:
         raise
     except Exception as exc:
+        if (stop := stops.within(exc)) is not None:
+            raise stop from None
         log.error("%s failed: %s", cell.name, reason(exc))
         return CellOutcome(cell, "failed", 0, None, None, 0.0, None)
 

@@ -24,9 +24,9 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from bench import config, console, data, engine, outage, sampling
+from bench import config, console, data, engine, outage, sampling, stops
 from bench.callbacks import Callback, ConsoleProgress
-from bench.errors import UserError, failure_tags, unusable
+from bench.errors import UserError, failure_tags, reason, unusable
 from bench.models import create_model
 from bench.urls import redact
 
@@ -303,6 +303,11 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         failure = {"bench.failure": "tracking_unavailable" if away != STORAGE else "storage_unavailable", "bench.failure_reason": str(exc)}
         raise
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
+        if (stop := stops.within(exc)) is not None:  # an error a library made of a stop: that stop
+            log.warning("trial %d of study %s: stopped; the clean-up after the stop failed: %s", trial.number, study, reason(exc))
+            failure = {"bench.failure": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")}
+            status = "KILLED"
+            raise stop from None
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
         failure = failure_tags(exc)
         # Where it failed, as a failed cell shows it: optuna's own warning with it is hidden without --debug.

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from bench import checkpoint, cli
+from bench import checkpoint, cli, stops
 
 
 def test_save_then_load_round_trips_tensors_and_plain_values(tmp_path):
@@ -156,10 +156,57 @@ def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_who
         return real(self, data)
 
     monkeypatch.setattr(checkpoint._Hashing, "write", write)
-    with cli._stopping_on_sigterm(), pytest.raises(stop):
-        save(state, path)
+    with cli._stopping_on_sigterm():
+        with pytest.raises(stop):
+            save(state, path)
+        handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert len(writes) > 2  # the write went on after the signal
     loaded = checkpoint.load(path)
     assert loaded["epoch"] == 4 and torch.equal(loaded["w"], state["w"])
     assert not path.with_name(path.name + ".tmp").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    # The handlers are given back (the command's SIGTERM handler puts itself aside once it has run).
+    assert handlers == (signal.default_int_handler, signal.SIG_IGN if signum == signal.SIGTERM else cli._terminated)
+
+
+def test_ctrl_c_again_at_a_write_that_hangs_abandons_it(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"epoch": 3}, path)
+    real, writes = checkpoint._Hashing.write, []
+
+    def write(self, data):
+        writes.append(len(data))
+        if len(writes) in (2, 4):  # a first Ctrl-C, and a second one INSIST_AFTER_S later
+            signal.raise_signal(signal.SIGINT)
+        return real(self, data)
+
+    monkeypatch.setattr(checkpoint._Hashing, "write", write)
+    monkeypatch.setattr(stops, "INSIST_AFTER_S", 0.0)
+    with pytest.raises(Exception) as stopped:
+        checkpoint.save_rotating({"epoch": 4, "w": torch.arange(50_000.0)}, path)
+    assert len(writes) == 4  # abandoned at the second
+    assert isinstance(stops.within(stopped.value), KeyboardInterrupt)  # torch's error, made of the stop
+    assert checkpoint.load_latest(path)["epoch"] == 3  # the checkpoint before is untouched
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_handler_left_in_place_by_a_cut_short_restore_acts_as_the_one_it_stands_for(monkeypatch):
+    # A stop that lands between putting back SIGINT's handler and SIGTERM's leaves the stand-in
+    # installed for SIGTERM: the next SIGTERM must still stop the command, not be noted forever.
+    real = signal.signal
+
+    def cut_short(signum, handler):
+        if signum == signal.SIGTERM and getattr(handler, "__name__", "") != "note":
+            monkeypatch.setattr(signal, "signal", real)
+            raise KeyboardInterrupt  # the SIGINT that came just then
+        return real(signum, handler)
+
+    with cli._stopping_on_sigterm():
+        monkeypatch.setattr(signal, "signal", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            with stops.held():
+                pass
+        assert signal.getsignal(signal.SIGTERM).__name__ == "note"
+        with pytest.raises(cli.Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # cli's handler ran, and put itself aside
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -4,6 +4,7 @@ losses, schedules and evaluation modes. Tiny ResNet-B on the embedded CIFAR-10 s
 from __future__ import annotations
 
 import math
+import signal
 import os
 import subprocess
 import sys
@@ -227,11 +228,21 @@ class Interrupter(Callback):
             raise KeyboardInterrupt
 
 
-def interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference) -> int:
+class MadeAnError(Interrupter):
+    """Ctrl-C that a library turned into its own error while it cleaned up (as torch.save does)."""
+
+    def on_train_steps(self, step: int, metrics: dict[str, float]) -> None:
+        try:
+            super().on_train_steps(step, metrics)
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 54080 vs 53968")
+
+
+def interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference, stop=KeyboardInterrupt) -> int:
     """Fit until `interrupter` stops it, then in a new process resume to the end: the epoch the
     interruption kept (0: none). The resumed run must end as the uninterrupted one did."""
     model, bundle = fresh(cfg, files)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path, callbacks=[interrupter])
     kept = checkpoint.load_latest(tmp_path / engine.LAST)
     del model, bundle
@@ -262,6 +273,31 @@ def test_an_interruption_during_an_epoch_keeps_the_one_before(reference, files, 
     cfg = make_cfg("train.log_every_steps=1")
     steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
     assert interrupted_then_resumed(cfg, files, tmp_path, Interrupter(in_epoch=4, steps_per_epoch=steps), reference) == 3
+
+
+def test_an_interruption_a_library_made_an_error_of_keeps_the_epoch_before(reference, files, tmp_path):
+    """As Ctrl-C in epoch 4's training: epoch 3 is written from its copy."""
+    cfg = make_cfg("train.log_every_steps=1")
+    steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
+    interrupter = MadeAnError(in_epoch=4, steps_per_epoch=steps)
+    assert interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference, stop=RuntimeError) == 3
+
+
+def test_ctrl_c_during_a_due_checkpoint_write_comes_after_it_and_it_is_written_once(reference, files, tmp_path, monkeypatch):
+    """The signal itself, in the middle of epoch 2's checkpoint (on the CPU, in the training
+    thread): the write finishes, and counts, before the stop."""
+    real = checkpoint.save_rotating
+    calls = []
+
+    def signalled_in_the_first(state, path):
+        calls.append(state["epoch"])
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_rotating", signalled_in_the_first)
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(), reference) == 2
+    assert calls[:2] == [2, 4]  # epoch 2 once, then the resumed run's next
 
 
 def test_an_interruption_during_a_due_checkpoint_write_still_keeps_that_epoch(reference, files, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bench import cli, config, sampling, tuning
+from bench import cli, config, engine, sampling, tuning
 from bench.errors import UserError
 
 from conftest import TINY_SETS
@@ -309,6 +309,28 @@ def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_p
     assert all(len(v) == 1 for v in by_trial.values())  # each trial exactly one child run
     dead = by_trial["1"][0]
     assert (dead.info.status, dead.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+
+
+def test_a_stop_a_library_made_an_error_of_ends_the_trial_as_a_stop(in_tmp, monkeypatch):
+    """SIGTERM that torch.save (say) turned into its own error while it cleaned up: the trial is
+    interrupted and queued again, not failed as an error the study goes on past."""
+    fit = engine.fit
+
+    def stopped_in_a_write(*args, **kwargs):
+        fit(*args, max_epochs=1, **kwargs)
+        try:
+            raise cli.Terminated()
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54080 vs 53968")
+
+    monkeypatch.setattr(engine, "fit", stopped_in_a_write)
+    assert cli.main([*TUNE, "--trials", "3"]) == 143
+    study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[0].user_attrs["bench.failure"] == "interrupted"
+    assert study.trials[1].user_attrs["bench.retry_of"] == 0
+    _, [child] = _children("sqlite:///mlflow.db")
+    assert (child.info.status, child.data.tags["bench.interrupted_by"]) == ("KILLED", "SIGTERM")
 
 
 def test_a_trial_stopped_by_sigterm_is_queued_again_with_its_parameters(tmp_path, subprocess_env):
