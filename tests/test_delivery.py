@@ -207,13 +207,17 @@ def test_a_cell_stopped_by_an_outage_keeps_its_metrics_and_the_same_command_fini
 
 def test_the_study_storage_waits_out_dropped_connections(tmp_path, monkeypatch):
     monkeypatch.setenv(outage.LIMIT_ENV, "60")
+    monkeypatch.setattr(outage, "FIRST_DELAY_S", 0.02)  # the same retries, without a minute of waits
     storage = Storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     chance = random.Random(0)
     drops = iter([chance.random() < 0.15 for _ in range(150)])  # about one statement in seven fails, for a while
 
+    dropped = []
+
     @sqlalchemy.event.listens_for(storage.engine, "before_cursor_execute")
     def drop(conn, cursor, statement, params, context, executemany):
         if next(drops, False):
+            dropped.append(statement)
             raise sqlalchemy.exc.OperationalError(statement, params, Exception("server closed the connection unexpectedly"))
 
     study = optuna.create_study(storage=storage, study_name="s")
@@ -227,6 +231,7 @@ def test_the_study_storage_waits_out_dropped_connections(tmp_path, monkeypatch):
     study.optimize(objective, n_trials=3)
     sqlalchemy.event.remove(storage.engine, "before_cursor_execute", drop)
     trials = study.get_trials()
+    assert len(dropped) >= 10
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert all(t.intermediate_values == {0: 0.0, 1: t.params["x"], 2: 2 * t.params["x"]} for t in trials)
 
