@@ -329,7 +329,7 @@ def test_a_stop_a_library_made_an_error_of_ends_the_trial_as_a_stop(in_tmp, monk
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
     assert study.trials[0].user_attrs["bench.failure"] == "interrupted"
     assert study.trials[1].user_attrs["bench.retry_of"] == 0
-    _, [child] = _children("sqlite:///mlflow.db")
+    _, [child] = _children(f"sqlite:///{in_tmp / 'mlflow.db'}")  # absolute: MLflow keeps one engine per URI in a process
     assert (child.info.status, child.data.tags["bench.interrupted_by"]) == ("KILLED", "SIGTERM")
 
 
