@@ -102,6 +102,7 @@ def environment_tags(device_name: str) -> dict[str, str]:
         "bench.cuda": torch.version.cuda or "none",  # the CUDA torch was built with
         "bench.cudnn": str(cudnn) if cudnn else "none",
         "bench.device": device_name,
+        "bench.threads": str(torch.get_num_threads()),  # the CPU's numbers depend on it (and so does its speed)
     }
     commit = git_commit()
     if commit:

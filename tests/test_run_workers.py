@@ -90,6 +90,7 @@ def test_two_workers_train_every_cell_once_as_one_process_does(tmp_path, subproc
     ours, theirs = cell_runs(tmp_path), cell_runs(alone)
     for cell, [run] in ours.items():
         assert histories(tmp_path, run) == histories(alone, theirs[cell][0]), cell
+        assert run.data.tags["bench.threads"] == theirs[cell][0].data.tags["bench.threads"] == threads, cell
 
     code, out, err = finish(bench([*args, "--workers", "2"], tmp_path, subprocess_env))
     assert code == 0, err[-3000:]

@@ -104,6 +104,7 @@ def test_tags_identify_the_cell_and_the_environment(first):
     assert tags["bench.torch"] == torch.__version__
     assert tags["bench.torchvision"] == torchvision.__version__
     assert tags["bench.device"] == f"cpu ({os.cpu_count()} cores)"
+    assert tags["bench.threads"] == "1"  # as the tests train (conftest)
     assert tags["bench.python"] == platform.python_version() and tags["bench.numpy"] == np.__version__
     assert tags["bench.status"] == "finished"
     assert tags["bench.epochs_done"] == "2"
