@@ -166,7 +166,9 @@ class Saver:
             try:
                 write(state, path)  # nothing runs meanwhile: no copy needed
                 future.set_result(None)
-            except Exception as exc:  # a stop goes on up: it comes once the write is whole (stops.held), or abandons it
+            except Exception as exc:
+                if stops.within(exc) is not None:  # a write abandoned at a second Ctrl-C: the stop goes on up now
+                    raise
                 future.set_exception(exc)
             self._pending.append((future, info))
             return

@@ -605,9 +605,10 @@ def fit(
         # The epoch in progress is lost; the last finished one is kept (not where the checkpoints
         # are thrown away after the fit: resume=False).
         keep = (result.epochs_done, None) if live else (unsaved["epoch"], unsaved) if unsaved is not None else (0, None)
-        if resume and keep[0] > last_queued:
-            save(last_path, "last", *keep)
-            announce(keep=0)
+        if resume and keep[0] > last_queued and not stops.abandoned():  # (a write given up at Ctrl-C: not again)
+            with stops.held("the last finished epoch's checkpoint"):  # written and handed to the callbacks (uploaded)
+                save(last_path, "last", *keep)
+                announce(keep=0)
         raise
     finally:
         saver.close()

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import checkpoint, config, data, engine, reference as reported
+from bench import checkpoint, config, data, engine, stops
+from bench import reference as reported
 from bench.callbacks import Callback
 from bench.config import EvalConfig, OptimConfig, ScheduleConfig
 from bench.data import cifar
@@ -298,6 +299,75 @@ def test_ctrl_c_during_a_due_checkpoint_write_comes_after_it_and_it_is_written_o
     monkeypatch.setattr(checkpoint, "save_rotating", signalled_in_the_first)
     assert interrupted_then_resumed(make_cfg(), files, tmp_path, Interrupter(), reference) == 2
     assert calls[:2] == [2, 4]  # epoch 2 once, then the resumed run's next
+
+
+class Heard(Interrupter):
+    """An Interrupter that also notes the epochs and checkpoints it hears of."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.epochs: list[int] = []
+        self.checkpoints: list[tuple[str, int]] = []
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.epochs.append(epoch)
+        super().on_epoch_end(epoch, metrics)
+
+    def on_checkpoint(self, kind: str, path: Path, epoch: int) -> None:
+        self.checkpoints.append((kind, epoch))
+        super().on_checkpoint(kind, path, epoch)
+
+
+@pytest.mark.parametrize("where, heard_epochs", [("torch.save of epoch 1's best", []), ("fsync of epoch 2's last", [1, 2])])
+def test_ctrl_c_again_in_a_slow_checkpoint_write_gives_it_up_at_once_and_for_good(where, heard_epochs, reference, files, tmp_path, monkeypatch):
+    """Two Ctrl-Cs in a checkpoint write, the second past INSIST_AFTER_S: the stop comes at once
+    (whether torch makes an error of it or not: no callback hears of the epoch after), and the
+    stop does not write that checkpoint again, nor keep an epoch without it."""
+    writing = []
+
+    def noting(real, kind):
+        def call(state, path):
+            writing.append((kind, state["epoch"]))
+            real(state, path)
+        return call
+
+    def signalling(real, kind, epoch, signals):
+        def call(*args):
+            if writing[-1:] == [(kind, epoch)] and writing.count((kind, epoch)) == 1:  # the first such write
+                for _ in range(next(signals, 0)):
+                    signal.raise_signal(signal.SIGINT)
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(checkpoint, "save", noting(checkpoint.save, "best"))
+    monkeypatch.setattr(checkpoint, "save_rotating", noting(checkpoint.save_rotating, "last"))
+    if where.startswith("torch.save"):  # a Ctrl-C as the 2nd piece is written, another at the 4th
+        monkeypatch.setattr(checkpoint._Hashing, "write", signalling(checkpoint._Hashing.write, "best", 1, iter([0, 1, 0, 1])))
+    else:  # both as the file is fsynced, before its rename
+        monkeypatch.setattr(checkpoint.os, "fsync", signalling(os.fsync, "last", 2, iter([2])))
+    monkeypatch.setattr(stops, "INSIST_AFTER_S", 0.0)
+    heard = Heard()
+    stop = RuntimeError if where.startswith("torch.save") else KeyboardInterrupt
+    assert interrupted_then_resumed(make_cfg(), files, tmp_path, heard, reference, stop=stop) == 0
+    assert heard.epochs == heard_epochs
+
+
+def test_a_quick_second_ctrl_c_while_a_stop_writes_the_last_epoch_waits_until_it_is_handed_on(reference, files, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 4 keeps epoch 3 from its copy; another Ctrl-C during that write comes once
+    the callbacks have the checkpoint (MLflow uploads it: a resume elsewhere starts from it)."""
+    real = checkpoint.save_rotating
+
+    def signalled_at_3(state, path):
+        if state["epoch"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_rotating", signalled_at_3)
+    cfg = make_cfg("train.log_every_steps=1")
+    steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
+    heard = Heard(in_epoch=4, steps_per_epoch=steps)
+    assert interrupted_then_resumed(cfg, files, tmp_path, heard, reference) == 3
+    assert ("last", 3) in heard.checkpoints
 
 
 def test_an_interruption_during_a_due_checkpoint_write_still_keeps_that_epoch(reference, files, tmp_path, monkeypatch):
