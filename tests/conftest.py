@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +15,19 @@ torch.set_num_threads(1)
 # Overrides that shrink the CIFAR-10 bottleneck models (resnetb-cifar10, bottleneck-cifar10)
 # to a few thousand parameters: an epoch of the embedded subset takes about a second.
 TINY_SETS = ["model.widths=[4,8,8]", "model.blocks_per_stage=1", "model.stem_width=4"]
+
+
+@pytest.fixture(autouse=True)
+def as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even where the tests were started as a
+    background job (whose SIGINT is ignored); and what a test's in-process commands put in
+    os.environ (the outage limit, thread counts for their workers) does not reach later tests."""
+    environ, sigint = dict(os.environ), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, sigint)
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def test_an_error_before_training_fails_that_cell_and_the_suite_goes_on(in_tmp, 
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("resnetb-cifar10/")}
     assert rows == {"resnetb-cifar10/smoke/seed0": "failed", "resnetb-cifar10/smoke/seed1": "finished"}
     assert "1 of 2 cells did not finish: resnetb-cifar10/smoke/seed0" in err
-    run = MlflowClient("sqlite:///mlflow.db").get_run(run_id)
+    run = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["bench.failure"] == "error"
     assert run.data.tags["bench.failure_reason"].startswith(("IsADirectoryError", "OSError")), run.data.tags

@@ -95,20 +95,27 @@ def reference(tmp_path_factory, env):
     return {"cwd": cwd, "startup": startup, "per_epoch": per_epoch}
 
 
-def kill_at(proc: subprocess.Popen, moment: float, cap: str) -> str | None:
-    """SIGKILL `proc` at `moment` seconds, or at once when it prints `cap`, whichever comes first.
-    None once killed; how it ended when it exited by itself before either."""
-    capped = threading.Event()
+def kill_at(proc: subprocess.Popen, moment: float, cap: str, after: str | None = None) -> str | None:
+    """SIGKILL `proc` `moment` seconds after it starts (or after it prints `after`), or at once when
+    it prints `cap`, whichever comes first. None once killed; how it ended when it exited by itself
+    before either."""
+    capped, begun = threading.Event(), threading.Event()
     tail: list[str] = []
+    if after is None:
+        begun.set()
 
     def read() -> None:  # also drains stderr, which would block a chatty run once the pipe is full
         for line in proc.stderr:
             tail[:] = (tail + [line])[-15:]
+            if after is not None and after in line:
+                begun.set()
             if cap in line:
                 capped.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    while not begun.is_set() and not capped.is_set() and proc.poll() is None:
+        begun.wait(0.01)
     deadline = time.monotonic() + moment
     while not capped.is_set() and proc.poll() is None and time.monotonic() < deadline:
         capped.wait(0.01)
@@ -132,13 +139,19 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(reference, tmp
         # start-up is a cold one and later ones can be much quicker, so a kill comes no later than
         # three epochs past where the run resumed: five kills leave epochs for the last run to train.
         moment = rng.uniform(reference["startup"] / 2, reference["startup"] + 3 * reference["per_epoch"])
-        ended = kill_at(proc, moment, cap=f": epoch {resumed + 3}/{EPOCHS}")
+        after = None
+        if kills % 2:
+            # Every other kill lands in training, after the checkpoint of the epoch after the one
+            # resumed from is written (once the next epoch is reported): whatever the machine's
+            # load does to the start-up's length, the run gets further between the kills.
+            moment, after = rng.uniform(0, reference["per_epoch"]), f": epoch {resumed + 2}/{EPOCHS}"
+        ended = kill_at(proc, moment, cap=f": epoch {resumed + 3}/{EPOCHS}", after=after)
         if ended is not None:
             pytest.fail(f"the run ended before kill {kills + 1} (at {moment:.1f} s, resumed after epoch {resumed}), {ended}")
         kills += 1
-        moments.append((round(moment, 2), checkpointed_epoch(tmp_path)))
+        moments.append((round(moment, 2), after or "start", checkpointed_epoch(tmp_path)))
     # The kills landed in training, not only in start-up: the run got further between them.
-    assert len({epoch for _, epoch in moments}) >= 3, moments
+    assert len({epoch for *_, epoch in moments}) >= 3, moments
     proc = start(tmp_path, env)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err

@@ -42,7 +42,7 @@ NEEDS: dict[str, tuple[str, str]] = {
     "nvidia-ml-py": ("12.535", "nvmlDeviceGetMemoryInfo / GetUtilizationRates / GetPowerUsage for MLflow's GPU "
                                "metrics (not tested below 12.535)"),
     "pytest": ("9.1", "caplog captures records of non-propagating loggers (MLflow's)"),
-    "pytest-xdist": ("3.6.1", "workers run the tests in their main thread, where the signal tests must run"),
+    "pytest-xdist": ("3.6.1", "workers run the tests in their main thread, where the signal tests must run (3.6.0, yanked)"),
     "hypothesis": ("6.85", "st.characters(codec=..., categories=...)"),
     "optuna-dashboard": ("0.15", "serves an Optuna 5 study (test_tuning)"),
     "psycopg": ("3.1.4", "the first 3.1 with binary wheels for Python 3.11"),

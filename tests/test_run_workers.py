@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
-from bench import cli, suite
+from bench import cli, suite, workers
 
 from conftest import TINY_SETS
 
@@ -76,7 +76,7 @@ def test_two_workers_train_every_cell_once_as_one_process_does(tmp_path, subproc
     alone = tmp_path / "alone"
     alone.mkdir()
     # Each of 2 workers has half the cores; one process with as many threads computes the same numbers.
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    threads = str(workers.thread_share(2))
     code, _, err = finish(bench(args, alone, {**subprocess_env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}))
     assert code == 0, err[-3000:]
 
