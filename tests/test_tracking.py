@@ -20,7 +20,7 @@ from bench import cli, engine, suite, tracking
 from bench.delivery import Writer
 from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, local_artifact_dir, resolve_uri, ui_command
 
-from conftest import TINY_SETS
+from conftest import TINY_SETS, fit_stopped_in_a_write
 
 CPU = torch.device("cpu")
 EXPERIMENT = "resnetb-cifar10"
@@ -384,15 +384,7 @@ def test_an_error_in_the_clean_up_of_a_stop_is_that_stop_and_the_cell_resumes(in
     """A stop that a library turns into another error while it cleans up (torch.save's zip writer
     does) ends the run KILLED and resumable, not FAILED, and goes on up as the stop."""
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
-    fit = engine.fit
-
-    def stopped_in_a_write(*args, **kwargs):
-        fit(*args, max_epochs=1, **kwargs)
-        try:
-            raise cli.Terminated()
-        except KeyboardInterrupt:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54080 vs 53968")
-
+    stopped_in_a_write = fit_stopped_in_a_write(engine.fit)
     with monkeypatch.context() as mp:
         mp.setattr(engine, "fit", stopped_in_a_write)
         with pytest.raises(cli.Terminated):

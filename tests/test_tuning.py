@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from bench import cli, config, engine, sampling, tuning
 from bench.errors import UserError
 
-from conftest import TINY_SETS
+from conftest import TINY_SETS, fit_stopped_in_a_write
 from servers import DIRECT
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
@@ -314,15 +314,7 @@ def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_p
 def test_a_stop_a_library_made_an_error_of_ends_the_trial_as_a_stop(in_tmp, monkeypatch):
     """SIGTERM that torch.save (say) turned into its own error while it cleaned up: the trial is
     interrupted and queued again, not failed as an error the study goes on past."""
-    fit = engine.fit
-
-    def stopped_in_a_write(*args, **kwargs):
-        fit(*args, max_epochs=1, **kwargs)
-        try:
-            raise cli.Terminated()
-        except KeyboardInterrupt:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54080 vs 53968")
-
+    stopped_in_a_write = fit_stopped_in_a_write(engine.fit)
     monkeypatch.setattr(engine, "fit", stopped_in_a_write)
     assert cli.main([*TUNE, "--trials", "3"]) == 143
     study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
