@@ -62,7 +62,13 @@ def check_study(servers, study_name: str, trials: int) -> optuna.Study:
     assert len(parents) == 1
     per_trial = Counter(int(r.data.tags["optuna.trial"]) for r in children)
     ran = [t for t in all_trials if not t.user_attrs.get("bench.surplus")]
-    assert per_trial == Counter(t.number for t in ran)  # one child run per trial that ran, none twice
+    assert set(per_trial.values()) == {1} and set(per_trial) <= {t.number for t in ran}  # none twice, none astray
+    # A trial with no run: its worker was killed after optuna made the trial and before bench made
+    # its run (the kill can land a trial later than the line the test saw): failed, and tried again.
+    retried = {t.system_attrs.get("failed_trial") for t in all_trials} | {t.user_attrs.get("bench.retry_of") for t in all_trials}
+    for t in ran:
+        if t.number not in per_trial:
+            assert t.state == optuna.trial.TrialState.FAIL and "mlflow_run_id" not in t.user_attrs and t.number in retried, t
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     for t in study.get_trials(deepcopy=False, states=tuning.FINISHED):
         assert t.user_attrs["mlflow_run_id"] in {r.info.run_id for r in children}
@@ -106,12 +112,16 @@ def test_a_worker_killed_mid_trial_is_replaced_by_the_others(servers, tmp_path, 
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     study = check_study(servers, "killed", 6)
-    dead = study.trials[killed_trial]
-    assert dead.state == optuna.trial.TrialState.FAIL
-    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_trial]
+    # The trial the victim was in: trial N, or a later one when the victim ran ahead of this reader.
+    [dead] = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert dead.number >= killed_trial
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
     assert len(retried) == 1 and retried[0].params == dead.params and retried[0].state in tuning.FINISHED
-    run = MlflowClient(servers["tracking"]).get_run(dead.user_attrs["mlflow_run_id"])
-    assert (run.info.status, run.data.tags["optuna.state"]) == ("FAILED", "FAIL")
+    # Its run failed with it; only a later trial may have been killed before bench made its run.
+    assert "mlflow_run_id" in dead.user_attrs or dead.number > killed_trial
+    if "mlflow_run_id" in dead.user_attrs:
+        run = MlflowClient(servers["tracking"]).get_run(dead.user_attrs["mlflow_run_id"])
+        assert (run.info.status, run.data.tags["optuna.state"]) == ("FAILED", "FAIL")
 
 
 def test_a_suite_in_two_shards_runs_every_cell_once(servers, tmp_path, subprocess_env):
