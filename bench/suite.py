@@ -263,14 +263,12 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
         drop_pinned(cell.checkpoint_dir(checkpoint_root))
         raise
     except KeyboardInterrupt as exc:
-        if run_id is not None:
-            _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")})
+        _end_interrupted(tracker, run_id, exc)
         raise
     except Exception as exc:
         if (stop := stops.within(exc)) is not None:  # an error in the clean-up of a stop is that stop
             log.warning("%s: stopped; the clean-up after the stop failed: %s", cell.name, reason(exc))
-            if run_id is not None:
-                _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")})
+            _end_interrupted(tracker, run_id, stop)
             raise stop from None
         log.error("%s failed:\n%s", cell.name, traceback.format_exc())
         if run_id is not None:
@@ -283,6 +281,12 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
 
 
 STOP_WAIT_S = 10.0  # the longest a stop waits for the store to hear of it
+
+
+def _end_interrupted(tracker: Tracker, run_id: str | None, stop: KeyboardInterrupt) -> None:
+    """The cell's run (if it has one) KILLED by `stop`, resumable."""
+    if run_id is not None:
+        _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")})
 
 
 def _end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> None:

@@ -293,8 +293,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
             state = "PRUNED" if pruning.pruned_at is not None else "COMPLETE"
     except KeyboardInterrupt as exc:
         # Preempted (SIGTERM) or Ctrl-C: optuna fails the trial; `optimize` queues its retry.
-        failure = {"bench.failure": "interrupted", "bench.interrupted_by": getattr(exc, "signal_name", "SIGINT")}
-        status = "KILLED"
+        failure, status = _interrupted(exc)
         raise
     except outage.Unavailable as exc:
         # The worker stops; the trial is failed and queued again with its values (the tracking
@@ -305,8 +304,7 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
         if (stop := stops.within(exc)) is not None:  # an error a library made of a stop: that stop
             log.warning("trial %d of study %s: stopped; the clean-up after the stop failed: %s", trial.number, study, reason(exc))
-            failure = {"bench.failure": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")}
-            status = "KILLED"
+            failure, status = _interrupted(stop)
             raise stop from None
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
         failure = failure_tags(exc)
@@ -323,6 +321,11 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     if state == "PRUNED":
         raise optuna.TrialPruned(f"epoch {pruning.pruned_at}")
     return float(result.best_val_acc) if state == "COMPLETE" else math.nan  # optuna fails a trial whose value is nan
+
+
+def _interrupted(stop: KeyboardInterrupt) -> tuple[dict[str, str], str]:
+    """The failure tags and the MLflow status of a trial `stop` ended."""
+    return {"bench.failure": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")}, "KILLED"
 
 
 STORAGE = "Optuna storage"  # outage.Unavailable.what of the study's database
