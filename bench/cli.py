@@ -12,10 +12,11 @@ import sys
 import threading
 from pathlib import Path
 
-from bench import config, console, hostmem, outage, stores
+from bench import config, console, hostmem
+from bench.servers import retry as outage, checks as stores
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
-from bench.urls import password, redact, scrub
+from bench.servers.urls import password, redact, scrub
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a scheduler may run the job again
@@ -161,7 +162,7 @@ def cmd_run(args) -> int:
         else:
             print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {_count(seeds, 'seed')}), profile {args.profile}{which}")
         if args.workers > 1 and cells:
-            from bench import run_workers
+            from bench.suite import workers as run_workers
 
             on = ", ".join(f"worker {i + 1} on {d}" for i, d in enumerate(run_workers.devices(args.device, count)))
             print(f"{_count(count, 'worker')} would start: {on}")
@@ -172,7 +173,7 @@ def cmd_run(args) -> int:
     from bench.tracking import Tracker, ui_command
 
     if count > 1:
-        from bench import run_workers
+        from bench.suite import workers as run_workers
 
         run_workers.devices(args.device, count)  # a worker's device that is not there stops here, before any worker starts
         suite.create_experiments(cells, Tracker(uri))
@@ -191,7 +192,8 @@ def cmd_run(args) -> int:
 def cmd_tune(args) -> int:
     import os
 
-    from bench import engine, sampling, suite, tuning, workers
+    from bench import engine, suite, tuning, workers
+    from bench.tuning import sampling
     from bench.tracking import Tracker, resolve_uri, ui_command
 
     for value, flag, least in ((args.trials, "--trials", 1), (args.epochs, "--epochs", 1), (args.heartbeat, "--heartbeat", 1), (args.workers, "--workers", 0)):
@@ -356,7 +358,7 @@ def _studies(storage: str | None, experiments: list[str]):
 
 
 def cmd_register(args) -> int:
-    from bench import logged_model
+    from bench.tracking import model as logged_model
     from bench.tracking import Tracker, resolve_uri
 
     if args.epochs is not None and args.epochs < 1:
@@ -373,7 +375,8 @@ def cmd_register(args) -> int:
 def cmd_perf(args) -> int:
     import json
 
-    from bench import engine, perf, perf_workers
+    from bench import engine, perf
+    from bench.perf import workers as perf_workers
     from bench.models import list_models
 
     if args.workers is not None and min(args.workers) < 1:

@@ -11,7 +11,7 @@ def unusable(what: str, url: str, exc: BaseException, hint: str = "") -> UserErr
     """`<what> <url> is not usable: <why>` with the password hidden (in the reason too, should a
     driver quote it) and the innermost cause's first line as the reason (the driver's own words,
     not a wrapper's)."""
-    from bench.urls import redact, scrub
+    from bench.servers.urls import redact, scrub
 
     return UserError(f"{what} {redact(url)} is not usable: {scrub(reason(exc), [url])}{hint}")
 

@@ -235,7 +235,8 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
 
 
 def test_a_study_records_the_config_it_starts_from(in_tmp):
-    from bench import sampling, tuning
+    from bench import tuning
+    from bench.tuning import sampling
 
     def opened(sets: list[str], name: str = f"{HW4}-smoke"):
         base = config.load(HW4, profile="smoke", sets=sets)
@@ -289,7 +290,8 @@ def test_a_variant_the_data_cannot_hold_is_named_before_anything_trains(experime
 def test_a_study_an_older_bench_made_is_not_given_a_base_it_may_not_have_tuned(in_tmp):
     import optuna
 
-    from bench import sampling, tuning
+    from bench import tuning
+    from bench.tuning import sampling
 
     base = config.load(HW4, profile="smoke")
     space = tuning.search_space(HW4, base)

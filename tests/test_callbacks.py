@@ -1,6 +1,6 @@
 import io
 
-from bench.callbacks import Callback, ConsoleProgress
+from bench.engine.callbacks import Callback, ConsoleProgress
 
 METRICS = {"train_loss": 2.5, "test_acc": 0.25, "epoch_time_s": 1.5}
 

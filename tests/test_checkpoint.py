@@ -9,7 +9,8 @@ import signal
 import pytest
 import torch
 
-from bench import checkpoint, cli, stops
+from bench import cli
+from bench.engine import checkpoint, stops
 
 
 def test_save_then_load_round_trips_tensors_and_plain_values(tmp_path):
@@ -63,7 +64,7 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(damag
     damage(path)
     with pytest.raises(checkpoint.CorruptCheckpoint, match=why):
         checkpoint.load(path)
-    with caplog.at_level(logging.WARNING, logger="bench.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="bench.engine.checkpoint"):
         state = checkpoint.load_latest(path)
     assert state["epoch"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

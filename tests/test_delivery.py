@@ -21,9 +21,12 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
 from optuna.storages import RDBStorage
 
-from bench import delivery, engine, lease, outage, suite
+from bench import engine, suite
+from bench.tracking import delivery
+from bench.suite import claims as lease
+from bench.servers import retry as outage
 from bench.errors import UserError
-from bench.optuna_storage import TOKEN, Storage
+from bench.tuning.database import TOKEN, Storage
 from bench.tracking import Tracker
 
 from conftest import TINY_SETS

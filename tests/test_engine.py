@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import checkpoint, config, data, engine, stops
+from bench import config, data, engine
+from bench.engine import checkpoint, stops
 from bench import reference as reported
-from bench.callbacks import Callback
+from bench.engine.callbacks import Callback
 from bench.config import EvalConfig, OptimConfig, ScheduleConfig
 from bench.data import cifar
 from bench.errors import UserError
@@ -499,15 +500,15 @@ def test_the_cuda_generator_saved_and_restored_is_the_run_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.ones(2, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, state.tolist())))
     gen, cuda1 = torch.Generator(), torch.device("cuda", 1)
-    state = engine._rng_state(gen, cuda1)
+    state = engine.loop._rng_state(gen, cuda1)
     assert set(state) == {"torch", "data", "cuda"}
-    engine._set_rng_state(state, gen, cuda1)
+    engine.loop._set_rng_state(state, gen, cuda1)
     assert calls == [("get", cuda1), ("set", cuda1, [1, 1])]
     # A run on the CPU has no CUDA generator to keep, even where CUDA is present; one resumed on
     # the CPU from a checkpoint written on CUDA leaves CUDA alone.
     calls.clear()
-    assert set(engine._rng_state(gen, CPU)) == {"torch", "data"}
-    engine._set_rng_state(state, gen, CPU)
+    assert set(engine.loop._rng_state(gen, CPU)) == {"torch", "data"}
+    engine.loop._set_rng_state(state, gen, CPU)
     assert calls == []
 
 
@@ -515,11 +516,11 @@ def test_the_cuda_generator_saved_and_restored_is_the_run_devices(monkeypatch):
 def test_the_run_devices_cuda_generator_round_trips():
     device = torch.device("cuda", torch.cuda.device_count() - 1)  # not the current device where there are two
     gen = torch.Generator(device=device).manual_seed(0)
-    state = engine._rng_state(gen, device)
+    state = engine.loop._rng_state(gen, device)
     drawn = torch.rand(8, device=device), torch.rand(8, device=device, generator=gen)
     torch.cuda.manual_seed_all(SEED + 1)
     gen.manual_seed(SEED + 1)
-    engine._set_rng_state(state, gen, device)
+    engine.loop._set_rng_state(state, gen, device)
     again = torch.rand(8, device=device), torch.rand(8, device=device, generator=gen)
     assert all(torch.equal(a, b) for a, b in zip(drawn, again))
 
@@ -1013,14 +1014,14 @@ def test_an_evaluation_pass_draws_from_its_seed_alone(hw4_files):
     cfg = hw4_cfg(RECIPE_EVAL, "model.stem_dropout=0.5")
     model, bundle = fresh(cfg, hw4_files)
     before = torch.get_rng_state(), bundle.generator.get_state()
-    first = engine._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1)
+    first = engine.loop._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1)
     assert torch.equal(torch.get_rng_state(), before[0]) and torch.equal(bundle.generator.get_state(), before[1])
     torch.manual_seed(SEED + 1)  # the training's streams elsewhere: the pass does not follow them
     bundle.generator.manual_seed(SEED + 1)
-    assert engine._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1) == first
-    assert engine._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=2) != first
-    seeds = {engine._pass_seed(SEED, epoch, split) for epoch in (1, 2) for split in ("train", "val", "test")}
-    assert len(seeds) == 6 and engine._pass_seed(SEED + 1, 1, "val") not in seeds
+    assert engine.loop._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1) == first
+    assert engine.loop._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=2) != first
+    seeds = {engine.loop._pass_seed(SEED, epoch, split) for epoch in (1, 2) for split in ("train", "val", "test")}
+    assert len(seeds) == 6 and engine.loop._pass_seed(SEED + 1, 1, "val") not in seeds
 
 
 def test_an_alternative_logs_what_a_run_with_that_evaluation_logs(hw4_runs):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench import checkpoint
+from bench.engine import checkpoint
 
 from conftest import TINY_SETS
 

@@ -15,7 +15,8 @@ import torch
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from bench import lease, results, suite
+from bench import results, suite
+from bench.suite import claims as lease
 from bench.tracking import Tracker
 
 from conftest import TINY_SETS

@@ -19,7 +19,8 @@ import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from bench import cli, engine, logged_model, suite
+from bench import cli, engine, suite
+from bench.tracking import model as logged_model
 from bench.errors import UserError
 from bench.models import create_model
 from bench.tracking import Tracker

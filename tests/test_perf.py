@@ -100,7 +100,7 @@ def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
 
 
 def test_bench_perf_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(perf, "QUICK", TINY)
+    monkeypatch.setattr(perf.harness, "QUICK", TINY)
     out = tmp_path / "perf.json"
     assert cli.main(["perf", "--quick", "--model", "resnet_b", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())

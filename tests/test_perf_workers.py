@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from bench import cli, config, perf, perf_workers, workers
+from bench import cli, config, perf, workers
+from bench.perf import workers as perf_workers
 
 TINY = perf_workers.Budget(train_images=64, epochs=2)
 

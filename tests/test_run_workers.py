@@ -207,7 +207,7 @@ def test_workers_are_counted_and_shown_before_anything_runs(in_tmp, capsys):
 def test_the_dispatch_puts_busy_cells_off_and_stops_at_an_outage(in_tmp, monkeypatch, capsys):
     cells = suite.plan(["resnetb-cifar10"], profile="smoke", seeds=4)
     clock = [100.0]
-    monkeypatch.setattr(suite.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(suite.cell.time, "monotonic", lambda: clock[0])
     d = suite.Dispatch(cells, bar=False)
 
     def outcome(i: int, status: str) -> suite.CellOutcome:
@@ -245,7 +245,7 @@ def test_a_stop_that_lands_in_a_finalizer_comes_again(subprocess_env):
     # and the worker trained on): the worker's hook sends the signal again.
     script = """
 import os, signal, sys, time, weakref
-from bench import run_workers
+from bench.suite import workers as run_workers
 signal.signal(signal.SIGINT, run_workers._stop_once)
 sys.unraisablehook = run_workers._stop_again_if_lost
 class Box: pass
@@ -271,7 +271,8 @@ def test_a_worker_whose_stop_was_swallowed_ends_after_its_outcome(tmp_path, subp
     script = f"""
 import signal, sys, threading
 from multiprocessing import Pipe
-from bench import cli, run_workers, suite
+from bench import cli, suite
+from bench.suite import workers as run_workers
 
 def attempt(cell, **kw):
     try:

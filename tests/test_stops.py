@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cli, stops
+from bench import cli
+from bench.engine import stops
 
 
 def raised(make):

@@ -17,7 +17,7 @@ import torchvision
 from mlflow.tracking import MlflowClient
 
 from bench import cli, engine, suite, tracking
-from bench.delivery import Writer
+from bench.tracking.delivery import Writer
 from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, local_artifact_dir, resolve_uri, ui_command
 
 from conftest import TINY_SETS, fit_stopped_in_a_write
@@ -171,12 +171,12 @@ def test_a_checkpoint_that_cannot_be_linked_is_copied(in_tmp, monkeypatch):
     def cross_device(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(tracking.os, "link", cross_device)
+    monkeypatch.setattr(tracking.store.os, "link", cross_device)
     for content in (b"first", b"second"):
         folder = tmp_path / f"pinned-{content.decode()}"
         folder.mkdir()
         (folder / "last.pt").write_bytes(content)
-        tracking._log_pinned(tracker.client, run_id, folder / "last.pt", "checkpoints")
+        tracking.store._log_pinned(tracker.client, run_id, folder / "last.pt", "checkpoints")
         assert not folder.exists()  # the pinned copy is removed once uploaded
         stored = local_artifact_dir(tracker.client.get_run(run_id).info.artifact_uri) / "checkpoints" / "last.pt"
         assert stored.read_bytes() == content
@@ -438,7 +438,7 @@ def test_a_run_url_links_a_tracking_server_and_is_a_ui_path_elsewhere(uri, url):
 
 def test_a_new_sqlite_store_is_made_whole_or_not_at_all(tmp_path, monkeypatch):
     (tmp_path / ".mlflow.db.new-1").write_bytes(b"tables half made by a process that was killed")
-    real, stopped = tracking.MlflowClient, []
+    real, stopped = tracking.store.MlflowClient, []
 
     def stopped_while_creating(tracking_uri):
         if ".new-" in tracking_uri and not stopped:
@@ -446,7 +446,7 @@ def test_a_new_sqlite_store_is_made_whole_or_not_at_all(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # Ctrl-C among MLflow's migrations
         return real(tracking_uri=tracking_uri)
 
-    monkeypatch.setattr(tracking, "MlflowClient", stopped_while_creating)
+    monkeypatch.setattr(tracking.store, "MlflowClient", stopped_while_creating)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(KeyboardInterrupt):
         Tracker(uri)

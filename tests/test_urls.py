@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.urls import redact
+from bench.servers.urls import redact
 
 
 @pytest.mark.parametrize("url, shown", [
@@ -29,7 +29,7 @@ def test_passwords_are_replaced_and_everything_else_kept(url, shown):
     ("postgresql://bench@db/optuna", None),
 ])
 def test_the_password_is_found_in_the_user_information_or_the_query(url, secret):
-    from bench.urls import password, scrub
+    from bench.servers.urls import password, scrub
 
     assert password(url) == secret
     if secret:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from bench import sampling, tuning, workers
+from bench import tuning, workers
+from bench.tuning import sampling
 
 
 @pytest.mark.parametrize("device, gpus, expected", [

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
-from bench.urls import redact
+from bench.servers.urls import redact
 
 TIMEOUT_S = 5
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")

@@ -42,10 +42,12 @@ from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from torch.utils.collect_env import get_pretty_env_info
 
-from bench import console, delivery, engine, logged_model, outage
-from bench.callbacks import Callback
+from bench import console, engine
+from bench.tracking import delivery, model as logged_model
+from bench.servers import retry as outage
+from bench.engine.callbacks import Callback
 from bench.errors import reason, unusable
-from bench.urls import redact
+from bench.servers.urls import redact
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"

@@ -25,7 +25,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
-from bench import outage
+from bench.servers import retry as outage
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench import outage
+from bench.servers import retry as outage
 from bench.errors import reason
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import checkpoint, stops
+from bench.engine import checkpoint, stops
 
 try:
     import resource
 except ImportError:  # Windows: psutil reads the peak working set there
     resource = None
-from bench.callbacks import Callback
+from bench.engine.callbacks import Callback
 from bench.errors import UserError
 
 if TYPE_CHECKING:

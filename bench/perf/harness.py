@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from bench import config, data, engine, hostmem
-from bench.callbacks import Callback
+from bench.engine.callbacks import Callback
 from bench.data import cifar
 from bench.models import create_model
 

@@ -24,11 +24,14 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from bench import config, console, data, engine, outage, sampling, stops
-from bench.callbacks import Callback, ConsoleProgress
+from bench import config, console, data, engine
+from bench.servers import retry as outage
+from bench.tuning import sampling
+from bench.engine import stops
+from bench.engine.callbacks import Callback, ConsoleProgress
 from bench.errors import UserError, failure_tags, reason, unusable
 from bench.models import create_model
-from bench.urls import redact
+from bench.servers.urls import redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_acc"
@@ -154,7 +157,7 @@ def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats: a trial whose process died is failed once its heartbeat is
     older than twice the interval, and re-queued with the same parameters. Its calls wait out an
     outage of the database (bench.optuna_storage)."""
-    from bench.optuna_storage import Storage
+    from bench.tuning.database import Storage
 
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5; they are what we want

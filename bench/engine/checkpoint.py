@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench import stops
+from bench.engine import stops
 
 log = logging.getLogger(__name__)
 

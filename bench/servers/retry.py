@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable
 
 from bench.errors import UserError
-from bench.urls import redact
+from bench.servers.urls import redact
 
 log = logging.getLogger(__name__)
 

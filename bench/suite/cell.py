@@ -17,8 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench import ablation, config, data, engine, lease, logged_model, outage, stops
-from bench.callbacks import ConsoleProgress
+from bench import ablation, config, data, engine
+from bench.suite import claims as lease
+from bench.tracking import model as logged_model
+from bench.servers import retry as outage
+from bench.engine import stops
+from bench.engine.callbacks import ConsoleProgress
 from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
 from bench.models import create_model

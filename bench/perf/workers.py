@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from bench import config, data, engine, hostmem, perf, workers as shares
-from bench.callbacks import Callback
+from bench.engine.callbacks import Callback
 from bench.models import create_model
 
 PAPER_SUITE = "all"

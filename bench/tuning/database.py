@@ -20,7 +20,7 @@ from typing import Any
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from bench import outage
+from bench.servers import retry as outage
 
 TOKEN = "bench.create_token"
 log = logging.getLogger(__name__)

@@ -184,7 +184,8 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
     cell is reported and the worker waits for the next message (the parent sends no more cells)."""
     import torch
 
-    from bench import cli, engine, outage, suite
+    from bench import cli, engine, suite
+    from bench.servers import retry as outage
     from bench.tracking import Tracker, resolve_uri
 
     torch.set_num_threads(threads)

@@ -33,7 +33,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 import bench.models
-from bench import config, engine, outage, tracking
+from bench import config, engine, tracking
+from bench.servers import retry as outage
 from bench.data.cifar import NUM_CLASSES, load_cifar
 from bench.errors import UserError, reason
 from bench.models import create_model

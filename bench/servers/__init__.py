@@ -1,0 +1,3 @@
+"""bench.servers."""
+
+from bench.servers import checks, retry, urls  # noqa: F401
