@@ -63,7 +63,7 @@ class Ablation:
     @property
     def suffix(self) -> str:
         """The metric-name suffix of an evaluation-only ablation's figures: `eval.mode-eval`."""
-        (key, value), = self.values.items()
+        ((key, value),) = self.values.items()
         return f"{key}-{shown(value)}"
 
     @property
@@ -101,8 +101,10 @@ def read(experiment: str) -> list[Ablation]:
         evaluation_only = body.get("evaluation_only", False)
         measuring = set(values) <= set(EVALUATION_KEYS)
         if evaluation_only is not measuring:
-            raise UserError(f"{at}: evaluation_only should be {str(measuring).lower()}: "
-                            f"only {', '.join(EVALUATION_KEYS)} change how accuracy is measured and nothing that is learned")
+            raise UserError(
+                f"{at}: evaluation_only should be {str(measuring).lower()}: "
+                f"only {', '.join(EVALUATION_KEYS)} change how accuracy is measured and nothing that is learned"
+            )
         if evaluation_only and len(values) != 1:
             raise UserError(f"{at}: an evaluation-only ablation flips one key")
         out.append(Ablation(name, dict(values), body["kind"], body["source"].strip(), evaluation_only))
@@ -119,7 +121,11 @@ def profile_values(profile: str) -> dict[str, Any]:
     values = config.flatten(table)
     # Every experiment's ablations are read only for a key the profile names: a mistake in one
     # experiment file then stops only the commands that read that file or this key.
-    unknown = sorted(set(values) - {k for name in config.list_experiments() for a in read(name) for k in a.values}) if values else []
+    unknown = (
+        sorted(set(values) - {k for name in config.list_experiments() for a in read(name) for k in a.values})
+        if values
+        else []
+    )
     if unknown:
         raise UserError(f"{where}: ablations.{unknown[0]}: no experiment's ablation sets this key")
     scaled_measure = sorted(set(values) & set(EVALUATION_KEYS))
@@ -165,7 +171,9 @@ def variants(experiment: str, profile: str) -> list[Variant]:
     ]
     if len(standard) >= 2 and any(not a.evaluation_only for a in standard):
         sets = [s for a in standard for s in a.sets]
-        rows.append((ALL_STANDARD, None, sets, "; ".join(a.label for a in standard), "every standard value above, together"))
+        rows.append(
+            (ALL_STANDARD, None, sets, "; ".join(a.label for a in standard), "every standard value above, together")
+        )
     seen = {recipe.config_hash(): RECIPE}
     for name, ablation, sets, label, source in rows:
         try:
@@ -174,7 +182,7 @@ def variants(experiment: str, profile: str) -> list[Variant]:
             raise UserError(f"ablation {name} of {experiment}: {exc}") from None
         if ablation is not None and ablation.evaluation_only:
             # A recipe that already measures this way has the variant's figures as its own.
-            (key, value), = ablation.values.items()
+            ((key, value),) = ablation.values.items()
             same = RECIPE if recipe.flat()[key] == value else None
             out.append(Variant(name, EVALUATION_ONLY, tuple(sets), label, source, recipe.config_hash(), ablation, same))
             continue
@@ -191,7 +199,7 @@ def alternatives(experiment: str, cfg: config.RunConfig) -> list[tuple[str, conf
     for a in read(experiment):
         if not a.evaluation_only:
             continue
-        (key, value), = a.values.items()
+        ((key, value),) = a.values.items()
         field = key.removeprefix("eval.")
         if getattr(cfg.eval, field) != value:
             out.append((a.suffix, cfg.eval.model_copy(update={field: value})))

@@ -13,15 +13,18 @@ import threading
 from pathlib import Path
 
 from bench import config, console, hostmem
-from bench.servers import retry as outage, checks as stores
 from bench.errors import UserError, reason, unusable
 from bench.paths import check_writable
+from bench.servers import checks as stores
+from bench.servers import retry as outage
 from bench.servers.urls import password, redact, scrub
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a scheduler may run the job again
-OUTAGE_HELP = (f"seconds to wait for a tracking server or database that stopped answering before stopping with what is done kept "
-               f"(default ${outage.LIMIT_ENV} or {outage.DEFAULT_LIMIT_S:g})")
+OUTAGE_HELP = (
+    f"seconds to wait for a tracking server or database that stopped answering before stopping with what is done kept "
+    f"(default ${outage.LIMIT_ENV} or {outage.DEFAULT_LIMIT_S:g})"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,23 +41,55 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="paper", help="paper (as reported, default) or smoke (embedded data, minutes)")
     r.add_argument("--seeds", type=int, help="seeds per experiment (default: the profile's)")
     r.add_argument("--epochs", type=int, help="override train.epochs")
-    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05 (repeatable)")
+    r.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. optim.lr=0.05 (repeatable)",
+    )
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     r.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     r.add_argument("--outage-limit", type=float, metavar="SECONDS", help=OUTAGE_HELP)
-    r.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)")
-    r.add_argument("--workers", type=int, default=1, metavar="K", help="K processes on this machine train the cells (of the shard), "
-                   "each on its device (GPUs in turn, several on one GPU allowed) with its share of the CPU threads (default 1)")
-    r.add_argument("--shard", metavar="I/N", help="run only shard I of N (1 <= I <= N): N processes or machines with 1/N .. N/N run every cell once")
-    r.add_argument("--ablate", action="store_true", help="also each experiment's ablations: every quirk switch of the recipe flipped "
-                   "alone, and all standard values together (switches that change only the measurement are measured on every run's weights)")
-    r.add_argument("--dry-run", action="store_true", help="list the cells and their recipes (with --ablate, each variant's cost), train nothing")
+    r.add_argument(
+        "--checkpoint-dir", type=Path, default=Path("checkpoints"), help="local checkpoints (default ./checkpoints)"
+    )
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="K",
+        help="K processes on this machine train the cells (of the shard), "
+        "each on its device (GPUs in turn, several on one GPU allowed) with its share of the CPU threads (default 1)",
+    )
+    r.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only shard I of N (1 <= I <= N): N processes or machines with 1/N .. N/N run every cell once",
+    )
+    r.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also each experiment's ablations: every quirk switch of the recipe flipped "
+        "alone, and all standard values together (switches that change only the measurement are measured on every run's weights)",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells and their recipes (with --ablate, each variant's cost), train nothing",
+    )
 
     t = sub.add_parser("tune", help="search lr, weight decay and batch size with Optuna, pruned, tracked in MLflow")
     t.add_argument("experiment", metavar="EXPERIMENT", help="the experiment to tune (see `bench list`)")
     t.add_argument("--profile", default="paper", help="paper (default) or smoke")
-    t.add_argument("--trials", type=int, default=20, help="run until the study has N finished (complete or pruned) trials (default 20)")
+    t.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="run until the study has N finished (complete or pruned) trials (default 20)",
+    )
     t.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
     t.add_argument("--storage", help=f"Optuna storage URL (default $BENCH_OPTUNA_STORAGE or {DEFAULT_OPTUNA})")
     t.add_argument("--study", help="study name (default <experiment>-<profile>)")
@@ -62,41 +97,101 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--sampler", choices=["tpe", "random"], default="tpe", help="default tpe")
     t.add_argument("--seed", type=int, default=0, help="seed of the sampler and of every trial's training (default 0)")
     t.add_argument("--epochs", type=int, help="override train.epochs for every trial")
-    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="fixed override for every trial (repeatable)")
-    t.add_argument("--heartbeat", type=int, default=60, help="seconds between trial heartbeats; a trial silent for twice that is failed and retried (default 60)")
-    t.add_argument("--workers", type=int, help="worker processes sharing the study (default: one per visible GPU, else 1); "
-                   "0 only creates the study and its MLflow parent run, for workers started elsewhere")
+    t.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed override for every trial (repeatable)",
+    )
+    t.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        help="seconds between trial heartbeats; a trial silent for twice that is failed and retried (default 60)",
+    )
+    t.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the study (default: one per visible GPU, else 1); "
+        "0 only creates the study and its MLflow parent run, for workers started elsewhere",
+    )
     t.add_argument("--worker-of", help=argparse.SUPPRESS)  # the parent run's id: set in worker processes
-    t.add_argument("--best", action="store_true", help="print the best trial and the `bench run` command that trains it, then exit")
+    t.add_argument(
+        "--best", action="store_true", help="print the best trial and the `bench run` command that trains it, then exit"
+    )
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
     t.add_argument("--data-dir", type=Path, help="CIFAR directory in the official layout (default ./data)")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     t.add_argument("--outage-limit", type=float, metavar="SECONDS", help=OUTAGE_HELP)
-    t.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="scratch checkpoints of running trials (default ./checkpoints)")
+    t.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=Path("checkpoints"),
+        help="scratch checkpoints of running trials (default ./checkpoints)",
+    )
 
     rep = sub.add_parser("report", help="markdown and figures: the suite's runs beside the reported ones")
     rep.add_argument("--suite", default="all", help="the suite to report on (default all)")
-    rep.add_argument("--profile", help="the profile whose runs to report (default: paper if it has finished runs, else the profile with the most)")
+    rep.add_argument(
+        "--profile",
+        help="the profile whose runs to report (default: paper if it has finished runs, else the profile with the most)",
+    )
     rep.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     rep.add_argument("--out", type=Path, help="output directory (default reports/<suite>/)")
-    rep.add_argument("--storage", help="Optuna storage whose studies of the suite's experiments make the tuning section "
-                     f"(default $BENCH_OPTUNA_STORAGE, else {DEFAULT_OPTUNA} when ./optuna.db exists; none: no tuning section)")
+    rep.add_argument(
+        "--storage",
+        help="Optuna storage whose studies of the suite's experiments make the tuning section "
+        f"(default $BENCH_OPTUNA_STORAGE, else {DEFAULT_OPTUNA} when ./optuna.db exists; none: no tuning section)",
+    )
 
-    reg = sub.add_parser("register", help="register the best seed's trained model of a config in MLflow's Model Registry")
-    reg.add_argument("experiment", metavar="EXPERIMENT", help="the experiment whose recipe's runs to choose from (see `bench list`)")
-    reg.add_argument("--profile", default="paper", help="the profile of the runs, and the alias it gets (default paper)")
-    reg.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="the config's overrides, as `bench run` was given them (repeatable)")
+    reg = sub.add_parser(
+        "register", help="register the best seed's trained model of a config in MLflow's Model Registry"
+    )
+    reg.add_argument(
+        "experiment", metavar="EXPERIMENT", help="the experiment whose recipe's runs to choose from (see `bench list`)"
+    )
+    reg.add_argument(
+        "--profile", default="paper", help="the profile of the runs, and the alias it gets (default paper)"
+    )
+    reg.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the config's overrides, as `bench run` was given them (repeatable)",
+    )
     reg.add_argument("--epochs", type=int, help="train.epochs, as `bench run` was given it")
     reg.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
     pf = sub.add_parser("perf", help="throughput of the data pipeline, the engine and tracking against plain PyTorch")
-    pf.add_argument("--model", dest="models", action="append", metavar="NAME", help="a model to measure (repeatable; default all four)")
-    pf.add_argument("--quick", action="store_true", help="fewer images and epochs, one measurement per side: a first look")
+    pf.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help="a model to measure (repeatable; default all four)",
+    )
+    pf.add_argument(
+        "--quick", action="store_true", help="fewer images and epochs, one measurement per side: a first look"
+    )
     pf.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
-    pf.add_argument("--profile", default="smoke", help="the profile whose batch sizes, image sizes and checkpoint interval to use (default smoke)")
+    pf.add_argument(
+        "--profile",
+        default="smoke",
+        help="the profile whose batch sizes, image sizes and checkpoint interval to use (default smoke)",
+    )
     pf.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:I or mps (default auto)")
-    pf.add_argument("--workers", type=int, nargs="+", metavar="K", help="instead: the throughput of K trainers at once on the device, "
-                    "for each K, and the K that trains one seed of the paper suite fastest (an estimate)")
+    pf.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="instead: the throughput of K trainers at once on the device, "
+        "for each K, and the K that trains one seed of the paper suite fastest (an estimate)",
+    )
     for command in sub.choices.values():  # --debug also after the command's name, where it is usually typed
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return p
@@ -138,8 +233,10 @@ def cmd_run(args) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.ablate and (args.sets or args.epochs is not None):
         flag = "--set" if args.sets else "--epochs"
-        raise UserError(f"--ablate flips the switches of the profile's recipe; {flag} would change the recipe itself: "
-                        "put the change in a profile (experiments/profiles/) and run --ablate with --profile NAME")
+        raise UserError(
+            f"--ablate flips the switches of the profile's recipe; {flag} would change the recipe itself: "
+            "put the change in a profile (experiments/profiles/) and run --ablate with --profile NAME"
+        )
     seeds = args.seeds or config.profile_seeds(args.profile)
     names = list(dict.fromkeys(names))
     cells = suite.plan(names, profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs, ablate=args.ablate)
@@ -158,9 +255,13 @@ def cmd_run(args) -> int:
             every = ", every shard together" if args.shard else ""
             print(f"\nWhat --ablate trains ({_count(seeds, 'seed')}{every}):")
             print(suite.ablation_table(names, profile=args.profile, seeds=seeds, data_dir=args.data_dir))
-            print(f"{total} cells (the recipe and each trained variant x {_count(seeds, 'seed')}), profile {args.profile}{which}")
+            print(
+                f"{total} cells (the recipe and each trained variant x {_count(seeds, 'seed')}), profile {args.profile}{which}"
+            )
         else:
-            print(f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {_count(seeds, 'seed')}), profile {args.profile}{which}")
+            print(
+                f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {_count(seeds, 'seed')}), profile {args.profile}{which}"
+            )
         if args.workers > 1 and cells:
             from bench.suite import workers as run_workers
 
@@ -175,16 +276,23 @@ def cmd_run(args) -> int:
     if count > 1:
         from bench.suite import workers as run_workers
 
-        run_workers.devices(args.device, count)  # a worker's device that is not there stops here, before any worker starts
+        run_workers.devices(
+            args.device, count
+        )  # a worker's device that is not there stops here, before any worker starts
         suite.create_experiments(cells, Tracker(uri))
         outcomes = run_workers.run(cells, args=args, count=count)
     else:
-        outcomes = suite.run_cells(cells, tracker=Tracker(uri), device=device, data_dir=args.data_dir, checkpoint_root=args.checkpoint_dir)
+        outcomes = suite.run_cells(
+            cells, tracker=Tracker(uri), device=device, data_dir=args.data_dir, checkpoint_root=args.checkpoint_dir
+        )
     print(suite.summary_table(outcomes))
     print(f"\nSee the runs: {ui_command(redact(uri))}")
     failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
     if failed:
-        print(f"{len(failed)} of {len(outcomes)} cells did not finish: {', '.join(o.cell.name for o in failed)}", file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(outcomes)} cells did not finish: {', '.join(o.cell.name for o in failed)}",
+            file=sys.stderr,
+        )
         return EXIT_UNAVAILABLE if any(o.status == suite.UNREACHABLE for o in outcomes) else 1
     return 0
 
@@ -193,10 +301,15 @@ def cmd_tune(args) -> int:
     import os
 
     from bench import engine, suite, tuning, workers
-    from bench.tuning import sampling
     from bench.tracking import Tracker, resolve_uri, ui_command
+    from bench.tuning import sampling
 
-    for value, flag, least in ((args.trials, "--trials", 1), (args.epochs, "--epochs", 1), (args.heartbeat, "--heartbeat", 1), (args.workers, "--workers", 0)):
+    for value, flag, least in (
+        (args.trials, "--trials", 1),
+        (args.epochs, "--epochs", 1),
+        (args.heartbeat, "--heartbeat", 1),
+        (args.workers, "--workers", 0),
+    ):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
     if args.timeout is not None and not args.timeout > 0:
@@ -212,9 +325,16 @@ def cmd_tune(args) -> int:
     stores.probe("Optuna storage", url)
     store = tuning.storage(url, args.heartbeat)
     study = tuning.open_study(
-        store, name, sampler_=sampling.sampler(args.sampler, sampling.sampler_seed(args.seed, store, name, alone=not args.worker_of), space),
-        pruner_=tuning.pruner(args.pruner, base.train.epochs), first_trial=tuning.recipe_values(space, base),
-        experiment=args.experiment, profile=args.profile, base_config_hash=None if args.best else base.config_hash(),
+        store,
+        name,
+        sampler_=sampling.sampler(
+            args.sampler, sampling.sampler_seed(args.seed, store, name, alone=not args.worker_of), space
+        ),
+        pruner_=tuning.pruner(args.pruner, base.train.epochs),
+        first_trial=tuning.recipe_values(space, base),
+        experiment=args.experiment,
+        profile=args.profile,
+        base_config_hash=None if args.best else base.config_hash(),
     )
     if args.best:
         return _print_best(study, args, tuning)
@@ -232,43 +352,71 @@ def cmd_tune(args) -> int:
     count = 1 if args.worker_of else args.workers if args.workers is not None else workers.default_count(args.device)
     done = tuning.finished(study)
     if not args.worker_of:
-        print(f"study {name} in {redact(url)}: {done} of {args.trials} trials finished; watch it: optuna-dashboard {redact(url)}", file=sys.stderr)
+        print(
+            f"study {name} in {redact(url)}: {done} of {args.trials} trials finished; watch it: optuna-dashboard {redact(url)}",
+            file=sys.stderr,
+        )
     if count == 0:
         print(f"study {name} and its MLflow parent run {parent.run_id} are ready; start workers with the same command")
         return 0
     train_images = len(suite.files_for(base, args.data_dir).train)
     val_size = tuning.tuning_val_size(base, train_images)
-    held_out = [f"data.val_size={val_size}"] if val_size else []  # for the trials only: --best's command trains on the recipe's data
+    held_out = (
+        [f"data.val_size={val_size}"] if val_size else []
+    )  # for the trials only: --best's command trains on the recipe's data
     if val_size and not args.worker_of:
-        print(f"{args.experiment} trains on all {train_images} training images (data.val_size = 0): tuning holds out {val_size} "
-              f"of them to validate on (each trial's data.val_size = {val_size})", file=sys.stderr)
+        print(
+            f"{args.experiment} trains on all {train_images} training images (data.val_size = 0): tuning holds out {val_size} "
+            f"of them to validate on (each trial's data.val_size = {val_size})",
+            file=sys.stderr,
+        )
     stopped = None
     if count > 1:
         # The URLs go by environment, not argv: `ps` would show a password to every user.
         env = {**workers.thread_env(count), "BENCH_OPTUNA_STORAGE": url, "MLFLOW_TRACKING_URI": uri}
         codes = workers.run_all([_worker_args(args, name, parent.run_id, i) for i in range(count)], env)
         failed = [c for c in codes if c != 0]
-        if EXIT_UNAVAILABLE in failed:  # a store stayed away: the parent run is ended by the command that completes the study
-            print(f"{failed.count(EXIT_UNAVAILABLE)} of {count} workers stopped: a server stayed away past the outage limit; "
-                  "run the same command again once it answers", file=sys.stderr)
+        if (
+            EXIT_UNAVAILABLE in failed
+        ):  # a store stayed away: the parent run is ended by the command that completes the study
+            print(
+                f"{failed.count(EXIT_UNAVAILABLE)} of {count} workers stopped: a server stayed away past the outage limit; "
+                "run the same command again once it answers",
+                file=sys.stderr,
+            )
             return EXIT_UNAVAILABLE
         if failed:
             stopped = f"{len(failed)} of {count} workers exited with an error ({', '.join(map(str, failed))})"
             print(stopped, file=sys.stderr)
     elif done < args.trials:
         ctx = tuning.TrialContext(
-            experiment=args.experiment, profile=args.profile, seed=args.seed, sets=[*args.sets, *held_out], epochs=args.epochs, space=space,
-            device=engine.resolve_device(args.device), files=suite.files_for(base, args.data_dir),
-            checkpoint_root=args.checkpoint_dir / "tune", tracker=tracker, experiment_id=exp_id, parent_run_id=parent.run_id,
+            experiment=args.experiment,
+            profile=args.profile,
+            seed=args.seed,
+            sets=[*args.sets, *held_out],
+            epochs=args.epochs,
+            space=space,
+            device=engine.resolve_device(args.device),
+            files=suite.files_for(base, args.data_dir),
+            checkpoint_root=args.checkpoint_dir / "tune",
+            tracker=tracker,
+            experiment_id=exp_id,
+            parent_run_id=parent.run_id,
         )
-        stopped = tuning.optimize(study, ctx, trials=args.trials, timeout=args.timeout, parent=parent, poll_s=min(5.0, args.heartbeat))
+        stopped = tuning.optimize(
+            study, ctx, trials=args.trials, timeout=args.timeout, parent=parent, poll_s=min(5.0, args.heartbeat)
+        )
         if stopped:
             print(f"study {name}: {stopped}", file=sys.stderr)
     if args.worker_of:
         return 1 if stopped else 0  # the process that started the workers reports and closes the parent run
     parent.end(study)
     print(f"{tuning.finished(study)} finished trials in study {name}")
-    where = parent.url if parent.url.startswith("http") else f"{ui_command(redact(uri))}, then open {parent.url} at the address it serves"
+    where = (
+        parent.url
+        if parent.url.startswith("http")
+        else f"{ui_command(redact(uri))}, then open {parent.url} at the address it serves"
+    )
     print(f"See the study's runs: {where}")
     _print_best(study, args, tuning)
     return 0 if tuning.finished(study) >= args.trials or (args.timeout and not stopped) else 1
@@ -279,11 +427,30 @@ def _worker_args(args, study: str, parent_run_id: str, index: int) -> list[str]:
     storage and tracking URLs go in the environment)."""
     from bench import workers
 
-    argv = ["tune", args.experiment, "--profile", args.profile, "--trials", str(args.trials),
-            "--study", study, "--pruner", args.pruner, "--sampler", args.sampler, "--seed", str(args.seed),
-            "--heartbeat", str(args.heartbeat), "--device", workers.device_for(args.device, index),
-            "--checkpoint-dir", str(args.checkpoint_dir),
-            "--worker-of", parent_run_id] + (["--debug"] if args.debug else [])
+    argv = [
+        "tune",
+        args.experiment,
+        "--profile",
+        args.profile,
+        "--trials",
+        str(args.trials),
+        "--study",
+        study,
+        "--pruner",
+        args.pruner,
+        "--sampler",
+        args.sampler,
+        "--seed",
+        str(args.seed),
+        "--heartbeat",
+        str(args.heartbeat),
+        "--device",
+        workers.device_for(args.device, index),
+        "--checkpoint-dir",
+        str(args.checkpoint_dir),
+        "--worker-of",
+        parent_run_id,
+    ] + (["--debug"] if args.debug else [])
     for flag, value in (("--timeout", args.timeout), ("--epochs", args.epochs), ("--data-dir", args.data_dir)):
         if value is not None:
             argv += [flag, str(value)]
@@ -320,7 +487,9 @@ def cmd_report(args) -> int:
     stores.probe("tracking store", uri)
     found = results.load(uri, names)
     if found.runs.empty:
-        raise UserError(f"no runs of suite {args.suite!r} in {redact(uri)}; train them first: bench run --suite {args.suite}")
+        raise UserError(
+            f"no runs of suite {args.suite!r} in {redact(uri)}; train them first: bench run --suite {args.suite}"
+        )
     summary = report.summarize(found, names, suite=args.suite, profile=args.profile)
     try:
         path = report.write(summary, out, studies)
@@ -328,7 +497,10 @@ def cmd_report(args) -> int:
         raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
     for row in summary.rows:
         name = row.experiment if row.is_recipe else f"{row.experiment}, {row.label}"
-        print(f"  {name:30s} {_count(row.final.n, 'seed')}  {row.verdict}" + (f" ({row.why_not_comparable})" if row.why_not_comparable else ""))
+        print(
+            f"  {name:30s} {_count(row.final.n, 'seed')}  {row.verdict}"
+            + (f" ({row.why_not_comparable})" if row.why_not_comparable else "")
+        )
     if studies is not None and studies.handles:
         print(f"  tuning: {', '.join(sorted(studies.handles))}")
     print(f"Report: {path}")
@@ -347,28 +519,40 @@ def _studies(storage: str | None, experiments: list[str]):
     if url is None or url == "none":
         return None
     stores.check("Optuna storage", url)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        raise UserError(f"no Optuna storage at {redact(url)}: pass --storage with the URL `bench tune` used, or --storage none")
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"no Optuna storage at {redact(url)}: pass --storage with the URL `bench tune` used, or --storage none"
+        )
     stores.probe("Optuna storage", url)
     try:
         return results.load_studies(url, experiments)
     except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
-        hint = " (not an Optuna database: pass the --storage that `bench tune` used)" if "no such table" in reason(exc) else ""
+        hint = (
+            " (not an Optuna database: pass the --storage that `bench tune` used)"
+            if "no such table" in reason(exc)
+            else ""
+        )
         raise unusable("Optuna storage", url, exc, hint) from None
 
 
 def cmd_register(args) -> int:
-    from bench.tracking import model as logged_model
     from bench.tracking import Tracker, resolve_uri
+    from bench.tracking import model as logged_model
 
     if args.epochs is not None and args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     uri = resolve_uri(args.tracking_uri)
     stores.check("tracking store", uri)
     stores.probe("tracking store", uri)
-    model_uri, run_name, version = logged_model.register(Tracker(uri).client, args.experiment, args.profile, args.sets, args.epochs)
-    print(f"Registered the model of {run_name} as {args.experiment} version {version}, alias {args.profile}: {model_uri}")
-    print(f"Load it: MLFLOW_TRACKING_URI={redact(uri)} python -c \"import mlflow; model = mlflow.pytorch.load_model('{model_uri}')\"")
+    model_uri, run_name, version = logged_model.register(
+        Tracker(uri).client, args.experiment, args.profile, args.sets, args.epochs
+    )
+    print(
+        f"Registered the model of {run_name} as {args.experiment} version {version}, alias {args.profile}: {model_uri}"
+    )
+    print(
+        f"Load it: MLFLOW_TRACKING_URI={redact(uri)} python -c \"import mlflow; model = mlflow.pytorch.load_model('{model_uri}')\""
+    )
     return 0
 
 
@@ -376,8 +560,8 @@ def cmd_perf(args) -> int:
     import json
 
     from bench import engine, perf
-    from bench.perf import workers as perf_workers
     from bench.models import list_models
+    from bench.perf import workers as perf_workers
 
     if args.workers is not None and min(args.workers) < 1:
         raise UserError(f"--workers must be at least 1, got {min(args.workers)}")
@@ -391,7 +575,9 @@ def cmd_perf(args) -> int:
     device = engine.resolve_device(args.device)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.workers is not None:
-        results = perf_workers.run(models, sorted(set(args.workers)), profile=args.profile, device=device, quick=args.quick, say=say)
+        results = perf_workers.run(
+            models, sorted(set(args.workers)), profile=args.profile, device=device, quick=args.quick, say=say
+        )
         print(perf_workers.table(results))
     else:
         results = perf.run(models, profile=args.profile, device=device, quick=args.quick, say=say)
@@ -410,7 +596,14 @@ def _check_writable(path: Path) -> None:
         raise UserError(f"--json {path}: {folder} is not a writable directory")
 
 
-COMMANDS = {"list": cmd_list, "run": cmd_run, "tune": cmd_tune, "report": cmd_report, "register": cmd_register, "perf": cmd_perf}
+COMMANDS = {
+    "list": cmd_list,
+    "run": cmd_run,
+    "tune": cmd_tune,
+    "report": cmd_report,
+    "register": cmd_register,
+    "perf": cmd_perf,
+}
 
 
 _shown_urls: list[str] = []  # the store URLs of the running command, whose passwords logs must not show
@@ -437,8 +630,12 @@ def _hiding_passwords(make_record):
 
 def _guard_passwords(args) -> list[str]:
     """Registers the store URLs this command may show; returns them."""
-    urls = [getattr(args, "tracking_uri", None), getattr(args, "storage", None),
-            os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("BENCH_OPTUNA_STORAGE")]
+    urls = [
+        getattr(args, "tracking_uri", None),
+        getattr(args, "storage", None),
+        os.environ.get("MLFLOW_TRACKING_URI"),
+        os.environ.get("BENCH_OPTUNA_STORAGE"),
+    ]
     _shown_urls[:] = [u for u in urls if u]
     if not getattr(logging.getLogRecordFactory(), "hides_passwords", False):
         logging.setLogRecordFactory(_hiding_passwords(logging.getLogRecordFactory()))
@@ -511,8 +708,10 @@ def _dispatch(args, urls: list[str]) -> int:
     except outage.Unavailable as exc:
         if args.debug:
             raise
-        print(f"bench: stopped: {scrub(str(exc), urls)}; what was done is kept: run the same command again once it answers",
-              file=sys.stderr)
+        print(
+            f"bench: stopped: {scrub(str(exc), urls)}; what was done is kept: run the same command again once it answers",
+            file=sys.stderr,
+        )
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt as exc:
         name = getattr(exc, "signal_name", "SIGINT")

@@ -44,7 +44,7 @@ class ModelConfig(BaseModel):
     name: str
 
     @model_validator(mode="after")
-    def _known_options(self) -> "ModelConfig":
+    def _known_options(self) -> ModelConfig:
         from bench.models import list_models, model_options
 
         if self.name not in list_models():
@@ -61,7 +61,11 @@ class ModelConfig(BaseModel):
                     isinstance(v, item) and not (isinstance(v, bool) and item is not bool) for v in value
                 )
             if not ok or (isinstance(value, bool) and not isinstance(expected, bool)):
-                kind = f"a list of {type(expected[0]).__name__}" if isinstance(expected, tuple) else type(expected).__name__
+                kind = (
+                    f"a list of {type(expected[0]).__name__}"
+                    if isinstance(expected, tuple)
+                    else type(expected).__name__
+                )
                 raise ValueError(f"model.{key} should be {kind}, got {value!r}")
             # Every number a builder takes is a size, a count, a kernel or a rate.
             numbers = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if type(v) in (int, float)]
@@ -326,7 +330,11 @@ def validate(tree: dict[str, Any], where: str) -> RunConfig:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict) else ""
+        got = (
+            f" (got {err['input']!r})"
+            if err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict)
+            else ""
+        )
         more = f" and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
         if msg.startswith(f"{key}."):  # the message names its key already (model options)
             raise UserError(f"{where}: {msg}{more}") from None
@@ -335,7 +343,12 @@ def validate(tree: dict[str, Any], where: str) -> RunConfig:
 
 # --- experiments, profiles and suites on disk ---------------------------------------------------
 
-DESCRIPTIVE_KEYS = ("title", "about", "search", "ablations")  # an experiment file's prose, search space and ablations: not run config
+DESCRIPTIVE_KEYS = (
+    "title",
+    "about",
+    "search",
+    "ablations",
+)  # an experiment file's prose, search space and ablations: not run config
 
 
 def list_experiments() -> list[str]:
@@ -362,7 +375,9 @@ def about_markdown(name: str) -> str:
         parts.append(f"**Reported:** {about['reported']}")
     sources = about.get("sources")
     if sources:
-        parts.append("**Sources:**\n\n" + "\n".join(f"- {s}" for s in (sources if isinstance(sources, list) else [sources])))
+        parts.append(
+            "**Sources:**\n\n" + "\n".join(f"- {s}" for s in (sources if isinstance(sources, list) else [sources]))
+        )
     if about.get("gaps"):
         parts.append(f"**Gaps:** {str(about['gaps']).strip()}")
     return "\n\n".join(parts) + "\n"
@@ -396,7 +411,7 @@ def read_suites() -> dict[str, list[str]]:
     for name, body in suites.items():
         exps = body.get("experiments") if isinstance(body, dict) else None
         if not isinstance(exps, list) or not all(isinstance(e, str) for e in exps):
-            raise UserError(f"{path}: suite {name} needs experiments = [\"NAME\", ...]")
+            raise UserError(f'{path}: suite {name} needs experiments = ["NAME", ...]')
     return {name: list(body["experiments"]) for name, body in suites.items()}
 
 

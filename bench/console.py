@@ -15,7 +15,12 @@ import os
 import warnings
 
 # urllib3 logs each of MLflow's HTTP retries; while a server is away bench says so once (bench.outage).
-QUIET_LEVELS = {"mlflow": logging.WARNING, "alembic": logging.WARNING, "optuna": logging.ERROR, "urllib3.connectionpool": logging.ERROR}
+QUIET_LEVELS = {
+    "mlflow": logging.WARNING,
+    "alembic": logging.WARNING,
+    "optuna": logging.ERROR,
+    "urllib3.connectionpool": logging.ERROR,
+}
 # Warnings raised in these packages, and Optuna's "... is experimental" wherever it is attributed:
 # torch's stay, as one is the only sign of a nondeterministic operation (warn_only).
 QUIET_WARNINGS_FROM = r"(mlflow|optuna|optuna_dashboard|alembic|sqlalchemy|pydantic|matplotlib|seaborn)(\.|$)"

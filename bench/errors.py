@@ -28,7 +28,11 @@ def failure_tags(exc: BaseException) -> dict[str, str]:
     error) and `bench.failure_reason` (the exception's type and the first line of its message).
     Out of memory by torch's type (CUDA, MPS: torch.OutOfMemoryError) or the CPU allocator's words."""
     message = str(exc).lower()
-    oom = any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__) or "out of memory" in message or "can't allocate memory" in message
+    oom = (
+        any(t.__name__ == "OutOfMemoryError" for t in type(exc).__mro__)
+        or "out of memory" in message
+        or "can't allocate memory" in message
+    )
     return {
         "bench.status": "failed",
         "bench.failure": "out_of_memory" if oom else "error",

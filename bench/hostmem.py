@@ -27,7 +27,12 @@ MMAP_THRESHOLD = 32 << 20  # the largest block served from the heap: glibc's own
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-_USER_TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold", "glibc.malloc.top_pad", "glibc.malloc.mmap_max")
+_USER_TUNABLES = (
+    "glibc.malloc.trim_threshold",
+    "glibc.malloc.mmap_threshold",
+    "glibc.malloc.top_pad",
+    "glibc.malloc.mmap_max",
+)
 
 
 def glibc_version() -> str | None:

@@ -40,8 +40,13 @@ def reference_dir() -> Path:
 def load_curves() -> pd.DataFrame:
     path = reference_dir() / "curves.csv"
     if not path.is_file():
-        raise UserError(f"{path}: the reported figures are missing (restore experiments/reference/ from the repository)")
-    df = pd.read_csv(path, dtype={"experiment": str, "metric": str, "epoch": int, "value": float, "source": str, "line": int, "raw": str})
+        raise UserError(
+            f"{path}: the reported figures are missing (restore experiments/reference/ from the repository)"
+        )
+    df = pd.read_csv(
+        path,
+        dtype={"experiment": str, "metric": str, "epoch": int, "value": float, "source": str, "line": int, "raw": str},
+    )
     if list(df.columns) != CURVE_COLUMNS:
         raise UserError(f"{path}: expected the columns {', '.join(CURVE_COLUMNS)}")
     return df
@@ -66,11 +71,15 @@ def headline(curves: pd.DataFrame, run: ReportedRun) -> dict[str, float | int | 
     The reported best is the maximum over the reported test accuracies, chosen on the test set
     itself, so it flatters the run; the suite's best is chosen on validation accuracy.
     """
-    acc = curves[(curves.experiment == run.experiment) & (curves.metric == "test_acc") & (curves.epoch <= run.final_epoch)]
+    acc = curves[
+        (curves.experiment == run.experiment) & (curves.metric == "test_acc") & (curves.epoch <= run.final_epoch)
+    ]
     final = acc[acc.epoch == run.final_epoch]
     best = acc.loc[acc.value.idxmax()] if len(acc) else None
     times = curves[(curves.experiment == run.experiment) & (curves.metric == run.seconds_per_epoch_metric)]
-    seconds = float(times.value.mean()) if run.seconds_per_epoch_kind == "measured" and len(times) else run.seconds_per_epoch
+    seconds = (
+        float(times.value.mean()) if run.seconds_per_epoch_kind == "measured" and len(times) else run.seconds_per_epoch
+    )
     return {
         "final_test_acc": float(final.value.iloc[0]) if len(final) else None,
         "best_test_acc": float(best.value) if best is not None else None,

@@ -11,9 +11,26 @@ import pandas as pd
 
 # Tags written by `bench run` (bench.<name>) that become columns of the runs frame.
 TAG_COLUMNS = (
-    "kind", "experiment", "profile", "seed", "config_hash", "status", "epochs_done", "best_epoch", "best_split",
-    "device", "git_commit", "python", "torch", "torchvision", "numpy",
-    "data_source", "data_complete", "data_train", "data_val", "data_test",
+    "kind",
+    "experiment",
+    "profile",
+    "seed",
+    "config_hash",
+    "status",
+    "epochs_done",
+    "best_epoch",
+    "best_split",
+    "device",
+    "git_commit",
+    "python",
+    "torch",
+    "torchvision",
+    "numpy",
+    "data_source",
+    "data_complete",
+    "data_train",
+    "data_val",
+    "data_test",
 )
 INT_COLUMNS = ("seed", "epochs_done", "best_epoch", "data_train", "data_val", "data_test")
 RUN_KEYS = ["experiment", "profile", "seed", "config_hash", "run_id"]
@@ -39,7 +56,12 @@ def frames(records: list[dict]) -> Results:
     run_rows, metric_rows = [], []
     for rec in records:
         tags = rec["tags"]
-        row = {"run_id": rec["run_id"], "run_name": rec["run_name"], "mlflow_status": rec["status"], "start_time": rec["start_time"]}
+        row = {
+            "run_id": rec["run_id"],
+            "run_name": rec["run_name"],
+            "mlflow_status": rec["status"],
+            "start_time": rec["start_time"],
+        }
         row.update({col: tags.get(f"bench.{col}") for col in TAG_COLUMNS})
         row["kind"] = row["kind"] or "cell"  # suite cells; tuning writes "study" and "trial" runs
         for metric, history in rec["history"].items():
@@ -87,8 +109,18 @@ def load(tracking_uri: str, experiments: list[str]) -> Results:
 # --- Optuna studies ------------------------------------------------------------------------------
 
 TRIAL_COLUMNS = [
-    "study", "experiment", "profile", "number", "state", "value", "epochs", "duration_s", "datetime_start", "datetime_complete",
-    "recipe", "mlflow_run_id",
+    "study",
+    "experiment",
+    "profile",
+    "number",
+    "state",
+    "value",
+    "epochs",
+    "duration_s",
+    "datetime_start",
+    "datetime_complete",
+    "recipe",
+    "mlflow_run_id",
 ]
 INTERMEDIATE_COLUMNS = ["study", "number", "epoch", "value"]
 
@@ -106,7 +138,7 @@ def study_owner(name: str, user_attrs: dict, experiments: list[str]) -> tuple[st
         return user_attrs["bench.experiment"], user_attrs.get("bench.profile", "")
     for experiment in sorted(experiments, key=len, reverse=True):
         if name.startswith(experiment + "-"):
-            return experiment, name[len(experiment) + 1:]
+            return experiment, name[len(experiment) + 1 :]
     return None
 
 
@@ -115,11 +147,18 @@ def trial_frame(study: str, experiment: str, profile: str, trials: list) -> pd.D
     rows = []
     for t in trials:
         row = {
-            "study": study, "experiment": experiment, "profile": profile, "number": t.number, "state": t.state.name,
-            "value": t.value, "epochs": len(t.intermediate_values),
+            "study": study,
+            "experiment": experiment,
+            "profile": profile,
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "epochs": len(t.intermediate_values),
             "duration_s": t.duration.total_seconds() if t.duration is not None else None,
-            "datetime_start": _iso(t.datetime_start), "datetime_complete": _iso(t.datetime_complete),
-            "recipe": bool(t.user_attrs.get("bench.recipe", False)), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            "datetime_start": _iso(t.datetime_start),
+            "datetime_complete": _iso(t.datetime_complete),
+            "recipe": bool(t.user_attrs.get("bench.recipe", False)),
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
         }
         row.update(t.params)
         rows.append(row)
@@ -155,7 +194,11 @@ def load_studies(storage_url: str, experiments: list[str]) -> Studies:
         frames.append(trial_frame(s.study_name, *owner, trials))
         steps.append(intermediate_frame(s.study_name, trials))
     if not frames:
-        return Studies(trials=pd.DataFrame(columns=TRIAL_COLUMNS), handles={}, intermediate=pd.DataFrame(columns=INTERMEDIATE_COLUMNS))
+        return Studies(
+            trials=pd.DataFrame(columns=TRIAL_COLUMNS),
+            handles={},
+            intermediate=pd.DataFrame(columns=INTERMEDIATE_COLUMNS),
+        )
     trials = pd.concat(frames, ignore_index=True)
     trials = trials[TRIAL_COLUMNS + sorted(set(trials.columns) - set(TRIAL_COLUMNS))]
     return Studies(trials=trials, handles=handles, intermediate=pd.concat(steps, ignore_index=True))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -75,7 +75,9 @@ def _seeds_may_agree():
     """scipy warns of precision loss where one group's values are all equal: a spread of zero
     there is exact (accuracies are counts), and the t-tests take it as it is."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Precision loss occurred in moment calculation", category=RuntimeWarning)
+        warnings.filterwarnings(
+            "ignore", message="Precision loss occurred in moment calculation", category=RuntimeWarning
+        )
         yield
 
 
@@ -97,7 +99,9 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
         return None
     with _seeds_may_agree():
         res = stats.ttest_ind(a, b, equal_var=False)
-    return Welch(float(res.statistic), float(res.df), float(res.pvalue), float(a.mean()), float(b.mean()), len(a), len(b))
+    return Welch(
+        float(res.statistic), float(res.df), float(res.pvalue), float(a.mean()), float(b.mean()), len(a), len(b)
+    )
 
 
 def verdict(reported: float, ci: Interval, tolerance: float = TOLERANCE) -> str:
@@ -180,7 +184,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     _finite(a, b)
     d = b - a
     mean = float(d.mean()) if len(d) else math.nan
-    return _difference(len(a), len(b), mean, float(np.ptp(d)) if len(d) else 0.0, "paired t", lambda: stats.ttest_rel(b, a))
+    return _difference(
+        len(a), len(b), mean, float(np.ptp(d)) if len(d) else 0.0, "paired t", lambda: stats.ttest_rel(b, a)
+    )
 
 
 def points(x: float, digits: int = 1, sign: bool = False) -> str:

@@ -27,9 +27,27 @@ import optuna
 def run_study(args, pruner: str, workdir: Path) -> dict:
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     command = [
-        sys.executable, "-m", "bench", "tune", args.experiment, "--profile", args.profile, "--trials", str(args.trials),
-        "--pruner", pruner, "--sampler", args.sampler, "--seed", str(args.seed), "--storage", storage,
-        "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--checkpoint-dir", str(workdir / "checkpoints"),
+        sys.executable,
+        "-m",
+        "bench",
+        "tune",
+        args.experiment,
+        "--profile",
+        args.profile,
+        "--trials",
+        str(args.trials),
+        "--pruner",
+        pruner,
+        "--sampler",
+        args.sampler,
+        "--seed",
+        str(args.seed),
+        "--storage",
+        storage,
+        "--tracking-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--checkpoint-dir",
+        str(workdir / "checkpoints"),
     ]
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
@@ -65,17 +83,34 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix=f"pruner-{pruner}-") as tmp:
             row = run_study(args, pruner, Path(tmp))
         rows.append(row)
-        print(f"{pruner:10s} epochs {row['epochs']:4d}  complete {row['complete']:3d}  pruned {row['pruned']:3d}  "
-              f"best val_acc {row['best_val_acc']:.4f} (trial {row['best_trial']})  {row['seconds']:.0f} s", flush=True)
+        print(
+            f"{pruner:10s} epochs {row['epochs']:4d}  complete {row['complete']:3d}  pruned {row['pruned']:3d}  "
+            f"best val_acc {row['best_val_acc']:.4f} (trial {row['best_trial']})  {row['seconds']:.0f} s",
+            flush=True,
+        )
     base = rows[-1]
     for row in rows[:-1]:
         row["epochs_saved"] = 1 - row["epochs"] / base["epochs"]
         row["val_acc_difference"] = row["best_val_acc"] - base["best_val_acc"]
-        print(f"{row['pruner']} against {base['pruner']}: {100 * row['epochs_saved']:.1f} % fewer epochs, "
-              f"best val_acc {100 * row['val_acc_difference']:+.1f} points")
+        print(
+            f"{row['pruner']} against {base['pruner']}: {100 * row['epochs_saved']:.1f} % fewer epochs, "
+            f"best val_acc {100 * row['val_acc_difference']:+.1f} points"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"experiment": args.experiment, "profile": args.profile, "trials": args.trials,
-                                         "sampler": args.sampler, "seed": args.seed, "studies": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "experiment": args.experiment,
+                    "profile": args.profile,
+                    "trials": args.trials,
+                    "sampler": args.sampler,
+                    "seed": args.seed,
+                    "studies": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

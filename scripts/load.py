@@ -41,10 +41,10 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the plan is this checkout's, as the processes' bench is
 from conftest import TINY_SETS  # noqa: E402
+from servers import MlflowServer, Postgres, pg_bindir  # noqa: E402
 
 from bench import cli, config, suite  # noqa: E402
 from bench.tracking import CELL_TAGS  # noqa: E402
-from servers import MlflowServer, Postgres, pg_bindir  # noqa: E402
 
 STUDY = "load"
 LOG_EVERY_STEPS = 5  # train_step_loss every 5 of the smoke profile's ~30 steps an epoch
@@ -91,7 +91,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     """One client connection: its requests go, in turn, over one upstream connection."""
 
     protocol_version = "HTTP/1.1"  # keep-alive
-    server: "Proxy"
+    server: Proxy
     upstream: http.client.HTTPConnection | None = None
     idle_since = 0.0
 
@@ -116,7 +116,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 except OSError:
                     pass
         finally:
-            self.server.calls.append(Call(self.command, self.path.split("?")[0], status, time.perf_counter() - started, error))
+            self.server.calls.append(
+                Call(self.command, self.path.split("?")[0], status, time.perf_counter() - started, error)
+            )
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = forward
 
@@ -230,7 +232,9 @@ class Check:
     trials: Counter = field(default_factory=Counter)  # by state name
     finished_trials: int = 0
     lost: list[tuple[str, str, int]] = field(default_factory=list)  # metric steps: (run id, key, step)
-    duplicated: list[tuple[str, str, int, int]] = field(default_factory=list)  # metric steps: (run id, key, step, times)
+    duplicated: list[tuple[str, str, int, int]] = field(
+        default_factory=list
+    )  # metric steps: (run id, key, step, times)
     # Records other than metric steps, by kind (RECORDS): what is missing, what is there twice.
     lost_records: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in RECORDS})
     duplicated_records: dict[str, list[str]] = field(default_factory=lambda: {kind: [] for kind in RECORDS})
@@ -245,7 +249,6 @@ class Check:
         """Lost (or duplicated) records by kind, metric steps first."""
         records = self.lost_records if lost else self.duplicated_records
         return {"metric steps": len(self.lost if lost else self.duplicated), **{k: len(records[k]) for k in RECORDS}}
-
 
 
 def all_runs(client: MlflowClient) -> list:
@@ -284,7 +287,9 @@ def expected_steps(run, epochs: int) -> dict[str, set[int]]:
         if images is None:
             raise ValueError("no training set count (tag bench.data_train or a training dataset input)")
         per_epoch = -(-images // int(params["data.batch_size"]))
-        expected["train_step_loss"] = {(e - 1) * per_epoch + i for e in range(1, epochs + 1) for i in range(every, per_epoch + 1, every)}
+        expected["train_step_loss"] = {
+            (e - 1) * per_epoch + i for e in range(1, epochs + 1) for i in range(every, per_epoch + 1, every)
+        }
     return expected
 
 
@@ -331,10 +336,15 @@ def check_trials(result: Check, runs: list, trials: list, study: str) -> None:
     that is not there is lost, a run no trial names (a second run of one trial) duplicated. Two
     trials that trained the same values are one duplicated, unless one is the other's retry."""
     named = {t.user_attrs["mlflow_run_id"]: t.number for t in trials if "mlflow_run_id" in t.user_attrs}
-    present = {r.info.run_id: r.data.tags.get("optuna.trial", "?") for r in runs
-               if r.data.tags.get("bench.kind") == "trial" and r.data.tags.get("optuna.study") == study}
+    present = {
+        r.info.run_id: r.data.tags.get("optuna.trial", "?")
+        for r in runs
+        if r.data.tags.get("bench.kind") == "trial" and r.data.tags.get("optuna.study") == study
+    }
     result.lost_records["trial runs"] += [f"trial {n}: run {i}" for i, n in sorted(named.items()) if i not in present]
-    result.duplicated_records["trial runs"] += [f"trial {n}: run {i}" for i, n in sorted(present.items()) if i not in named]
+    result.duplicated_records["trial runs"] += [
+        f"trial {n}: run {i}" for i, n in sorted(present.items()) if i not in named
+    ]
     trained = [t for t in trials if t.state != optuna.trial.TrialState.FAIL and t.params]
     for i, a in enumerate(trained):
         for b in trained[i + 1 :]:
@@ -357,10 +367,14 @@ def check_models(result: Check, client: MlflowClient) -> None:
         token = page.token
         if not token:
             break
-    result.duplicated_records["logged models"] += [f"run {run_id}: {n} models" for run_id, n in sorted(sources.items()) if n > 1]
+    result.duplicated_records["logged models"] += [
+        f"run {run_id}: {n} models" for run_id, n in sorted(sources.items()) if n > 1
+    ]
 
 
-def check(tracking_uri: str, storage: str | None = None, study: str | None = None, plan: set[tuple[str, ...]] | None = None) -> Check:
+def check(
+    tracking_uri: str, storage: str | None = None, study: str | None = None, plan: set[tuple[str, ...]] | None = None
+) -> Check:
     """Read every run of the tracking store (and the study's trials) and compare them with what
     was logged: runs not FINISHED, expected (run, key, step) entries missing, entries twice; cell
     runs against `plan` (planned_cells; None: not compared), trial runs against the trials, logged
@@ -416,9 +430,19 @@ def check(tracking_uri: str, storage: str | None = None, study: str | None = Non
 def child_env() -> dict[str, str]:
     """One thread per process (12 processes share the cores), this checkout's bench, no store
     inherited from the caller."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")
+    }
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        }
+    )
     return env
 
 
@@ -426,12 +450,47 @@ def commands(args, storage: str, tracking: str) -> dict[str, list[str]]:
     steps = ["--set", f"train.log_every_steps={LOG_EVERY_STEPS}"]
     bench = [sys.executable, "-m", "bench"]
     tiny = [a for s in TINY_SETS for a in ("--set", s)]
-    out = {"tune": [*bench, "tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", str(args.epochs), *tiny, *steps,
-                    "--trials", str(args.trials), "--workers", str(args.workers), "--study", STUDY, "--storage", storage,
-                    "--tracking-uri", tracking]}
+    out = {
+        "tune": [
+            *bench,
+            "tune",
+            "resnetb-cifar10",
+            "--profile",
+            "smoke",
+            "--epochs",
+            str(args.epochs),
+            *tiny,
+            *steps,
+            "--trials",
+            str(args.trials),
+            "--workers",
+            str(args.workers),
+            "--study",
+            STUDY,
+            "--storage",
+            storage,
+            "--tracking-uri",
+            tracking,
+        ]
+    }
     for i in range(1, args.shards + 1):
-        out[f"shard{i}"] = [*bench, "run", "--suite", "all", "--profile", "smoke", "--seeds", str(args.seeds), "--epochs",
-                            str(args.epochs), *steps, "--shard", f"{i}/{args.shards}", "--tracking-uri", tracking]
+        out[f"shard{i}"] = [
+            *bench,
+            "run",
+            "--suite",
+            "all",
+            "--profile",
+            "smoke",
+            "--seeds",
+            str(args.seeds),
+            "--epochs",
+            str(args.epochs),
+            *steps,
+            "--shard",
+            f"{i}/{args.shards}",
+            "--tracking-uri",
+            tracking,
+        ]
     return out
 
 
@@ -441,8 +500,9 @@ def run_load(args, work: Path, storage: str, proxy: Proxy) -> dict[str, int]:
     for name, command in commands(args, storage, proxy.url).items():
         (work / name).mkdir()
         log = open(work / f"{name}.log", "w")
-        procs[name] = subprocess.Popen(command, cwd=work / name, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+        procs[name] = subprocess.Popen(
+            command, cwd=work / name, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
     started, reported = time.monotonic(), 0.0
     try:
@@ -452,7 +512,10 @@ def run_load(args, work: Path, storage: str, proxy: Proxy) -> dict[str, int]:
             if elapsed - reported >= 60:
                 reported = elapsed
                 running = [n for n, p in procs.items() if p.poll() is None]
-                print(f"  {elapsed / 60:4.1f} min: {len(proxy.calls)} calls so far; running: {', '.join(running)}", flush=True)
+                print(
+                    f"  {elapsed / 60:4.1f} min: {len(proxy.calls)} calls so far; running: {', '.join(running)}",
+                    flush=True,
+                )
             if elapsed > LIMIT_S:
                 print(f"  stopping the processes after {LIMIT_S} s", flush=True)
                 break
@@ -472,16 +535,35 @@ def print_figures(check_: Check, calls: list[Call], codes: dict[str, int], trial
     states = ", ".join(f"{n} {s}" for s, n in sorted(check_.trials.items()))
     rows = [
         ("processes", ", ".join(f"{n} exit {c}" for n, c in codes.items())),
-        ("runs written", f"{check_.runs} ({check_.runs - len(check_.not_finished)} FINISHED): "
-                         + ", ".join(f"{n} {kind}" for kind, n in sorted(check_.kinds.items()))),
+        (
+            "runs written",
+            f"{check_.runs} ({check_.runs - len(check_.not_finished)} FINISHED): "
+            + ", ".join(f"{n} {kind}" for kind, n in sorted(check_.kinds.items())),
+        ),
         ("metric values written", f"{check_.metric_values} in {check_.histories} histories"),
-        ("trials written", f"{sum(check_.trials.values())}: {states}; {check_.finished_trials} finished of {trials} asked"),
+        (
+            "trials written",
+            f"{sum(check_.trials.values())}: {states}; {check_.finished_trials} finished of {trials} asked",
+        ),
         ("MLflow requests", f"{len(calls)} ({sum(refused.values())} answered 4xx)"),
-        ("latency p50 / p99", f"{overall.p50_ms:.1f} / {overall.p99_ms:.1f} ms (max {overall.max_ms:.0f} ms)" if overall else "-"),
-        ("log-batch p50 / p99", f"{batch.p50_ms:.1f} / {batch.p99_ms:.1f} ms over {batch.calls} calls (max {batch.max_ms:.0f} ms)" if batch else "-"),
-        ("errors", f"{len(errors)} ({sum(c.status >= 500 for c in errors)} 5xx, {sum(bool(c.error) for c in errors)} connection failures)"),
-        *((f"{which} records", f"{sum(n.values())}: " + ", ".join(f"{c} {kind}" for kind, c in n.items()))
-          for which, n in (("lost", check_.counts(lost=True)), ("duplicated", check_.counts(lost=False)))),
+        (
+            "latency p50 / p99",
+            f"{overall.p50_ms:.1f} / {overall.p99_ms:.1f} ms (max {overall.max_ms:.0f} ms)" if overall else "-",
+        ),
+        (
+            "log-batch p50 / p99",
+            f"{batch.p50_ms:.1f} / {batch.p99_ms:.1f} ms over {batch.calls} calls (max {batch.max_ms:.0f} ms)"
+            if batch
+            else "-",
+        ),
+        (
+            "errors",
+            f"{len(errors)} ({sum(c.status >= 500 for c in errors)} 5xx, {sum(bool(c.error) for c in errors)} connection failures)",
+        ),
+        *(
+            (f"{which} records", f"{sum(n.values())}: " + ", ".join(f"{c} {kind}" for kind, c in n.items()))
+            for which, n in (("lost", check_.counts(lost=True)), ("duplicated", check_.counts(lost=False)))
+        ),
         ("wall time", f"{wall_s / 60:.1f} min"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -512,13 +594,21 @@ def print_figures(check_: Check, calls: list[Call], codes: dict[str, int], trial
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", type=int, default=8, help="bench tune workers on one study (default 8)")
-    parser.add_argument("--shards", type=int, default=4, help="bench run --suite all processes, one shard each (default 4)")
+    parser.add_argument(
+        "--shards", type=int, default=4, help="bench run --suite all processes, one shard each (default 4)"
+    )
     parser.add_argument("--trials", type=int, default=32, help="finished trials the study runs to (default 32)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every trial and cell (default 3)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of each experiment of the suite (default 1)")
-    parser.add_argument("--keep", type=Path, help="keep the processes' directories and logs here (default: a temporary directory, removed)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the processes' directories and logs here (default: a temporary directory, removed)",
+    )
     args = parser.parse_args(argv)
     bindir = pg_bindir()
     if bindir is None:
@@ -533,13 +623,16 @@ def main(argv: list[str] | None = None) -> int:
         storage = pg.create("optuna")
         server = MlflowServer(pg.create("mlflow"), work / "mlflow" / "artifacts").wait_ready()
         proxy = Proxy(server.port)
-        print(f"{args.workers} tune workers ({args.trials} trials) and {args.shards} shards of the suite "
-              f"({args.seeds} seed(s)), {args.epochs} epochs each, logs in {work}", flush=True)
+        print(
+            f"{args.workers} tune workers ({args.trials} trials) and {args.shards} shards of the suite "
+            f"({args.seeds} seed(s)), {args.epochs} epochs each, logs in {work}",
+            flush=True,
+        )
         started = time.monotonic()
         codes = run_load(args, work, storage, proxy)
         wall_s = time.monotonic() - started
         shard = commands(args, storage, proxy.url)["shard1"]
-        plan = planned_cells(shard[shard.index("run"):])
+        plan = planned_cells(shard[shard.index("run") :])
         checked = check(server.url, storage, STUDY, plan)
         print_figures(checked, proxy.calls, codes, args.trials, wall_s)
         failed_procs = [n for n, c in codes.items() if c != 0]

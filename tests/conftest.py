@@ -27,7 +27,7 @@ def fit_stopped_in_a_write(fit):
         try:
             raise cli.Terminated()
         except KeyboardInterrupt:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54080 vs 53968")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54080 vs 53968")  # noqa: B904 (as torch raises it)
 
     return stopped
 
@@ -64,6 +64,10 @@ def in_tmp(tmp_path, monkeypatch):
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
     """Environment for `python -m bench` children: one thread, no inherited tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")
+    }
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return env

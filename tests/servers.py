@@ -82,8 +82,13 @@ def pg_bindir() -> Path | None:
 
 def _watch(command: list[str], user: str | None = None) -> None:
     """Run `command` (as `user`) once this process is gone: a detached watchdog."""
-    subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), user or "", *command], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG, str(os.getpid()), user or "", *command],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 class Postgres:
@@ -104,14 +109,24 @@ class Postgres:
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         # The password reaches client programs (createdb) through libpq's PGPASSWORD, never argv.
         env = {**os.environ, "PGPASSWORD": self.password} if self.password else None
-        return subprocess.run([str(self.bindir / args[0]), *args[1:]], user=self.user, cwd=self.root, env=env,
-                              capture_output=True, text=True, check=check, timeout=120)
+        return subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            user=self.user,
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
 
     def _options(self) -> str:
-        return (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
-                " -c password_encryption=scram-sha-256")
+        return (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} -c fsync=off"
+            " -c password_encryption=scram-sha-256"
+        )
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         auth = ["--auth=trust"]
         if self.password:  # initdb reads the superuser's password from a file, removed once read
             pwfile = self.root / "pwfile"
@@ -124,7 +139,19 @@ class Postgres:
             self._run("initdb", "-D", str(self.data), "-U", "bench", *auth, "-E", "UTF8", "--no-sync")
         finally:
             (self.root / "pwfile").unlink(missing_ok=True)
-        self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            self._options(),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         stop = [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]
         _watch(stop, self.user)
         return self
@@ -148,7 +175,19 @@ class Postgres:
         down `down_s` seconds, and start it again on the same port with the same data."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         time.sleep(down_s)
-        self._run("pg_ctl", "-D", str(self.data), "-o", self._options(), "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            self._options(),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", check=False)
@@ -175,14 +214,26 @@ class MlflowServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("mlflow")
-        self.command = [str(exe), "server", "--artifacts-destination", artifacts.as_uri(),
-                        "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.command = [
+            str(exe),
+            "server",
+            "--artifacts-destination",
+            artifacts.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         self.env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_uri}
         if admin_password:
             ini = artifacts.parent / "basic_auth.ini"
-            ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                           f"database_uri = sqlite:///{artifacts.parent / 'basic_auth.db'}\n"
-                           f"admin_username = {self.ADMIN}\nadmin_password = {admin_password.replace('%', '%%')}\n")  # configparser: %% is %
+            ini.write_text(
+                "[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = sqlite:///{artifacts.parent / 'basic_auth.db'}\n"
+                f"admin_username = {self.ADMIN}\nadmin_password = {admin_password.replace('%', '%%')}\n"
+            )  # configparser: %% is %
             os.chmod(ini, 0o600)
             self.command += ["--app-name", "basic-auth"]
             # The key signs the app's CSRF tokens; the app refuses to start without one.
@@ -191,7 +242,9 @@ class MlflowServer:
         self._start()
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         _watch(["killpg", str(self.proc.pid), "mlflow"])
 
     def restart(self, down_s: float = 0.0) -> None:
@@ -202,7 +255,7 @@ class MlflowServer:
         self._start()
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 180) -> "MlflowServer":
+    def wait_ready(self, timeout: float = 180) -> MlflowServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -238,7 +291,9 @@ def pair(artifacts_parent: Path):
     second, both stopped (and checked stopped) at the end: yields their URLs and the servers."""
     bindir = pg_bindir()
     if bindir is None:
-        raise RuntimeError("no PostgreSQL server binaries: install the dev extra (it brings pgserver) or set BENCH_PG_BIN")
+        raise RuntimeError(
+            "no PostgreSQL server binaries: install the dev extra (it brings pgserver) or set BENCH_PG_BIN"
+        )
     pg = Postgres(bindir).start()
     mlflow_server = None
     try:

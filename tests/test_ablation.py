@@ -29,7 +29,10 @@ QUIRKS = {
     "resnet18-finetune-cifar100": {"data.val_size": 5000},
     # No decay (the standard one, and ResNet-B's from the same seed); "Stack layers 4".
     "bottleneck-cifar10": {"schedule.name": "cosine", "schedule.step_size": 20, "model.widths": [32, 64, 128, 256]},
-    "resnetb-cifar10": {"schedule.step_before_epoch": False, "model.widths": [32, 64, 128, 256]},  # R4's schedule step; "Stack layers 4"
+    "resnetb-cifar10": {
+        "schedule.step_before_epoch": False,
+        "model.widths": [32, 64, 128, 256],
+    },  # R4's schedule step; "Stack layers 4"
 }
 # Keys the [about] gaps name that are not quirks to flip, and why.
 NOT_SWITCHES = {
@@ -59,8 +62,14 @@ def test_each_variant_is_a_valid_config_that_differs_from_the_recipe(experiment,
     for v in rows[1:]:
         assert v.source and v.label != "-"
         if v.ablation is not None:
-            assert any(recipe[k] != x for k, x in v.ablation.values.items())  # it flips something (a step decay may keep gamma's default)
-            assert v.ablation.evaluation_only == (v.kind == ablation.EVALUATION_ONLY) == (set(v.ablation.values) <= set(ablation.EVALUATION_KEYS))
+            assert any(
+                recipe[k] != x for k, x in v.ablation.values.items()
+            )  # it flips something (a step decay may keep gamma's default)
+            assert (
+                v.ablation.evaluation_only
+                == (v.kind == ablation.EVALUATION_ONLY)
+                == (set(v.ablation.values) <= set(ablation.EVALUATION_KEYS))
+            )
         # Every trained variant is a config of its own: the recipe's hash would make it the recipe's cell.
         assert v.kind == ablation.EVALUATION_ONLY or (v.same_as is None and v.config_hash != rows[0].config_hash)
 
@@ -72,7 +81,12 @@ def test_the_profile_scales_an_ablation_and_all_standard_takes_every_standard_va
     standard = [a for a in ablation.read(HW4) if a.kind == "standard"]
     cfg = config.load(HW4, profile="smoke", sets=list(by_name[ablation.ALL_STANDARD].sets))
     assert {k: cfg.flat()[k] for a in standard for k in a.values} == {
-        "eval.mode": "eval", "eval.remeasure_train_acc": False, "model.post_add_relu": True, "model.shortcut_kernel": 1, "data.val_size": 100}
+        "eval.mode": "eval",
+        "eval.remeasure_train_acc": False,
+        "model.post_add_relu": True,
+        "model.shortcut_kernel": 1,
+        "data.val_size": 100,
+    }
     assert cfg.optim.lr == 0.01  # a reported alternative is not a standard value
     # One standard switch alone: no all-standard row (it would be that switch's config again).
     assert ablation.ALL_STANDARD not in {v.name for v in ablation.variants("resnetb-cifar10", "paper")}
@@ -81,14 +95,19 @@ def test_the_profile_scales_an_ablation_and_all_standard_takes_every_standard_va
 def test_alternatives_are_the_evaluation_only_switches_a_config_does_not_already_measure():
     recipe = config.load(HW4, profile="smoke")
     assert [(s, e.mode, e.remeasure_train_acc) for s, e in ablation.alternatives(HW4, recipe)] == [
-        ("eval.mode-eval", "eval", True), ("eval.remeasure_train_acc-false", "train", False)]
+        ("eval.mode-eval", "eval", True),
+        ("eval.remeasure_train_acc-false", "train", False),
+    ]
     evaluated = config.load(HW4, profile="smoke", sets=['eval.mode="eval"'])
     assert [s for s, _ in ablation.alternatives(HW4, evaluated)] == ["eval.remeasure_train_acc-false"]
     standard = config.load(HW4, profile="smoke", sets=['eval.mode="eval"', "eval.remeasure_train_acc=false"])
     assert ablation.alternatives(HW4, standard) == []
     assert ablation.alternatives("resnetb-cifar10", config.load("resnetb-cifar10", profile="smoke")) == []
     names = {a.name: a.metric_name() for a in ablation.read(HW4) if a.evaluation_only}
-    assert names == {"eval-mode": "test_acc/eval.mode-eval", "running-train-acc": "train_acc/eval.remeasure_train_acc-false"}
+    assert names == {
+        "eval-mode": "test_acc/eval.mode-eval",
+        "running-train-acc": "train_acc/eval.remeasure_train_acc-false",
+    }
 
 
 @pytest.fixture
@@ -103,20 +122,37 @@ def _with_ablations(dst: Path, text: str) -> None:
     path = dst / "resnetb-cifar10.toml"
     body = path.read_text()
     start = body.index("[ablations.")
-    path.write_text(body[:start] + text + "\n" + body[body.index("# `bench tune`"):])
+    path.write_text(body[:start] + text + "\n" + body[body.index("# `bench tune`") :])
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[ablations.x]\nset = { "eval.mode" = "train" }\nkind = "standard"\nsource = "s"', "evaluation_only should be true"),
-    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"\nevaluation_only = true', "evaluation_only should be false"),
-    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "usual"\nsource = "s"', "kind should be one of standard, reported"),
-    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"', "source should say where"),
-    ('[ablations.x]\nset = {}\nkind = "standard"\nsource = "s"', "set should be a table"),
-    ('[ablations.recipe]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"', "the name is taken"),
-    ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"\nnote = "n"', "should hold set, kind, source"),
-    ('[ablations.x]\nset = { "eval.mode" = "train", "eval.remeasure_train_acc" = true }\nkind = "standard"\nsource = "s"\nevaluation_only = true',
-     "flips one key"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[ablations.x]\nset = { "eval.mode" = "train" }\nkind = "standard"\nsource = "s"',
+            "evaluation_only should be true",
+        ),
+        (
+            '[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"\nevaluation_only = true',
+            "evaluation_only should be false",
+        ),
+        (
+            '[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "usual"\nsource = "s"',
+            "kind should be one of standard, reported",
+        ),
+        ('[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"', "source should say where"),
+        ('[ablations.x]\nset = {}\nkind = "standard"\nsource = "s"', "set should be a table"),
+        ('[ablations.recipe]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"', "the name is taken"),
+        (
+            '[ablations.x]\nset = { "optim.lr" = 0.2 }\nkind = "standard"\nsource = "s"\nnote = "n"',
+            "should hold set, kind, source",
+        ),
+        (
+            '[ablations.x]\nset = { "eval.mode" = "train", "eval.remeasure_train_acc" = true }\nkind = "standard"\nsource = "s"\nevaluation_only = true',
+            "flips one key",
+        ),
+    ],
+)
 def test_a_malformed_ablation_is_named_with_its_file(experiments_copy, text, message):
     _with_ablations(experiments_copy, text)
     with pytest.raises(UserError, match=message) as err:
@@ -152,7 +188,16 @@ def test_dry_run_lists_every_variant_with_its_cost(in_tmp, capsys):
     assert cli.main(["run", HW4, "--ablate", "--profile", "smoke", "--seeds", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    assert set(rows) == {"recipe", "eval-mode", "running-train-acc", "post-add-relu", "shortcut-1x1", "val-split", "lr-0.1", "all-standard"}
+    assert set(rows) == {
+        "recipe",
+        "eval-mode",
+        "running-train-acc",
+        "post-add-relu",
+        "shortcut-1x1",
+        "val-split",
+        "lr-0.1",
+        "all-standard",
+    }
     assert "0 (measured on every run's weights)" in rows["eval-mode"] and "evaluation only" in rows["eval-mode"]
     assert rows["post-add-relu"].split()[-3:-1] == ["2", "6"]  # 2 cells, 6 epochs
     total = next(line for line in out.splitlines() if line.startswith("total"))
@@ -187,7 +232,9 @@ def _weights_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only_ones_on_the_recipes_weights(in_tmp, monkeypatch, capsys):
+def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only_ones_on_the_recipes_weights(
+    in_tmp, monkeypatch, capsys
+):
     import mlflow
 
     experiments = in_tmp / "experiments"
@@ -203,7 +250,9 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
     exp = client.get_experiment_by_name(HW4)
     runs = client.search_runs([exp.experiment_id])
     names = ["recipe", "post-add-relu", "shortcut-1x1", "val-split", "lr-0.1", "all-standard"]
-    assert sorted((r.data.tags["bench.ablation"], r.data.tags["bench.seed"]) for r in runs) == sorted((n, s) for n in names for s in "01")
+    assert sorted((r.data.tags["bench.ablation"], r.data.tags["bench.seed"]) for r in runs) == sorted(
+        (n, s) for n in names for s in "01"
+    )
     assert {r.info.status for r in runs} == {"FINISHED"}
     recipe = {r.data.tags["bench.seed"]: r for r in runs if r.data.tags["bench.ablation"] == "recipe"}
     for run in recipe.values():
@@ -224,8 +273,13 @@ def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only
     # trained with eval.mode = "eval" ends with the recipe's checkpoint, and its test_acc is the
     # recipe's test_acc/eval.mode-eval at every epoch.
     assert cli.main(["run", HW4, "--profile", "tiny", "--set", 'eval.mode="eval"']) == 0
-    evaluated = next(r for r in client.search_runs([exp.experiment_id], "tags.`bench.config_hash` != '{}'".format(
-        recipe["0"].data.tags["bench.config_hash"])) if r.data.params.get("eval.mode") == "eval" and "bench.ablation" not in r.data.tags)
+    evaluated = next(
+        r
+        for r in client.search_runs(
+            [exp.experiment_id], "tags.`bench.config_hash` != '{}'".format(recipe["0"].data.tags["bench.config_hash"])
+        )
+        if r.data.params.get("eval.mode") == "eval" and "bench.ablation" not in r.data.tags
+    )
     ck = in_tmp / "checkpoints" / HW4
     recipe_ck = ck / f"tiny-seed0-{recipe['0'].data.tags['bench.config_hash']}" / "last.pt"
     evaluated_ck = ck / f"tiny-seed0-{evaluated.data.tags['bench.config_hash']}" / "last.pt"
@@ -241,9 +295,16 @@ def test_a_study_records_the_config_it_starts_from(in_tmp):
     def opened(sets: list[str], name: str = f"{HW4}-smoke"):
         base = config.load(HW4, profile="smoke", sets=sets)
         space = tuning.search_space(HW4, base)
-        return tuning.open_study(tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60), name, sampler_=sampling.sampler("random", 0, space),
-                                 pruner_=tuning.pruner("none", 1), first_trial=tuning.recipe_values(space, base), experiment=HW4,
-                                 profile="smoke", base_config_hash=base.config_hash())
+        return tuning.open_study(
+            tuning.storage(f"sqlite:///{in_tmp / 'optuna.db'}", 60),
+            name,
+            sampler_=sampling.sampler("random", 0, space),
+            pruner_=tuning.pruner("none", 1),
+            first_trial=tuning.recipe_values(space, base),
+            experiment=HW4,
+            profile="smoke",
+            base_config_hash=base.config_hash(),
+        )
 
     study = opened(["model.post_add_relu=true"])
     post_add_relu = {v.name: v for v in ablation.variants(HW4, "smoke")}["post-add-relu"]
@@ -256,10 +317,29 @@ def test_a_study_records_the_config_it_starts_from(in_tmp):
     with pytest.raises(UserError, match=f"study {HW4}-smoke tunes another config .*give this one its own --study NAME"):
         opened([])
     # --best reads the study whatever config the command names, and records none.
-    assert cli.main(["tune", HW4, "--profile", "smoke", "--best", "--storage", f"sqlite:///{in_tmp / 'optuna.db'}"]) == 0
+    assert (
+        cli.main(["tune", HW4, "--profile", "smoke", "--best", "--storage", f"sqlite:///{in_tmp / 'optuna.db'}"]) == 0
+    )
     # A study --best made (its recipe trial queued) takes the config of the first command that tunes it.
-    assert cli.main(["tune", HW4, "--profile", "smoke", "--best", "--study", "fresh", "--storage", f"sqlite:///{in_tmp / 'optuna.db'}"]) == 0
-    assert opened(["model.post_add_relu=true"], "fresh").user_attrs["bench.base_config_hash"] == post_add_relu.config_hash
+    assert (
+        cli.main(
+            [
+                "tune",
+                HW4,
+                "--profile",
+                "smoke",
+                "--best",
+                "--study",
+                "fresh",
+                "--storage",
+                f"sqlite:///{in_tmp / 'optuna.db'}",
+            ]
+        )
+        == 0
+    )
+    assert (
+        opened(["model.post_add_relu=true"], "fresh").user_attrs["bench.base_config_hash"] == post_add_relu.config_hash
+    )
 
 
 def test_an_evaluation_only_switch_the_recipe_already_has_is_the_recipes(experiments_copy, in_tmp, capsys):
@@ -283,7 +363,10 @@ def test_a_variant_the_data_cannot_hold_is_named_before_anything_trains(experime
     smoke = experiments_copy / "profiles" / "smoke.toml"
     smoke.write_text(smoke.read_text().replace('"data.val_size" = 100', '"data.val_size" = 5000'))
     assert cli.main(["run", HW4, "--ablate", "--profile", "smoke"]) == 2
-    assert "hw4-resnet-cifar100 (ablation val-split): data.val_size=5000 leaves no training images" in capsys.readouterr().err
+    assert (
+        "hw4-resnet-cifar100 (ablation val-split): data.val_size=5000 leaves no training images"
+        in capsys.readouterr().err
+    )
     assert not (in_tmp / "checkpoints").exists() or not any((in_tmp / "checkpoints").rglob("*.pt"))
 
 
@@ -299,9 +382,16 @@ def test_a_study_an_older_bench_made_is_not_given_a_base_it_may_not_have_tuned(i
     older = optuna.create_study(study_name="older", storage=store, direction="maximize")
     older.enqueue_trial(tuning.recipe_values(space, base))
     older.tell(older.ask(), 0.2)  # it tuned something, with no record of what
-    study = tuning.open_study(store, "older", sampler_=sampling.sampler("random", 0, space), pruner_=tuning.pruner("none", 1),
-                              first_trial=tuning.recipe_values(space, base), experiment=HW4, profile="smoke",
-                              base_config_hash=base.config_hash())
+    study = tuning.open_study(
+        store,
+        "older",
+        sampler_=sampling.sampler("random", 0, space),
+        pruner_=tuning.pruner("none", 1),
+        first_trial=tuning.recipe_values(space, base),
+        experiment=HW4,
+        profile="smoke",
+        base_config_hash=base.config_hash(),
+    )
     assert "bench.base_config_hash" not in study.user_attrs and study.user_attrs["bench.experiment"] == HW4
 
 
@@ -321,5 +411,7 @@ def test_the_cost_of_a_run_counts_its_evaluation_only_passes():
 def test_a_profile_cannot_scale_an_evaluation_only_switch(experiments_copy):
     smoke = experiments_copy / "profiles" / "smoke.toml"
     smoke.write_text(smoke.read_text() + '"eval.mode" = "train"\n')
-    with pytest.raises(UserError, match=r"smoke.toml: ablations.eval.mode: an evaluation-only switch has no scale to change"):
+    with pytest.raises(
+        UserError, match=r"smoke.toml: ablations.eval.mode: an evaluation-only switch has no scale to change"
+    ):
         ablation.variants(HW4, "smoke")

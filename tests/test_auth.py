@@ -25,12 +25,11 @@ import optuna
 import pytest
 import requests
 import sqlalchemy
+from conftest import TINY_SETS
 from mlflow.tracking import MlflowClient
+from servers import DIRECT, MlflowServer, Postgres, pg_bindir
 
 from bench import tuning
-
-from conftest import TINY_SETS
-from servers import DIRECT, MlflowServer, Postgres, pg_bindir
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 PG_PASSWORD = "p@ss:w/rd%-pg-Tq81zw"
@@ -44,8 +43,14 @@ def secret_forms() -> list[str]:
     it), in a basic-auth header, and the token it ends with (in any partial encoding too)."""
     forms = []
     for user, secret in (("bench", PG_PASSWORD), ("admin", ADMIN_PASSWORD), (USER, USER_PASSWORD)):
-        forms += [secret, quote(secret, safe=""), quote(secret), quote(secret).replace("%20", "+"), secret.rsplit("-", 1)[1],
-                  base64.b64encode(f"{user}:{secret}".encode()).decode()]
+        forms += [
+            secret,
+            quote(secret, safe=""),
+            quote(secret),
+            quote(secret).replace("%20", "+"),
+            secret.rsplit("-", 1)[1],
+            base64.b64encode(f"{user}:{secret}".encode()).decode(),
+        ]
     return forms
 
 
@@ -72,10 +77,20 @@ def servers(tmp_path_factory):
         artifacts.mkdir()
         mlflow_server = MlflowServer(pg.create("mlflow"), artifacts, admin_password=ADMIN_PASSWORD).wait_ready()
         # One user for bench, made by the admin through MLflow's REST API, as a lab would.
-        made = requests.post(f"{mlflow_server.url}/api/2.0/mlflow/users/create", json={"username": USER, "password": USER_PASSWORD},
-                             auth=(MlflowServer.ADMIN, ADMIN_PASSWORD), timeout=30)
+        made = requests.post(
+            f"{mlflow_server.url}/api/2.0/mlflow/users/create",
+            json={"username": USER, "password": USER_PASSWORD},
+            auth=(MlflowServer.ADMIN, ADMIN_PASSWORD),
+            timeout=30,
+        )
         assert made.status_code == 200, made.text
-        yield {"storage": storage, "tracking": mlflow_server.url, "pg": pg, "mlflow": mlflow_server, "artifacts": artifacts}
+        yield {
+            "storage": storage,
+            "tracking": mlflow_server.url,
+            "pg": pg,
+            "mlflow": mlflow_server,
+            "artifacts": artifacts,
+        }
     finally:
         if mlflow_server is not None:
             mlflow_server.stop()
@@ -111,7 +126,9 @@ def argv_of_all_processes() -> dict[int, str]:
     return found
 
 
-def bench(args: list[str], cwd: Path, env: dict[str, str], argv_seen: list[str] | None = None) -> subprocess.CompletedProcess:
+def bench(
+    args: list[str], cwd: Path, env: dict[str, str], argv_seen: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m bench ARGS`; with `argv_seen`, the argv of every process on the machine is
     sampled twice a second while it runs (a worker lives for seconds: several samples each)."""
     out, err = cwd / f".out-{time.monotonic_ns()}", cwd / f".err-{time.monotonic_ns()}"
@@ -133,27 +150,55 @@ def test_without_credentials_the_tracking_server_and_the_database_refuse(servers
     assert status(url + SEARCH, (USER, "wrong-password-123")) == 401
     assert status(url + SEARCH, (USER, USER_PASSWORD)) == 200
 
-    cell = ["run", "resnetb-cifar10", "--profile", "smoke", "--seeds", "1", "--epochs", "2", *TINY_ARGS, "--tracking-uri", url]
-    for creds, said in (({}, "requires a login (HTTP 401)"), ({"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": "wrong-password-123"},
-                                                              "refuses the login (HTTP 401)")):
+    cell = [
+        "run",
+        "resnetb-cifar10",
+        "--profile",
+        "smoke",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        *TINY_ARGS,
+        "--tracking-uri",
+        url,
+    ]
+    for creds, said in (
+        ({}, "requires a login (HTTP 401)"),
+        (
+            {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": "wrong-password-123"},
+            "refuses the login (HTTP 401)",
+        ),
+    ):
         proc = bench(cell, tmp_path, {**env, **creds})
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.splitlines()  # one line, naming what to set: no traceback, no retries for minutes
         assert len(lines) == 1 and lines[0].startswith(f"bench: error: tracking store {url} {said}"), proc.stderr
         assert "MLFLOW_TRACKING_USERNAME" in lines[0] and not proc.stdout
     # A path where the server has no API: the search is refused (the basic-auth app denies routes it does not know)
-    proc = bench([*cell[:-1], url + "/nope"], tmp_path, {**env, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": USER_PASSWORD})
-    assert proc.returncode == 2 and f"{url}/nope answers with HTTP 403 to a search of its experiments" in proc.stderr, proc.stderr
+    proc = bench(
+        [*cell[:-1], url + "/nope"],
+        tmp_path,
+        {**env, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": USER_PASSWORD},
+    )
+    assert proc.returncode == 2 and f"{url}/nope answers with HTTP 403 to a search of its experiments" in proc.stderr, (
+        proc.stderr
+    )
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MlflowServer.ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
     assert [e.name for e in MlflowClient(url).search_experiments()] == ["Default"]  # nothing written
 
     pg = servers["pg"]
-    for wrong, said in ((pg.url("optuna"), "no password supplied"), (pg.url("optuna", "p@ss:w/rd%-wrong"), "password authentication failed")):
+    for wrong, said in (
+        (pg.url("optuna"), "no password supplied"),
+        (pg.url("optuna", "p@ss:w/rd%-wrong"), "password authentication failed"),
+    ):
         with pytest.raises(sqlalchemy.exc.OperationalError, match=said):
             sqlalchemy.create_engine(wrong).connect()
-        proc = bench(["tune", "resnetb-cifar10", "--profile", "smoke", "--storage", wrong, "--tracking-uri", url], tmp_path, env)
+        proc = bench(
+            ["tune", "resnetb-cifar10", "--profile", "smoke", "--storage", wrong, "--tracking-uri", url], tmp_path, env
+        )
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.splitlines()) == 1 and said in proc.stderr and "~/.pgpass" in proc.stderr, proc.stderr
         assert not leaks(proc.stderr)
@@ -161,14 +206,42 @@ def test_without_credentials_the_tracking_server_and_the_database_refuse(servers
 
 
 def test_with_credentials_a_cell_a_study_and_the_report_run_and_no_password_shows(servers, tmp_path, env, monkeypatch):
-    env = {**env, "MLFLOW_TRACKING_URI": servers["tracking"], "BENCH_OPTUNA_STORAGE": servers["storage"],
-           "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": USER_PASSWORD}
+    env = {
+        **env,
+        "MLFLOW_TRACKING_URI": servers["tracking"],
+        "BENCH_OPTUNA_STORAGE": servers["storage"],
+        "MLFLOW_TRACKING_USERNAME": USER,
+        "MLFLOW_TRACKING_PASSWORD": USER_PASSWORD,
+    }
     argv: list[str] = []
-    cell = bench(["run", "resnetb-cifar10", "--profile", "smoke", "--seeds", "1", "--epochs", "2", *TINY_ARGS], tmp_path, env, argv)
+    cell = bench(
+        ["run", "resnetb-cifar10", "--profile", "smoke", "--seeds", "1", "--epochs", "2", *TINY_ARGS],
+        tmp_path,
+        env,
+        argv,
+    )
     assert cell.returncode == 0, cell.stderr[-3000:]
     before = len(argv)
-    study = bench(["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "2", *TINY_ARGS, "--trials", "2",
-                   "--workers", "2", "--study", "auth-study"], tmp_path, env, argv)
+    study = bench(
+        [
+            "tune",
+            "resnetb-cifar10",
+            "--profile",
+            "smoke",
+            "--epochs",
+            "2",
+            *TINY_ARGS,
+            "--trials",
+            "2",
+            "--workers",
+            "2",
+            "--study",
+            "auth-study",
+        ],
+        tmp_path,
+        env,
+        argv,
+    )
     assert study.returncode == 0, study.stderr[-3000:]
     assert "2 finished trials in study auth-study" in study.stdout
     workers = [a for a in argv[before:] if "--worker-of" in a and "auth-study" in a]
@@ -186,10 +259,15 @@ def test_with_credentials_a_cell_a_study_and_the_report_run_and_no_password_show
     ours = [r for r in runs if r.info.experiment_id == client.get_experiment_by_name("resnetb-cifar10").experiment_id]
     assert sorted(r.data.tags.get("bench.kind", "cell") for r in ours) == ["cell", "study", "trial", "trial"]
     assert all(r.info.status == "FINISHED" for r in ours)
-    assert any(r.data.tags.get("optuna.storage") == servers["storage"].replace(quote(PG_PASSWORD, safe=""), "***") for r in runs)
+    assert any(
+        r.data.tags.get("optuna.storage") == servers["storage"].replace(quote(PG_PASSWORD, safe=""), "***")
+        for r in runs
+    )
     storage = optuna.storages.RDBStorage(servers["storage"])
     studied = optuna.load_study(study_name="auth-study", storage=storage)
-    study_system_attrs = storage.get_study_system_attrs(storage.get_study_id_from_name("auth-study"))  # optuna-dashboard's notes
+    study_system_attrs = storage.get_study_system_attrs(
+        storage.get_study_id_from_name("auth-study")
+    )  # optuna-dashboard's notes
     assert len(studied.get_trials(states=tuning.FINISHED)) == 2
 
     places = {  # where a password could be: what bench printed, stored, wrote, and every argv seen

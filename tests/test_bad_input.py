@@ -26,21 +26,32 @@ DRY = ["run", EXPERIMENT, "--profile", "smoke", "--dry-run"]
 FLAT = config.load(EXPERIMENT, profile="smoke").flat()
 SECTIONS = {"data", "optim", "schedule", "train", "eval"}
 CHOICES = {  # the values a string key may take: anything else is a mistake
-    "data.dataset": {"cifar10", "cifar100"}, "data.source": {"official", "embedded"},
-    "data.augment": {"crop_flip", "resized_crop_flip", "none"}, "optim.name": {"sgd", "adam"},
-    "schedule.name": {"none", "step", "exponential", "cosine"}, "eval.mode": {"eval", "train"},
+    "data.dataset": {"cifar10", "cifar100"},
+    "data.source": {"official", "embedded"},
+    "data.augment": {"crop_flip", "resized_crop_flip", "none"},
+    "optim.name": {"sgd", "adam"},
+    "schedule.name": {"none", "step", "exponential", "cosine"},
+    "eval.mode": {"eval", "train"},
     "model.name": set(list_models()),
 }
 # Numbers out of range, by key: (strategy of bad values).
 OUT_OF_RANGE = {
-    "optim.lr": st.floats(max_value=0), "optim.momentum": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1)),
-    "optim.weight_decay": st.floats(max_value=-1e-9), "data.batch_size": st.integers(max_value=0),
-    "data.eval_batch_size": st.integers(max_value=0), "data.val_size": st.integers(max_value=-1),
-    "data.image_size": st.integers(max_value=7), "data.crop_padding": st.integers(max_value=-1),
-    "train.epochs": st.integers(max_value=0), "train.checkpoint_every": st.integers(max_value=0),
-    "schedule.step_size": st.integers(max_value=0), "schedule.gamma": st.one_of(st.floats(max_value=0), st.floats(min_value=1.001)),
-    "schedule.eta_min": st.floats(max_value=-1e-9), "model.stem_width": st.integers(max_value=0),
-    "model.blocks_per_stage": st.integers(max_value=0), "model.expansion": st.integers(max_value=0),
+    "optim.lr": st.floats(max_value=0),
+    "optim.momentum": st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1)),
+    "optim.weight_decay": st.floats(max_value=-1e-9),
+    "data.batch_size": st.integers(max_value=0),
+    "data.eval_batch_size": st.integers(max_value=0),
+    "data.val_size": st.integers(max_value=-1),
+    "data.image_size": st.integers(max_value=7),
+    "data.crop_padding": st.integers(max_value=-1),
+    "train.epochs": st.integers(max_value=0),
+    "train.checkpoint_every": st.integers(max_value=0),
+    "schedule.step_size": st.integers(max_value=0),
+    "schedule.gamma": st.one_of(st.floats(max_value=0), st.floats(min_value=1.001)),
+    "schedule.eta_min": st.floats(max_value=-1e-9),
+    "model.stem_width": st.integers(max_value=0),
+    "model.blocks_per_stage": st.integers(max_value=0),
+    "model.expansion": st.integers(max_value=0),
     "data.std": st.lists(st.floats(max_value=0), min_size=3, max_size=3),
     "model.widths": st.one_of(st.just([]), st.lists(st.integers(max_value=0), min_size=1, max_size=4)),
     "optim.lr ": st.sampled_from([float("nan"), float("inf"), float("-inf")]),
@@ -72,12 +83,24 @@ def wrong_type(key: str):
     if isinstance(recipe, bool):
         return st.one_of(st.integers(), st.floats(allow_nan=False), PLAIN, *junk)
     if isinstance(recipe, int):
-        return st.one_of(st.booleans(), PLAIN, st.floats(allow_nan=False).filter(lambda f: not f.is_integer()),
-                         st.floats(allow_nan=False, allow_infinity=False).filter(float.is_integer), st.lists(st.integers(), max_size=2), *junk)
+        return st.one_of(
+            st.booleans(),
+            PLAIN,
+            st.floats(allow_nan=False).filter(lambda f: not f.is_integer()),
+            st.floats(allow_nan=False, allow_infinity=False).filter(float.is_integer),
+            st.lists(st.integers(), max_size=2),
+            *junk,
+        )
     if isinstance(recipe, float):
         return st.one_of(st.booleans(), PLAIN, st.lists(st.floats(), max_size=2), *junk)
     if isinstance(recipe, str):
-        return st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False), PLAIN.filter(lambda s: s not in CHOICES.get(key, ())), *junk)
+        return st.one_of(
+            st.integers(),
+            st.booleans(),
+            st.floats(allow_nan=False),
+            PLAIN.filter(lambda s: s not in CHOICES.get(key, ())),
+            *junk,
+        )
     return st.one_of(PLAIN, st.integers(), st.lists(PLAIN, min_size=1, max_size=3), *junk)  # lists
 
 
@@ -87,7 +110,13 @@ def bad_assignment(draw) -> tuple[str, object]:
     kind = draw(st.sampled_from(["unknown", "type", "range"]))
     if kind == "unknown":
         section = draw(st.sampled_from([*sorted(SECTIONS), "model", ""]))
-        name = draw(NAME.filter(lambda n: f"{section}.{n}".lstrip(".") not in FLAT and n not in ("experiment", "seed", "model", *SECTIONS)))
+        name = draw(
+            NAME.filter(
+                lambda n: (
+                    f"{section}.{n}".lstrip(".") not in FLAT and n not in ("experiment", "seed", "model", *SECTIONS)
+                )
+            )
+        )
         return f"{section}.{name}".lstrip("."), draw(st.integers())
     if kind == "type":
         key = draw(st.sampled_from(sorted(k for k in FLAT if k not in ("experiment", "seed"))))
@@ -118,7 +147,12 @@ def error_line(rc: int, out: str, err: str) -> str:
 
 
 def examples(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
 
 
 @pytest.fixture
@@ -140,12 +174,18 @@ def test_a_bad_set_exits_2_naming_the_key(offline, assignment):
 
 
 @examples(40)
-@given(st.one_of(
-    TEXT.filter(lambda s: "=" not in s),  # no `=`
-    st.builds(lambda k, v: f"{k}={v}", st.from_regex(r"\A([a-z]*\.\.|\.|[0-9-])[a-z.]{0,5}\Z"), st.integers()),  # not a dotted name
-    st.builds(lambda k: f"{k}.x=1", st.sampled_from(sorted(k for k in FLAT if "." in k))),  # a value used as a section
-    st.sampled_from(["=1", "experiment=x", "seed=1", "optim=1", "model=[1]"]),
-))
+@given(
+    st.one_of(
+        TEXT.filter(lambda s: "=" not in s),  # no `=`
+        st.builds(
+            lambda k, v: f"{k}={v}", st.from_regex(r"\A([a-z]*\.\.|\.|[0-9-])[a-z.]{0,5}\Z"), st.integers()
+        ),  # not a dotted name
+        st.builds(
+            lambda k: f"{k}.x=1", st.sampled_from(sorted(k for k in FLAT if "." in k))
+        ),  # a value used as a section
+        st.sampled_from(["=1", "experiment=x", "seed=1", "optim=1", "model=[1]"]),
+    )
+)
 def test_a_malformed_assignment_exits_2(offline, text):
     error_line(*call([*DRY, "--set", text]))
 
@@ -154,14 +194,19 @@ NAMES = TEXT.filter(lambda s: not s.startswith("-"))
 
 
 @examples(60)
-@given(st.one_of(
-    st.builds(lambda n: ["run", n, "--dry-run"], NAMES.filter(lambda n: n not in config.list_experiments())),
-    st.builds(lambda n: ["run", "--suite", n, "--dry-run"], NAMES.filter(lambda n: n not in config.read_suites())),
-    st.builds(lambda n: ["run", EXPERIMENT, "--profile", n, "--dry-run"], NAMES.filter(lambda n: n not in config.list_profiles())),
-    st.builds(lambda n: ["report", "--suite", n], NAMES.filter(lambda n: n not in config.read_suites())),
-    st.builds(lambda n: ["tune", n, "--best"], NAMES.filter(lambda n: n not in config.list_experiments())),
-    st.builds(lambda n: [*DRY, "--set", f"model.name={toml(n)}"], NAMES.filter(lambda n: n not in list_models())),
-))
+@given(
+    st.one_of(
+        st.builds(lambda n: ["run", n, "--dry-run"], NAMES.filter(lambda n: n not in config.list_experiments())),
+        st.builds(lambda n: ["run", "--suite", n, "--dry-run"], NAMES.filter(lambda n: n not in config.read_suites())),
+        st.builds(
+            lambda n: ["run", EXPERIMENT, "--profile", n, "--dry-run"],
+            NAMES.filter(lambda n: n not in config.list_profiles()),
+        ),
+        st.builds(lambda n: ["report", "--suite", n], NAMES.filter(lambda n: n not in config.read_suites())),
+        st.builds(lambda n: ["tune", n, "--best"], NAMES.filter(lambda n: n not in config.list_experiments())),
+        st.builds(lambda n: [*DRY, "--set", f"model.name={toml(n)}"], NAMES.filter(lambda n: n not in list_models())),
+    )
+)
 def test_an_unknown_name_exits_2_naming_it(offline, argv):
     line = error_line(*call(argv))
     name = argv[1] if argv[0] == "tune" else argv[-1] if argv[0] == "report" else None
@@ -170,37 +215,64 @@ def test_an_unknown_name_exits_2_naming_it(offline, argv):
 
 NUMBERS = st.one_of(
     st.builds(lambda f, n: [*DRY, f, str(n)], st.sampled_from(["--seeds", "--epochs"]), st.integers(max_value=0)),
-    st.builds(lambda f, n: ["tune", EXPERIMENT, "--profile", "smoke", f, str(n)],
-              st.sampled_from(["--trials", "--epochs", "--heartbeat"]), st.integers(max_value=0)),
+    st.builds(
+        lambda f, n: ["tune", EXPERIMENT, "--profile", "smoke", f, str(n)],
+        st.sampled_from(["--trials", "--epochs", "--heartbeat"]),
+        st.integers(max_value=0),
+    ),
     st.builds(lambda n: ["tune", EXPERIMENT, "--profile", "smoke", "--workers", str(n)], st.integers(max_value=-1)),
-    st.builds(lambda n: ["tune", EXPERIMENT, "--profile", "smoke", "--timeout", repr(n)], st.floats(max_value=0, allow_nan=False)),
+    st.builds(
+        lambda n: ["tune", EXPERIMENT, "--profile", "smoke", "--timeout", repr(n)],
+        st.floats(max_value=0, allow_nan=False),
+    ),
     st.builds(lambda f, t: [*DRY, f, t], st.sampled_from(["--seeds", "--epochs"]), PLAIN),  # not a number: argparse
-    st.builds(lambda t: ["run", "--suite", "all", "--dry-run", "--shard", t], st.one_of(
-        PLAIN, st.builds(lambda i, n: f"{i}/{n}", st.integers(), st.integers()).filter(
-            lambda s: not 1 <= int(s.split("/")[0]) <= int(s.split("/")[1])))),
+    st.builds(
+        lambda t: ["run", "--suite", "all", "--dry-run", "--shard", t],
+        st.one_of(
+            PLAIN,
+            st.builds(lambda i, n: f"{i}/{n}", st.integers(), st.integers()).filter(
+                lambda s: not 1 <= int(s.split("/")[0]) <= int(s.split("/")[1])
+            ),
+        ),
+    ),
 )
 
 
 @examples(60)
 @given(NUMBERS)
 def test_a_bad_number_exits_2(offline, argv):
-    if "--shard" in argv and re.fullmatch(r"\d+/\d+", argv[-1]) and 1 <= int(argv[-1].split("/")[0]) <= int(argv[-1].split("/")[1]):
+    if (
+        "--shard" in argv
+        and re.fullmatch(r"\d+/\d+", argv[-1])
+        and 1 <= int(argv[-1].split("/")[0]) <= int(argv[-1].split("/")[1])
+    ):
         return  # PLAIN drew a valid shard
     error_line(*call(argv))
 
 
-SCHEME = st.from_regex(r"\A[a-z][a-z0-9]{1,8}\Z").filter(lambda s: s not in ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "oracle", "databricks"))
+SCHEME = st.from_regex(r"\A[a-z][a-z0-9]{1,8}\Z").filter(
+    lambda s: s not in ("file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "oracle", "databricks")
+)
 MALFORMED = st.one_of(
     st.builds(lambda s, rest: f"{s}://{rest}", SCHEME, PLAIN),  # a scheme no store has
-    st.builds(lambda s, p: f"{s}://host:{p}/db", st.sampled_from(["http", "postgresql", "mysql+pymysql"]),
-              st.one_of(PLAIN.filter(lambda t: not t.isdigit()), st.integers(min_value=65536).map(str))),  # a bad port
-    st.builds(lambda s, t: f"{s}://[{t}", st.sampled_from(["http", "https", "postgresql"]), PLAIN),  # a broken IPv6 host
-    st.sampled_from(["http://", "https://", "http:///mlflow", "", " ", " sqlite:///x.db", "sqlite:///x.db\n", "postgresql+://x"]),
+    st.builds(
+        lambda s, p: f"{s}://host:{p}/db",
+        st.sampled_from(["http", "postgresql", "mysql+pymysql"]),
+        st.one_of(PLAIN.filter(lambda t: not t.isdigit()), st.integers(min_value=65536).map(str)),
+    ),  # a bad port
+    st.builds(
+        lambda s, t: f"{s}://[{t}", st.sampled_from(["http", "https", "postgresql"]), PLAIN
+    ),  # a broken IPv6 host
+    st.sampled_from(
+        ["http://", "https://", "http:///mlflow", "", " ", " sqlite:///x.db", "sqlite:///x.db\n", "postgresql+://x"]
+    ),
 )
 
 
 @examples(60)
-@given(MALFORMED, st.sampled_from(["run-tracking", "tune-storage", "tune-tracking", "report-storage", "report-tracking"]))
+@given(
+    MALFORMED, st.sampled_from(["run-tracking", "tune-storage", "tune-tracking", "report-storage", "report-tracking"])
+)
 def test_a_malformed_store_url_exits_2(offline, url, where):
     command, flag = where.split("-")
     argv = {"run": DRY, "tune": ["tune", EXPERIMENT, "--profile", "smoke"], "report": ["report"]}[command]
@@ -227,18 +299,30 @@ def garbage_batches(root: Path, data: bytes, both: bool) -> Path:
 
 JUNK = st.one_of(
     st.binary(max_size=200),
-    st.builds(pickle.dumps, st.dictionaries(st.sampled_from(["data", "labels", b"data", "x"]),
-                                            st.one_of(st.integers(), st.lists(st.integers(-300, 300), max_size=8), PLAIN), max_size=3)),
-    st.builds(lambda n, label: pickle.dumps({"data": [[0] * 3072] * n, "labels": [label] * n}), st.integers(1, 3), st.integers(10, 99)),
+    st.builds(
+        pickle.dumps,
+        st.dictionaries(
+            st.sampled_from(["data", "labels", b"data", "x"]),
+            st.one_of(st.integers(), st.lists(st.integers(-300, 300), max_size=8), PLAIN),
+            max_size=3,
+        ),
+    ),
+    st.builds(
+        lambda n, label: pickle.dumps({"data": [[0] * 3072] * n, "labels": [label] * n}),
+        st.integers(1, 3),
+        st.integers(10, 99),
+    ),
 )
 
 
 @examples(40)
-@given(st.one_of(
-    st.builds(lambda: ("empty", b"", False)),
-    st.tuples(st.just("garbage"), JUNK, st.booleans()),
-    st.builds(lambda: ("file", b"", False)),
-))
+@given(
+    st.one_of(
+        st.builds(lambda: ("empty", b"", False)),
+        st.tuples(st.just("garbage"), JUNK, st.booleans()),
+        st.builds(lambda: ("file", b"", False)),
+    )
+)
 def test_missing_or_damaged_data_exits_2_naming_the_place(offline, scratch, case):
     kind, data, both = case
     if kind == "empty":
@@ -253,12 +337,20 @@ def test_missing_or_damaged_data_exits_2_naming_the_place(offline, scratch, case
 
 
 @examples(30)
-@given(st.sampled_from([
-    [*DRY, "--checkpoint-dir", "{file}/checkpoints"], [*DRY, "--checkpoint-dir", "{file}"],
-    ["tune", EXPERIMENT, "--profile", "smoke", "--checkpoint-dir", "{file}/x"],
-    ["report", "--out", "{file}/report"], ["report", "--out", "{file}"],
-    [*DRY, "--tracking-uri", "sqlite:///{file}/mlflow.db"], ["tune", EXPERIMENT, "--profile", "smoke", "--storage", "sqlite:///{file}/o.db"],
-]), PLAIN)
+@given(
+    st.sampled_from(
+        [
+            [*DRY, "--checkpoint-dir", "{file}/checkpoints"],
+            [*DRY, "--checkpoint-dir", "{file}"],
+            ["tune", EXPERIMENT, "--profile", "smoke", "--checkpoint-dir", "{file}/x"],
+            ["report", "--out", "{file}/report"],
+            ["report", "--out", "{file}"],
+            [*DRY, "--tracking-uri", "sqlite:///{file}/mlflow.db"],
+            ["tune", EXPERIMENT, "--profile", "smoke", "--storage", "sqlite:///{file}/o.db"],
+        ]
+    ),
+    PLAIN,
+)
 def test_an_unwritable_output_place_exits_2(offline, scratch, argv, tail):
     file = str(scratch / "a-file")
     argv = [a.replace("{file}", file).replace("/x", f"/{tail}") for a in argv]
@@ -277,19 +369,43 @@ def experiments_copy():
 
 def toml_document(tree: dict) -> str:
     top = [f"{k} = {toml(v)}" for k, v in tree.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {toml(vv)}" for kk, vv in v.items()) for k, v in tree.items() if isinstance(v, dict)]
+    tables = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {toml(vv)}" for kk, vv in v.items())
+        for k, v in tree.items()
+        if isinstance(v, dict)
+    ]
     return "\n".join(top) + "\n\n" + "\n\n".join(tables) + "\n"
 
 
 @examples(60)
-@given(st.one_of(
-    st.tuples(st.just("experiment"), bad_assignment()),
-    st.tuples(st.just("experiment"), st.text(max_size=40)),
-    st.tuples(st.just("profile"), st.sampled_from(['seeds = "3"', "seeds = 0", "seeds = 2.5", "overrides = 3", "experiments = [1]",
-                                                    "[experiments.x]\nother = 1", "[experiments.x]\noverrides = 1", "[overrides]\ndata = 5",
-                                                    "[overrides.optim]\nlr = -1", "[overrides.data]\nnope = 1", "seeds = ["])),
-    st.tuples(st.just("suites"), st.sampled_from(["[all]\nexperiments = 1", "[all]\n", "all = 3", "[all]\nexperiments = [1, 2]", "[all"])),
-))
+@given(
+    st.one_of(
+        st.tuples(st.just("experiment"), bad_assignment()),
+        st.tuples(st.just("experiment"), st.text(max_size=40)),
+        st.tuples(
+            st.just("profile"),
+            st.sampled_from(
+                [
+                    'seeds = "3"',
+                    "seeds = 0",
+                    "seeds = 2.5",
+                    "overrides = 3",
+                    "experiments = [1]",
+                    "[experiments.x]\nother = 1",
+                    "[experiments.x]\noverrides = 1",
+                    "[overrides]\ndata = 5",
+                    "[overrides.optim]\nlr = -1",
+                    "[overrides.data]\nnope = 1",
+                    "seeds = [",
+                ]
+            ),
+        ),
+        st.tuples(
+            st.just("suites"),
+            st.sampled_from(["[all]\nexperiments = 1", "[all]\n", "all = 3", "[all]\nexperiments = [1, 2]", "[all"]),
+        ),
+    )
+)
 def test_a_bad_experiment_profile_or_suite_file_exits_2(offline, experiments_copy, monkeypatch, case):
     kind, spoil = case
     monkeypatch.setenv("BENCH_EXPERIMENTS", str(experiments_copy))
@@ -334,12 +450,25 @@ def test_a_bad_experiment_profile_or_suite_file_exits_2(offline, experiments_cop
 # --- as a process: the same one line, no traceback, on the real stderr -----------------------------
 
 
-@pytest.mark.parametrize("args, names", [
-    (["run", EXPERIMENT, "--profile", "smoke", "--set", "optim.lr=true", "--dry-run"], ["optim.lr"]),
-    (["run", EXPERIMENT, "--profile", "smoke", "--tracking-uri", "http://127.0.0.1:9"], ["http://127.0.0.1:9", "does not answer"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["run", EXPERIMENT, "--profile", "smoke", "--set", "optim.lr=true", "--dry-run"], ["optim.lr"]),
+        (
+            ["run", EXPERIMENT, "--profile", "smoke", "--tracking-uri", "http://127.0.0.1:9"],
+            ["http://127.0.0.1:9", "does not answer"],
+        ),
+    ],
+)
 def test_as_a_process_exits_2_with_one_line(args, names, tmp_path, subprocess_env):
-    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=tmp_path,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     line = error_line(proc.returncode, proc.stdout, proc.stderr)
     for name in names:
         assert name in line, line
@@ -347,6 +476,8 @@ def test_as_a_process_exits_2_with_one_line(args, names, tmp_path, subprocess_en
 
 
 def test_model_options_that_build_but_do_not_fit_exit_2_before_training(offline):
-    line = error_line(*call(["run", "hw4-resnet-cifar100", "--profile", "smoke", "--device", "cpu", "--set", "model.blocks=[1,1]"]))
+    line = error_line(
+        *call(["run", "hw4-resnet-cifar100", "--profile", "smoke", "--device", "cpu", "--set", "model.blocks=[1,1]"])
+    )
     assert "model.blocks=(1, 1)" in line, line
     assert not (offline / "mlflow.db").exists() and not (offline / "checkpoints").exists()

@@ -14,7 +14,12 @@ from bench.engine import checkpoint, stops
 
 
 def test_save_then_load_round_trips_tensors_and_plain_values(tmp_path):
-    state = {"epoch": 3, "model": {"w": torch.arange(6.0).view(2, 3)}, "best": (2, 0.5, 0.4), "rng": torch.get_rng_state()}
+    state = {
+        "epoch": 3,
+        "model": {"w": torch.arange(6.0).view(2, 3)},
+        "best": (2, 0.5, 0.4),
+        "rng": torch.get_rng_state(),
+    }
     path = tmp_path / "sub" / "last.pt"
     checkpoint.save(state, path)
     loaded = checkpoint.load(path)
@@ -89,7 +94,12 @@ def test_when_every_checkpoint_is_damaged_the_error_names_them(tmp_path):
     with pytest.raises(checkpoint.CorruptCheckpoint) as info:
         checkpoint.load_latest(path)
     message = str(info.value)
-    for text in ("no usable checkpoint", "last.pt: no checksum", "last.prev.pt: checksum mismatch", "delete the directory"):
+    for text in (
+        "no usable checkpoint",
+        "last.pt: no checksum",
+        "last.prev.pt: checksum mismatch",
+        "delete the directory",
+    ):
         assert text in message, message
 
 
@@ -142,7 +152,9 @@ def test_the_saver_raises_a_failed_write_and_close_waits_for_the_rest(tmp_path):
 
 @pytest.mark.parametrize("save", [checkpoint.save, checkpoint.save_rotating])
 @pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])
-def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_whole(save, signum, stop, tmp_path, monkeypatch):
+def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_whole(
+    save, signum, stop, tmp_path, monkeypatch
+):
     """Raised inside torch.save, a KeyboardInterrupt comes out of its zip writer as a RuntimeError
     ("unexpected pos"): the cell would fail instead of stopping. The stop waits for the write."""
     state = {"epoch": 4, "w": torch.arange(50_000.0)}  # large enough to be written in several pieces

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_SETS
 
 from bench import cli
-
-from conftest import TINY_SETS
 
 EXPERIMENTS = ["bottleneck-cifar10", "hw4-resnet-cifar100", "resnet18-finetune-cifar100", "resnetb-cifar10"]
 MODELS = ["bottleneck_resnet", "hw4_resnet", "resnet18_finetune", "resnet_b"]
@@ -97,13 +96,27 @@ def test_dry_run_of_the_paper_suite_lists_twelve_cells_with_their_recipes(in_tmp
 
 
 def test_dry_run_counts_seeds_and_deduplicates_experiments(in_tmp, capsys):
-    args = ["run", "resnetb-cifar10", "--suite", "cifar10", "--profile", "smoke", "--seeds", "2", "--epochs", "5", "--dry-run"]
+    args = [
+        "run",
+        "resnetb-cifar10",
+        "--suite",
+        "cifar10",
+        "--profile",
+        "smoke",
+        "--seeds",
+        "2",
+        "--epochs",
+        "5",
+        "--dry-run",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     cells = [line for line in out.splitlines() if "/smoke/seed" in line]
     assert sorted(line.split()[0] for line in cells) == [
-        "bottleneck-cifar10/smoke/seed0", "bottleneck-cifar10/smoke/seed1",
-        "resnetb-cifar10/smoke/seed0", "resnetb-cifar10/smoke/seed1",
+        "bottleneck-cifar10/smoke/seed0",
+        "bottleneck-cifar10/smoke/seed1",
+        "resnetb-cifar10/smoke/seed0",
+        "resnetb-cifar10/smoke/seed1",
     ]
     assert all(line.rstrip().endswith(" 5") and "embedded" in line for line in cells)
     assert "4 cells (2 experiments x 2 seeds), profile smoke" in out
@@ -212,7 +225,9 @@ def test_no_command_is_a_usage_error(capsys):
 
 
 def test_a_run_that_does_not_finish_exits_1(in_tmp, capsys):
-    rc = cli.main(["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--set", "optim.lr=1e30"])
+    rc = cli.main(
+        ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--set", "optim.lr=1e30"]
+    )
     out, err = capsys.readouterr()
     assert rc == 1, err
     row = next(line for line in out.splitlines() if line.startswith("resnetb-cifar10/smoke/seed0"))
@@ -325,7 +340,10 @@ def test_run_then_report_writes_markdown_and_figures_that_resolve(in_tmp, subpro
     assert "[I " not in proc.stderr and "study created" not in proc.stderr, proc.stderr
     text = (out / "README.md").read_text()
     assert "### Study `resnetb-cifar10-smoke`: resnetb-cifar10, profile `smoke`" in text
-    assert "(tuning_resnetb-cifar10-smoke_history.png)" in text and (out / "tuning_resnetb-cifar10-smoke_history.png").is_file()
+    assert (
+        "(tuning_resnetb-cifar10-smoke_history.png)" in text
+        and (out / "tuning_resnetb-cifar10-smoke_history.png").is_file()
+    )
     assert cli.main(["report", "--suite", "cifar10", "--storage", "none"]) == 0
     assert "## Tuning" not in (out / "README.md").read_text()
     capsys.readouterr()
@@ -344,7 +362,10 @@ def test_run_then_report_writes_markdown_and_figures_that_resolve(in_tmp, subpro
         (["report"], ["no runs", "bench run --suite all"]),
         (["report", "--tracking-uri", "nope://store"], ["nope://store"]),
         (["report", "--storage", "sqlite:///missing.db"], ["missing.db", "--storage"]),
-        (["report", "--storage", "postgresql://bench:s3cret@127.0.0.1:1/optuna"], ["bench:***@127.0.0.1:1", "not usable"]),
+        (
+            ["report", "--storage", "postgresql://bench:s3cret@127.0.0.1:1/optuna"],
+            ["bench:***@127.0.0.1:1", "not usable"],
+        ),
     ],
 )
 def test_report_bad_input_exits_2(args, names, in_tmp, capsys):

@@ -258,15 +258,35 @@ def test_missing_or_broken_toml_is_a_user_error(tmp_path):
 def test_flat_has_dotted_keys_and_plain_values():
     cfg = load("resnetb-cifar10", profile="paper")
     flat = cfg.flat()
-    for key in ("experiment", "seed", "model.name", "model.widths", "data.batch_size", "data.mean", "optim.lr",
-                "optim.momentum", "schedule.step_size", "train.epochs", "eval.mode"):
+    for key in (
+        "experiment",
+        "seed",
+        "model.name",
+        "model.widths",
+        "data.batch_size",
+        "data.mean",
+        "optim.lr",
+        "optim.momentum",
+        "schedule.step_size",
+        "train.epochs",
+        "eval.mode",
+    ):
         assert key in flat, key
     assert flat["optim.lr"] == 0.1
     assert flat["model.widths"] == [32, 64, 128]
     assert flat["data.mean"] == [0.4914, 0.4822, 0.4465]
     assert not any(isinstance(v, dict) for v in flat.values())
     # Every section's every field is there, defaults included.
-    assert {k.split(".")[0] for k in flat} == {"experiment", "seed", "model", "data", "optim", "schedule", "train", "eval"}
+    assert {k.split(".")[0] for k in flat} == {
+        "experiment",
+        "seed",
+        "model",
+        "data",
+        "optim",
+        "schedule",
+        "train",
+        "eval",
+    }
     assert "data.split_seed" in flat and "eval.remeasure_train_acc" in flat
 
 
@@ -286,7 +306,7 @@ def test_config_hash():
 
 def test_config_is_frozen():
     cfg = load("resnetb-cifar10", profile="paper")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (pydantic's error for a frozen model)
         cfg.optim.lr = 1.0  # type: ignore[misc]
 
 
@@ -341,19 +361,42 @@ def test_a_set_of_seed_or_experiment_is_not_silently_ignored(text, key, value):
 # --- result keys: what the config hash and "comparable" use -------------------------------------
 
 NON_RESULT_SETS = [
-    "train.compile=true", "train.channels_last=false", "train.checkpoint_every=1", "train.checkpoint_min_interval_s=0",
-    "train.log_every_steps=10", "train.deterministic=false", "data.eval_batch_size=1000",
+    "train.compile=true",
+    "train.channels_last=false",
+    "train.checkpoint_every=1",
+    "train.checkpoint_min_interval_s=0",
+    "train.log_every_steps=10",
+    "train.deterministic=false",
+    "data.eval_batch_size=1000",
 ]
 
 
 def test_result_keys_leave_out_speed_checkpoints_and_logging():
     keys = load("resnetb-cifar10", profile="paper").result_keys()
     assert keys == sorted(keys) and "seed" in keys
-    for key in ("optim.lr", "data.batch_size", "data.val_size", "data.source", "model.widths", "schedule.step_size",
-                "train.epochs", "train.amp", "eval.mode", "eval.remeasure_train_acc"):
+    for key in (
+        "optim.lr",
+        "data.batch_size",
+        "data.val_size",
+        "data.source",
+        "model.widths",
+        "schedule.step_size",
+        "train.epochs",
+        "train.amp",
+        "eval.mode",
+        "eval.remeasure_train_acc",
+    ):
         assert key in keys, key
-    for key in ("experiment", "data.eval_batch_size", "train.compile", "train.channels_last", "train.checkpoint_every",
-                "train.checkpoint_min_interval_s", "train.log_every_steps", "train.deterministic"):
+    for key in (
+        "experiment",
+        "data.eval_batch_size",
+        "train.compile",
+        "train.channels_last",
+        "train.checkpoint_every",
+        "train.checkpoint_min_interval_s",
+        "train.log_every_steps",
+        "train.deterministic",
+    ):
         assert key not in keys, key
     # R1 evaluates with BatchNorm's batch statistics: there the eval batch changes the accuracy.
     assert "data.eval_batch_size" in load("hw4-resnet-cifar100", profile="paper").result_keys()
@@ -365,7 +408,9 @@ def test_settings_that_change_no_result_keep_the_config_hash(assignment):
     assert load("resnetb-cifar10", profile="paper", sets=[assignment]).config_hash() == a.config_hash()
 
 
-@pytest.mark.parametrize("assignment", ["train.amp=false", "optim.nesterov=true", "data.split_seed=1", "eval.mode=\"train\""])
+@pytest.mark.parametrize(
+    "assignment", ["train.amp=false", "optim.nesterov=true", "data.split_seed=1", 'eval.mode="train"']
+)
 def test_settings_that_change_the_result_change_the_config_hash(assignment):
     a = load("resnetb-cifar10", profile="paper")
     assert load("resnetb-cifar10", profile="paper", sets=[assignment]).config_hash() != a.config_hash()
@@ -373,7 +418,10 @@ def test_settings_that_change_the_result_change_the_config_hash(assignment):
 
 def test_eval_batch_size_changes_the_hash_where_evaluation_uses_batch_statistics():
     a = load("hw4-resnet-cifar100", profile="paper")
-    assert load("hw4-resnet-cifar100", profile="paper", sets=["data.eval_batch_size=1000"]).config_hash() != a.config_hash()
+    assert (
+        load("hw4-resnet-cifar100", profile="paper", sets=["data.eval_batch_size=1000"]).config_hash()
+        != a.config_hash()
+    )
 
 
 def test_a_weights_file_counts_by_its_content(tmp_path):
@@ -398,15 +446,18 @@ def test_a_weights_file_counts_by_its_content(tmp_path):
     assert config.weights_identity(str(tmp_path / "missing.pth")) == str(tmp_path / "missing.pth")
 
 
-@pytest.mark.parametrize("experiment, profile, sets, before", [
-    # The hashes bench gave these configs before the hash counted only the result keys.
-    ("bottleneck-cifar10", "smoke", [], "b2734f207511"),
-    ("bottleneck-cifar10", "paper", [], "474161d37c51"),
-    ("bottleneck-cifar10", "paper", ["optim.lr=0.05"], "e30a4daa8fad"),
-    # The smoke profile held out 100 images of R2's subset then.
-    ("resnet18-finetune-cifar100", "smoke", ["data.val_size=100"], "63851a220e98"),
-    ("resnetb-cifar10", "smoke", ["optim.lr=0.05", "schedule.step_before_epoch=false"], "1ecb18de9088"),
-])
+@pytest.mark.parametrize(
+    "experiment, profile, sets, before",
+    [
+        # The hashes bench gave these configs before the hash counted only the result keys.
+        ("bottleneck-cifar10", "smoke", [], "b2734f207511"),
+        ("bottleneck-cifar10", "paper", [], "474161d37c51"),
+        ("bottleneck-cifar10", "paper", ["optim.lr=0.05"], "e30a4daa8fad"),
+        # The smoke profile held out 100 images of R2's subset then.
+        ("resnet18-finetune-cifar100", "smoke", ["data.val_size=100"], "63851a220e98"),
+        ("resnetb-cifar10", "smoke", ["optim.lr=0.05", "schedule.step_before_epoch=false"], "1ecb18de9088"),
+    ],
+)
 def test_the_earlier_hash_is_the_one_bench_gave_the_same_config_before(experiment, profile, sets, before):
     assert config.load(experiment, profile=profile, seed=0, sets=sets).earlier_hash() == before
 

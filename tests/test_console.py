@@ -12,13 +12,12 @@ import warnings
 
 import optuna
 import pytest
+from conftest import TINY_SETS
 from mlflow.tracking import MlflowClient
 from optuna_dashboard import get_note
+from servers import MlflowServer
 
 from bench import console, tuning
-
-from conftest import TINY_SETS
-from servers import MlflowServer
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 
@@ -33,19 +32,44 @@ def server(tmp_path_factory):
 
 
 def bench(args, cwd, env) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def test_tune_with_workers_prints_its_own_lines_and_links_each_trial_to_its_run(server, tmp_path, subprocess_env):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = bench(["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "2", *TINY_ARGS, "--trials", "3", "--workers", "2",
-                  "--heartbeat", "5", "--storage", storage, "--tracking-uri", server], tmp_path, subprocess_env)
+    proc = bench(
+        [
+            "tune",
+            "resnetb-cifar10",
+            "--profile",
+            "smoke",
+            "--epochs",
+            "2",
+            *TINY_ARGS,
+            "--trials",
+            "3",
+            "--workers",
+            "2",
+            "--heartbeat",
+            "5",
+            "--storage",
+            storage,
+            "--tracking-uri",
+            server,
+        ],
+        tmp_path,
+        subprocess_env,
+    )
     out = proc.stdout + proc.stderr
     assert "View run" not in out and "View experiment" not in out, out  # MLflow's lines at each run's end
     assert "Warning" not in out and "[W " not in out, out  # Python's warnings, Optuna's log lines
-    assert out.count(f"optuna-dashboard {storage}") == 1 and out.count("trials finished") == 1, out  # not once per worker
+    assert out.count(f"optuna-dashboard {storage}") == 1 and out.count("trials finished") == 1, (
+        out
+    )  # not once per worker
     study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
     assert study.metric_names == ["val_acc"]
 
@@ -54,19 +78,35 @@ def test_tune_with_workers_prints_its_own_lines_and_links_each_trial_to_its_run(
     assert parent.data.tags["optuna.study"] == study.study_name and parent.data.tags["optuna.storage"] == storage
     link = f"{server}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
     assert study.user_attrs["mlflow_run_url"] == link
-    assert out.count(f"{server}/#/") == 1 and f"See the study's runs: {link}" in proc.stdout  # the one MLflow link, at the end
+    assert (
+        out.count(f"{server}/#/") == 1 and f"See the study's runs: {link}" in proc.stdout
+    )  # the one MLflow link, at the end
     finished = study.get_trials(states=tuning.FINISHED)
     assert len(finished) == 3
     for t in finished:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert (run.data.tags["optuna.study"], run.data.tags["optuna.trial"]) == (study.study_name, str(t.number))
-        assert t.user_attrs["mlflow_run_url"] == f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        assert (
+            t.user_attrs["mlflow_run_url"] == f"{server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        )
         note = get_note(optuna.Trial(study, t._trial_id))
         assert f"[{run.info.run_name}]({t.user_attrs['mlflow_run_url']})" in note
 
 
 def test_run_against_a_server_shows_mlflows_lines_only_with_debug(server, tmp_path, subprocess_env):
-    args = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--seeds", "1", "--tracking-uri", server]
+    args = [
+        "run",
+        "resnetb-cifar10",
+        "--profile",
+        "smoke",
+        "--epochs",
+        "1",
+        *TINY_ARGS,
+        "--seeds",
+        "1",
+        "--tracking-uri",
+        server,
+    ]
     quiet = bench(args, tmp_path, subprocess_env)
     assert "View run" not in quiet.stdout + quiet.stderr and "finished" in quiet.stdout
     chatty = bench([*args, "--set", "optim.lr=0.05", "--debug"], tmp_path, subprocess_env)  # another config: a new run

@@ -60,8 +60,13 @@ def write_cifar100(root, n_train, n_test):
     folder.mkdir(parents=True, exist_ok=True)
     for fname, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
         fine = [(offset + 3 * i) % 100 for i in range(n)]
-        _dump(folder / fname, {"fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "data": _pixels(n, offset)})
-    _dump(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"k{i}" for i in range(20)]})
+        _dump(
+            folder / fname, {"fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "data": _pixels(n, offset)}
+        )
+    _dump(
+        folder / "meta",
+        {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"k{i}" for i in range(20)]},
+    )
     return folder
 
 
@@ -307,7 +312,6 @@ def test_random_crop_flip_offsets_are_uniform_and_flips_are_half():
         assert {p[2] for p in params if p[0] == top} == {False, True}
 
 
-
 def test_random_crop_flip_draws_offsets_and_flips_as_torchvision_does():
     """A two-sample chi-square test on (top, left, flip): ours against torchvision's per-sample
     RandomCrop(padding) + RandomHorizontalFlip on the same image."""
@@ -328,13 +332,16 @@ def test_resized_crop_areas_and_aspects_follow_torchvision_two_sample():
     boxes = resized_crop_boxes(n, size, size, _gen(12), torch.device("cpu"))
     torch.manual_seed(12)
     img = torch.zeros(3, size, size)
-    tv = torch.tensor([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float)
+    tv = torch.tensor(
+        [RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float
+    )
     for ours, theirs in (
         (boxes[:, 2] * boxes[:, 3], tv[:, 2] * tv[:, 3]),  # area
         (boxes[:, 3] / boxes[:, 2], tv[:, 3] / tv[:, 2]),  # aspect
         (boxes[:, 0], tv[:, 0]),  # where: top
     ):
         assert scipy.stats.ks_2samp(ours.numpy(), theirs.numpy()).pvalue > 0.001
+
 
 def test_random_crop_flip_without_padding_only_flips():
     image = torch.randint(0, 256, (3, 6, 6), dtype=torch.uint8, generator=_gen(5))
@@ -386,7 +393,9 @@ def test_resized_crop_boxes_match_torchvision_in_distribution():
     ours_log_aspect = torch.log(boxes[:, 3] / boxes[:, 2]).mean().item()
     torch.manual_seed(1)
     img = torch.zeros(3, size, size)
-    tv = torch.tensor([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float)
+    tv = torch.tensor(
+        [RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float
+    )
     tv_area = (tv[:, 2] * tv[:, 3] / size**2).mean().item()
     tv_log_aspect = torch.log(tv[:, 3] / tv[:, 2]).mean().item()
     assert ours_area == pytest.approx(tv_area, abs=0.025)
@@ -548,7 +557,9 @@ def test_resized_batches_are_normalized_as_if_after_the_resize(embedded10):
     expected = (resize(embedded10.test.images.float() / 255, 64) - 0.5) / 0.25
     assert torch.allclose(x, expected, atol=1e-5)
     gen = torch.Generator().manual_seed(3)
-    crops = build(_cfg(image_size=64, augment="resized_crop_flip"), seed=3, device=torch.device("cpu"), files=embedded10)
+    crops = build(
+        _cfg(image_size=64, augment="resized_crop_flip"), seed=3, device=torch.device("cpu"), files=embedded10
+    )
     crops.generator.manual_seed(3)
     x, y = next(iter(crops.train))
     order = torch.randperm(900, generator=gen)[:64]

@@ -17,19 +17,17 @@ import pytest
 import requests
 import sqlalchemy
 import torch
+from conftest import TINY_SETS
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
 from optuna.storages import RDBStorage
 
 from bench import engine, suite
-from bench.tracking import delivery
-from bench.suite import claims as lease
-from bench.servers import retry as outage
 from bench.errors import UserError
+from bench.servers import retry as outage
+from bench.suite import claims as lease
+from bench.tracking import Tracker, delivery
 from bench.tuning.database import TOKEN, Storage
-from bench.tracking import Tracker
-
-from conftest import TINY_SETS
 
 CPU = torch.device("cpu")
 
@@ -74,8 +72,10 @@ def steps(tracker, run_id, key):
 
 
 def test_an_outage_is_told_from_a_refusal():
-    refused = MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with exception "
-                              "HTTPConnectionPool(host='h', port=5000): Max retries exceeded")
+    refused = MlflowException(
+        "API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+        "HTTPConnectionPool(host='h', port=5000): Max retries exceeded"
+    )
     assert outage.transient(refused)
     assert outage.transient(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "restarting"}))
     assert outage.transient(requests.exceptions.ReadTimeout("read timed out"))
@@ -107,7 +107,9 @@ def test_a_call_waits_out_an_outage_and_stops_past_the_limit():
     def never():
         raise ConnectionRefusedError("refused")
 
-    with pytest.raises(outage.Unavailable, match=r"tracking server http://u:\*\*\*@h:5000 has been unreachable") as info:
+    with pytest.raises(
+        outage.Unavailable, match=r"tracking server http://u:\*\*\*@h:5000 has been unreachable"
+    ) as info:
         outage.retry(never, what="tracking server", url="http://u:secret@h:5000", limit=0.5)
     assert "secret" not in str(info.value) and "--outage-limit" in str(info.value)
     with pytest.raises(ValueError):  # not an outage: at once
@@ -167,8 +169,18 @@ def test_the_writer_goes_on_while_the_store_is_away_and_delivers_in_order(tracke
 
 
 def cell(epochs: int):
-    [c] = suite.plan(["resnetb-cifar10"], profile="smoke", seeds=1,
-                     sets=[*TINY_SETS, f"train.epochs={epochs}", "train.system_metrics=false", "data.val_size=100", "train.log_every_steps=10"])
+    [c] = suite.plan(
+        ["resnetb-cifar10"],
+        profile="smoke",
+        seeds=1,
+        sets=[
+            *TINY_SETS,
+            f"train.epochs={epochs}",
+            "train.system_metrics=false",
+            "data.val_size=100",
+            "train.log_every_steps=10",
+        ],
+    )
     return c
 
 
@@ -177,10 +189,13 @@ def test_a_cell_stopped_by_an_outage_keeps_its_metrics_and_the_same_command_fini
     first = Tracker(uri, limit=2)
     away = first.client._client = Away(first.client._client)
     # The server goes away for good once it has stored epoch 2.
-    away.after["log_batch"] = lambda kwargs: setattr(away, "down", away.down or any(
-        m.key == "train_loss" and m.step == 2 for m in kwargs.get("metrics", ())))
+    away.after["log_batch"] = lambda kwargs: setattr(
+        away, "down", away.down or any(m.key == "train_loss" and m.step == 2 for m in kwargs.get("metrics", ()))
+    )
     c = cell(epochs=8)
-    outcomes = suite.run_cells([c, cell(epochs=9)], tracker=first, device=CPU, data_dir=None, checkpoint_root=tmp_path / "ck")
+    outcomes = suite.run_cells(
+        [c, cell(epochs=9)], tracker=first, device=CPU, data_dir=None, checkpoint_root=tmp_path / "ck"
+    )
     assert [o.status for o in outcomes] == [suite.UNREACHABLE, suite.NOT_RUN]
     ckdir = c.checkpoint_dir(tmp_path / "ck")
     stopped_at = torch.load(ckdir / engine.LAST, weights_only=True)["epoch"]
@@ -198,14 +213,17 @@ def test_a_cell_stopped_by_an_outage_keeps_its_metrics_and_the_same_command_fini
     assert steps(again, run.info.run_id, "train_loss") == list(range(1, 9))
     assert not (ckdir / suite.JOURNAL).exists()
     per_epoch = -(-900 // 32)  # 900 training images in batches of 32
-    assert steps(again, run.info.run_id, "train_step_loss") == [e * per_epoch + i for e in range(8) for i in range(10, per_epoch + 1, 10)]
+    assert steps(again, run.info.run_id, "train_step_loss") == [
+        e * per_epoch + i for e in range(8) for i in range(10, per_epoch + 1, 10)
+    ]
 
     # The numbers are those of a run that saw no outage.
     plain = Tracker(f"sqlite:///{tmp_path / 'plain.db'}")
     [done] = suite.run_cells([c], tracker=plain, device=CPU, data_dir=None, checkpoint_root=tmp_path / "plain")
     for key in ("train_loss", "val_acc", "test_acc"):
-        assert [m.value for m in again.client.get_metric_history(run.info.run_id, key)] == \
-               [m.value for m in plain.client.get_metric_history(done.run_id, key)]
+        assert [m.value for m in again.client.get_metric_history(run.info.run_id, key)] == [
+            m.value for m in plain.client.get_metric_history(done.run_id, key)
+        ]
 
 
 def test_the_study_storage_waits_out_dropped_connections(tmp_path, monkeypatch):
@@ -221,7 +239,9 @@ def test_the_study_storage_waits_out_dropped_connections(tmp_path, monkeypatch):
     def drop(conn, cursor, statement, params, context, executemany):
         if next(drops, False):
             dropped.append(statement)
-            raise sqlalchemy.exc.OperationalError(statement, params, Exception("server closed the connection unexpectedly"))
+            raise sqlalchemy.exc.OperationalError(
+                statement, params, Exception("server closed the connection unexpectedly")
+            )
 
     study = optuna.create_study(storage=storage, study_name="s")
 
@@ -248,13 +268,19 @@ def test_a_trial_whose_creation_lost_its_reply_is_made_once(tmp_path, monkeypatc
     def reply_lost(self, study_id, template_trial=None):
         trial = made(self, study_id, template_trial)
         if next(lost, False):  # the database made it; the reply never came
-            raise optuna.exceptions.StorageInternalError("commit") from sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("connection is lost"))
+            raise optuna.exceptions.StorageInternalError("commit") from sqlalchemy.exc.OperationalError(
+                "COMMIT", {}, Exception("connection is lost")
+            )
         return trial
 
     monkeypatch.setattr(RDBStorage, "_create_new_trial", reply_lost)
     trial = storage._create_new_trial(study._study_id)
     [only] = RDBStorage.get_all_trials(storage, study._study_id)
-    assert only._trial_id == trial._trial_id and only.state == optuna.trial.TrialState.RUNNING and TOKEN in only.system_attrs
+    assert (
+        only._trial_id == trial._trial_id
+        and only.state == optuna.trial.TrialState.RUNNING
+        and TOKEN in only.system_attrs
+    )
 
 
 def lost_reply(monkeypatch, method: str) -> None:
@@ -265,7 +291,9 @@ def lost_reply(monkeypatch, method: str) -> None:
     def call(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
         if next(lost, False):
-            raise optuna.exceptions.StorageInternalError("commit") from sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("connection is lost"))
+            raise optuna.exceptions.StorageInternalError("commit") from sqlalchemy.exc.OperationalError(
+                "COMMIT", {}, Exception("connection is lost")
+            )
         return result
 
     monkeypatch.setattr(RDBStorage, method, call)
@@ -330,7 +358,9 @@ def test_a_heartbeat_outlives_an_outage_and_a_call_past_the_limit_is_not_waited_
     trial = study.ask()
 
     def away(self, trial_id):
-        raise optuna.exceptions.StorageInternalError("x") from sqlalchemy.exc.OperationalError("", {}, Exception("Connection refused"))
+        raise optuna.exceptions.StorageInternalError("x") from sqlalchemy.exc.OperationalError(
+            "", {}, Exception("Connection refused")
+        )
 
     monkeypatch.setattr(RDBStorage, "record_heartbeat", away)
     # Logged, not raised: Optuna's heartbeat thread goes on, and it waits one interval at most.
@@ -359,8 +389,9 @@ def first_command_loses_the_store(monkeypatch) -> list:
             super().__init__(uri, limit)
             away = self.client._client = Away(self.client._client)
             if not made:
-                away.after["log_batch"] = lambda kw: setattr(away, "down", away.down or any(
-                    m.key == "train_loss" and m.step == 2 for m in kw.get("metrics", ())))
+                away.after["log_batch"] = lambda kw: setattr(
+                    away, "down", away.down or any(m.key == "train_loss" and m.step == 2 for m in kw.get("metrics", ()))
+                )
             made.append(self)
 
     monkeypatch.setattr(tracking, "Tracker", GoesAway)
@@ -373,11 +404,26 @@ def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_fini
     monkeypatch.chdir(tmp_path)
     made = first_command_loses_the_store(monkeypatch)
     monkeypatch.setattr(lease, "_dead_here", lambda owner: True)  # the second command is another process
-    argv = ["run", "resnetb-cifar10", "--profile", "smoke", "--seeds", "1", "--epochs", "6", "--outage-limit", "2",
-            *[a for s in TINY_SETS for a in ("--set", s)], "--set", "train.system_metrics=false"]
+    argv = [
+        "run",
+        "resnetb-cifar10",
+        "--profile",
+        "smoke",
+        "--seeds",
+        "1",
+        "--epochs",
+        "6",
+        "--outage-limit",
+        "2",
+        *[a for s in TINY_SETS for a in ("--set", s)],
+        "--set",
+        "train.system_metrics=false",
+    ]
     assert cli.main(argv) == 75
     err = capsys.readouterr().err
-    assert "stopped: the tracking store sqlite:///mlflow.db has been unreachable or failing" in err and "checkpoint" in err
+    assert (
+        "stopped: the tracking store sqlite:///mlflow.db has been unreachable or failing" in err and "checkpoint" in err
+    )
     assert cli.main(argv) == 0
     client = made[-1].client
     [run] = client.search_runs([client.get_experiment_by_name("resnetb-cifar10").experiment_id])
@@ -389,9 +435,25 @@ def test_a_trial_stopped_by_an_outage_is_failed_and_run_again_by_the_same_comman
 
     monkeypatch.chdir(tmp_path)
     made = first_command_loses_the_store(monkeypatch)
-    argv = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "4", "--trials", "2", "--study", "s",
-            "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--outage-limit", "2",
-            *[a for s in TINY_SETS for a in ("--set", s)], "--set", "train.system_metrics=false"]
+    argv = [
+        "tune",
+        "resnetb-cifar10",
+        "--profile",
+        "smoke",
+        "--epochs",
+        "4",
+        "--trials",
+        "2",
+        "--study",
+        "s",
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        "--outage-limit",
+        "2",
+        *[a for s in TINY_SETS for a in ("--set", s)],
+        "--set",
+        "train.system_metrics=false",
+    ]
     assert cli.main(argv) == 75
     assert "stopped: the tracking store" in capsys.readouterr().err
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -403,8 +465,13 @@ def test_a_trial_stopped_by_an_outage_is_failed_and_run_again_by_the_same_comman
     assert cli.main(argv) == 0
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.FAIL) == 1 and len([t for t in study.trials if t.state in (
-        optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]) == 2
+    assert (
+        states.count(optuna.trial.TrialState.FAIL) == 1
+        and len(
+            [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        )
+        == 2
+    )
     client = made[-1].client
     run = client.get_run(first.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED"  # left RUNNING by the outage, ended by the next command

@@ -4,8 +4,8 @@ losses, schedules and evaluation modes. Tiny ResNet-B on the embedded CIFAR-10 s
 from __future__ import annotations
 
 import math
-import signal
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,28 +16,51 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_SETS
 from torch import nn
 
 from bench import config, data, engine
-from bench.engine import checkpoint, stops
 from bench import reference as reported
-from bench.engine.callbacks import Callback
 from bench.config import EvalConfig, OptimConfig, ScheduleConfig
 from bench.data import cifar
+from bench.engine import checkpoint, stops
+from bench.engine.callbacks import Callback
 from bench.errors import UserError
 from bench.models import create_model
-
-from conftest import TINY_SETS
 
 CPU = torch.device("cpu")
 SEED = 3
 # A cosine schedule: the lr differs every epoch and depends on the scheduler's epoch count, so a
 # resume that lost the scheduler state would show in the weights and in the lr metric.
-SETS = [*TINY_SETS, "train.epochs=4", "train.checkpoint_every=2", "train.checkpoint_min_interval_s=0",
-        "schedule.name=cosine", "schedule.step_before_epoch=false"]
+SETS = [
+    *TINY_SETS,
+    "train.epochs=4",
+    "train.checkpoint_every=2",
+    "train.checkpoint_min_interval_s=0",
+    "schedule.name=cosine",
+    "schedule.step_before_epoch=false",
+]
 COSINE_LRS = [0.025 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
-TIME_METRICS = ("epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb", "alternatives_time_s")  # measured: differ run to run
-METRIC_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb"}
+TIME_METRICS = (
+    "epoch_time_s",
+    "train_time_s",
+    "images_per_s",
+    "peak_memory_mb",
+    "alternatives_time_s",
+)  # measured: differ run to run
+METRIC_KEYS = {
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "test_loss",
+    "test_acc",
+    "lr",
+    "epoch_time_s",
+    "train_time_s",
+    "images_per_s",
+    "peak_memory_mb",
+}
 
 
 def make_cfg(*extra: str) -> config.RunConfig:
@@ -135,7 +158,10 @@ def test_same_seed_gives_identical_weights_and_metrics(reference, files, tmp_pat
     assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
     assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs]
     assert (result.best_epoch, result.best_val_acc, result.best_test_acc) == (
-        reference["result"].best_epoch, reference["result"].best_val_acc, reference["result"].best_test_acc)
+        reference["result"].best_epoch,
+        reference["result"].best_val_acc,
+        reference["result"].best_test_acc,
+    )
 
 
 def test_a_clock_is_told_where_every_epoch_went_and_changes_nothing_trained(reference, files, tmp_path):
@@ -187,7 +213,10 @@ def test_resume_after_max_epochs_matches_an_uninterrupted_run(reference, files, 
     assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
     assert [without_time(m) for _, m in rec.epochs] == [without_time(m) for _, m in reference["rec"].epochs[2:]]
     assert (result.best_epoch, result.best_val_acc, result.best_test_acc) == (
-        reference["result"].best_epoch, reference["result"].best_val_acc, reference["result"].best_test_acc)
+        reference["result"].best_epoch,
+        reference["result"].best_val_acc,
+        reference["result"].best_test_acc,
+    )
 
 
 def test_resume_after_a_crash_between_checkpoints_matches_an_uninterrupted_run(reference, files, tmp_path):
@@ -212,8 +241,13 @@ class Interrupter(Callback):
     """Ctrl-C where the test asks: in an epoch's end callbacks, at the announcement of a
     checkpoint, or at the first logged step of epoch `in_epoch`."""
 
-    def __init__(self, after_epoch: int | None = None, at_checkpoint: tuple[str, int] | None = None,
-                 in_epoch: int | None = None, steps_per_epoch: int = 0) -> None:
+    def __init__(
+        self,
+        after_epoch: int | None = None,
+        at_checkpoint: tuple[str, int] | None = None,
+        in_epoch: int | None = None,
+        steps_per_epoch: int = 0,
+    ) -> None:
         self.after_epoch, self.at_checkpoint = after_epoch, at_checkpoint
         self.in_epoch, self.steps_per_epoch = in_epoch, steps_per_epoch
 
@@ -237,7 +271,7 @@ class MadeAnError(Interrupter):
         try:
             super().on_train_steps(step, metrics)
         except KeyboardInterrupt:
-            raise RuntimeError("unexpected pos 54080 vs 53968")
+            raise RuntimeError("unexpected pos 54080 vs 53968")  # noqa: B904 (as torch raises it)
 
 
 def interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference, stop=KeyboardInterrupt) -> int:
@@ -253,7 +287,10 @@ def interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference, stop=
     assert result.status == "finished"
     assert_same_weights(state_of(model), reference["final"])
     assert without_time(result.last_metrics) == without_time(reference["result"].last_metrics)
-    assert (result.best_epoch, result.best_val_acc) == (reference["result"].best_epoch, reference["result"].best_val_acc)
+    assert (result.best_epoch, result.best_val_acc) == (
+        reference["result"].best_epoch,
+        reference["result"].best_val_acc,
+    )
     assert checkpoint.load(tmp_path / engine.BEST)["epoch"] == reference["result"].best_epoch
     return 0 if kept is None else kept["epoch"]
 
@@ -274,7 +311,9 @@ def test_an_interruption_during_an_epoch_keeps_the_one_before(reference, files, 
     """Ctrl-C in epoch 4's training: epoch 3, which no checkpoint holds, is written from its copy."""
     cfg = make_cfg("train.log_every_steps=1")
     steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
-    assert interrupted_then_resumed(cfg, files, tmp_path, Interrupter(in_epoch=4, steps_per_epoch=steps), reference) == 3
+    assert (
+        interrupted_then_resumed(cfg, files, tmp_path, Interrupter(in_epoch=4, steps_per_epoch=steps), reference) == 3
+    )
 
 
 def test_an_interruption_a_library_made_an_error_of_keeps_the_epoch_before(reference, files, tmp_path):
@@ -285,7 +324,9 @@ def test_an_interruption_a_library_made_an_error_of_keeps_the_epoch_before(refer
     assert interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference, stop=RuntimeError) == 3
 
 
-def test_ctrl_c_during_a_due_checkpoint_write_comes_after_it_and_it_is_written_once(reference, files, tmp_path, monkeypatch):
+def test_ctrl_c_during_a_due_checkpoint_write_comes_after_it_and_it_is_written_once(
+    reference, files, tmp_path, monkeypatch
+):
     """The signal itself, in the middle of epoch 2's checkpoint (on the CPU, in the training
     thread): the write finishes, and counts, before the stop."""
     real = checkpoint.save_rotating
@@ -319,8 +360,12 @@ class Heard(Interrupter):
         super().on_checkpoint(kind, path, epoch)
 
 
-@pytest.mark.parametrize("where, heard_epochs", [("torch.save of epoch 1's best", []), ("fsync of epoch 2's last", [1, 2])])
-def test_ctrl_c_again_in_a_slow_checkpoint_write_gives_it_up_at_once_and_for_good(where, heard_epochs, reference, files, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "where, heard_epochs", [("torch.save of epoch 1's best", []), ("fsync of epoch 2's last", [1, 2])]
+)
+def test_ctrl_c_again_in_a_slow_checkpoint_write_gives_it_up_at_once_and_for_good(
+    where, heard_epochs, reference, files, tmp_path, monkeypatch
+):
     """Two Ctrl-Cs in a checkpoint write, the second past INSIST_AFTER_S: the stop comes at once
     (whether torch makes an error of it or not: no callback hears of the epoch after), and the
     stop does not write that checkpoint again, nor keep an epoch without it."""
@@ -330,6 +375,7 @@ def test_ctrl_c_again_in_a_slow_checkpoint_write_gives_it_up_at_once_and_for_goo
         def call(state, path):
             writing.append((kind, state["epoch"]))
             real(state, path)
+
         return call
 
     def signalling(real, kind, epoch, signals):
@@ -338,12 +384,15 @@ def test_ctrl_c_again_in_a_slow_checkpoint_write_gives_it_up_at_once_and_for_goo
                 for _ in range(next(signals, 0)):
                     signal.raise_signal(signal.SIGINT)
             return real(*args)
+
         return call
 
     monkeypatch.setattr(checkpoint, "save", noting(checkpoint.save, "best"))
     monkeypatch.setattr(checkpoint, "save_rotating", noting(checkpoint.save_rotating, "last"))
     if where.startswith("torch.save"):  # a Ctrl-C as the 2nd piece is written, another at the 4th
-        monkeypatch.setattr(checkpoint._Hashing, "write", signalling(checkpoint._Hashing.write, "best", 1, iter([0, 1, 0, 1])))
+        monkeypatch.setattr(
+            checkpoint._Hashing, "write", signalling(checkpoint._Hashing.write, "best", 1, iter([0, 1, 0, 1]))
+        )
     else:  # both as the file is fsynced, before its rename
         monkeypatch.setattr(checkpoint.os, "fsync", signalling(os.fsync, "last", 2, iter([2])))
     monkeypatch.setattr(stops, "INSIST_AFTER_S", 0.0)
@@ -353,7 +402,9 @@ def test_ctrl_c_again_in_a_slow_checkpoint_write_gives_it_up_at_once_and_for_goo
     assert heard.epochs == heard_epochs
 
 
-def test_a_quick_second_ctrl_c_while_a_stop_writes_the_last_epoch_waits_until_it_is_handed_on(reference, files, tmp_path, monkeypatch):
+def test_a_quick_second_ctrl_c_while_a_stop_writes_the_last_epoch_waits_until_it_is_handed_on(
+    reference, files, tmp_path, monkeypatch
+):
     """Ctrl-C in epoch 4 keeps epoch 3 from its copy; another Ctrl-C during that write comes once
     the callbacks have the checkpoint (MLflow uploads it: a resume elsewhere starts from it)."""
     real = checkpoint.save_rotating
@@ -388,7 +439,9 @@ def test_an_interruption_during_a_due_checkpoint_write_still_keeps_that_epoch(re
     assert calls[:2] == [2, 2]
 
 
-def test_an_interruption_during_a_best_checkpoint_write_keeps_no_epoch_without_it(reference, files, tmp_path, monkeypatch):
+def test_an_interruption_during_a_best_checkpoint_write_keeps_no_epoch_without_it(
+    reference, files, tmp_path, monkeypatch
+):
     """Ctrl-C while epoch 1's best checkpoint is written: keeping epoch 1 would leave no best.pt
     for it and its metrics unlogged, so the run starts again from nothing."""
     real = checkpoint.save
@@ -406,15 +459,20 @@ def test_an_interruption_during_a_best_checkpoint_write_keeps_no_epoch_without_i
 
 
 @pytest.mark.parametrize("where, kept", [("between epochs", 1), ("in the callbacks", 2), ("during an epoch", 3)])
-def test_with_the_background_writer_an_interruption_keeps_the_same_epochs(where, kept, reference, files, tmp_path, monkeypatch):
+def test_with_the_background_writer_an_interruption_keeps_the_same_epochs(
+    where, kept, reference, files, tmp_path, monkeypatch
+):
     """On an accelerator checkpoints are written by a thread while training goes on; the epoch an
     interruption keeps, and the run resumed from it, are the same as with the CPU's inline writes."""
     real = checkpoint.Saver
     monkeypatch.setattr(checkpoint, "Saver", lambda background: real(background=True))
     cfg = make_cfg("train.log_every_steps=1")
     steps = math.ceil((len(files.train) - cfg.data.val_size) / cfg.data.batch_size)
-    interrupter = {"between epochs": Interrupter(at_checkpoint=("best", 1)), "in the callbacks": Interrupter(after_epoch=3),
-                   "during an epoch": Interrupter(in_epoch=4, steps_per_epoch=steps)}[where]
+    interrupter = {
+        "between epochs": Interrupter(at_checkpoint=("best", 1)),
+        "in the callbacks": Interrupter(after_epoch=3),
+        "during an epoch": Interrupter(in_epoch=4, steps_per_epoch=steps),
+    }[where]
     assert interrupted_then_resumed(cfg, files, tmp_path, interrupter, reference) == kept
 
 
@@ -434,7 +492,9 @@ def test_a_run_with_nothing_left_to_train_announces_its_final_checkpoints_again(
     result = engine.fit(model, bundle, reference["cfg"], checkpoint_dir=reference["dir"], callbacks=[rec])
     assert result.epochs_done == 4 and rec.epochs == []
     assert [(kind, path.name, epoch) for kind, path, epoch in rec.checkpoints] == [
-        ("best", engine.BEST, reference["result"].best_epoch), ("last", engine.LAST, 4)]
+        ("best", engine.BEST, reference["result"].best_epoch),
+        ("last", engine.LAST, 4),
+    ]
 
 
 def test_resume_false_ignores_an_existing_checkpoint(reference, files, tmp_path):
@@ -452,7 +512,9 @@ def test_resume_false_ignores_an_existing_checkpoint(reference, files, tmp_path)
 
 
 def test_a_schedule_stepped_before_each_epoch_logs_and_resumes_the_same_rates(files, tmp_path):
-    cfg = make_cfg("schedule.name=step", "schedule.step_size=2", "schedule.gamma=0.5", "schedule.step_before_epoch=true")
+    cfg = make_cfg(
+        "schedule.name=step", "schedule.step_size=2", "schedule.gamma=0.5", "schedule.step_before_epoch=true"
+    )
     model, bundle = fresh(cfg, files)
     whole = Recorder()
     engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / "whole", callbacks=[whole])
@@ -497,8 +559,14 @@ def test_the_cuda_generator_saved_and_restored_is_the_run_devices(monkeypatch):
     and restored, not the current device's (GPU 0's). The CUDA calls are recorded, not made:
     this machine may have no GPU (test_the_run_devices_cuda_generator_round_trips makes them)."""
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(("get", device)) or torch.ones(2, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, state.tolist())))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device="cuda": calls.append(("get", device)) or torch.ones(2, dtype=torch.uint8),
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", device, state.tolist()))
+    )
     gen, cuda1 = torch.Generator(), torch.device("cuda", 1)
     state = engine.loop._rng_state(gen, cuda1)
     assert set(state) == {"torch", "data", "cuda"}
@@ -639,10 +707,18 @@ def lr_sequence(cfg: ScheduleConfig, epochs: int, steps: int) -> list[float]:
         (ScheduleConfig(name="step", step_size=2, gamma=0.5), 6, [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]),
         (ScheduleConfig(name="step", step_size=20, gamma=0.1), 41, [1.0] * 20 + [0.1] * 20 + [0.01]),
         (ScheduleConfig(name="exponential", gamma=0.5), 4, [1.0, 0.5, 0.25, 0.125]),
-        (ScheduleConfig(name="cosine"), 4, [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0]),
+        (
+            ScheduleConfig(name="cosine"),
+            4,
+            [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0],
+        ),
         (ScheduleConfig(name="cosine", eta_min=0.1), 2, [1.0, 0.55, 0.1]),
         # One step ahead: epoch k trains at the rate of k steps.
-        (ScheduleConfig(name="step", step_size=2, gamma=0.5, step_before_epoch=True), 6, [1.0, 0.5, 0.5, 0.25, 0.25, 0.125]),
+        (
+            ScheduleConfig(name="step", step_size=2, gamma=0.5, step_before_epoch=True),
+            6,
+            [1.0, 0.5, 0.5, 0.25, 0.25, 0.125],
+        ),
         (ScheduleConfig(name="exponential", gamma=0.5, step_before_epoch=True), 3, [0.5, 0.25, 0.125]),
         (ScheduleConfig(name="none", step_before_epoch=True), 3, [1.0] * 3),
     ],
@@ -667,7 +743,13 @@ def test_r4_schedule_reproduces_the_lr_its_source_logged_at_every_epoch():
     assert lrs(cfg.schedule) == pytest.approx(logged.value.tolist(), rel=1e-9)
     # PyTorch's order decays one epoch later: epoch 20 would still train at 0.1.
     standard = lrs(cfg.schedule.model_copy(update={"step_before_epoch": False}))
-    assert [e for e, (a, b) in enumerate(zip(standard, logged.value), 1) if a != pytest.approx(b, rel=1e-9)] == [20, 40, 60, 80, 100]
+    assert [e for e, (a, b) in enumerate(zip(standard, logged.value), 1) if a != pytest.approx(b, rel=1e-9)] == [
+        20,
+        40,
+        60,
+        80,
+        100,
+    ]
 
 
 def test_scheduler_state_round_trips_for_every_schedule():
@@ -690,7 +772,9 @@ def test_scheduler_state_round_trips_for_every_schedule():
 def test_build_optimizer():
     frozen, free = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
     frozen.requires_grad_(False)
-    sgd = engine.build_optimizer([frozen, free], OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True))
+    sgd = engine.build_optimizer(
+        [frozen, free], OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    )
     assert isinstance(sgd, torch.optim.SGD)
     group = sgd.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.1, 0.9, 1e-4, True)
@@ -894,7 +978,6 @@ def test_compile_warms_up_untimed_and_trains_like_the_eager_model(files, tmp_pat
     assert saved.keys() == model.state_dict().keys()
 
 
-
 class CheckpointReader(Callback):
     """Reads each checkpoint when it is announced: it must be on disk, whole, of that epoch."""
 
@@ -929,7 +1012,9 @@ def test_checkpoints_keep_the_minimum_interval_but_the_last_epoch_and_a_stop_alw
     assert [e for kind, e in reader.seen if kind == "last"] == [2]
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the resident-set peak through Linux's /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="resets the resident-set peak through Linux's /proc"
+)
 def test_the_peak_memory_a_fit_logs_is_its_own_not_the_process_s():
     cpu = torch.device("cpu")
     big = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB made resident, then handed back (mmap-sized)
@@ -943,13 +1028,22 @@ def test_the_peak_memory_a_fit_logs_is_its_own_not_the_process_s():
 
 # R1's network shrunk to seconds an epoch, its dropout kept (raised, so that a shifted random stream
 # shows in the weights): four stages end on a 4x4 map at 32 px, as the author's head expects.
-HW4_SETS = ["model.blocks=[1,1,1,1]", "model.widths=[4,8,8,8]", "model.stem_width=4", "model.stem_dropout=0.2",
-            "data.val_size=50", "train.epochs=2", "train.checkpoint_min_interval_s=0"]
+HW4_SETS = [
+    "model.blocks=[1,1,1,1]",
+    "model.widths=[4,8,8,8]",
+    "model.stem_width=4",
+    "model.stem_dropout=0.2",
+    "data.val_size=50",
+    "train.epochs=2",
+    "train.checkpoint_min_interval_s=0",
+]
 RECIPE_EVAL = EvalConfig(mode="train", remeasure_train_acc=True)  # R1's: batch statistics, train_acc re-measured
 STANDARD_EVAL = EvalConfig(mode="eval", remeasure_train_acc=False)
 # What the suite asks of R1's recipe: each evaluation switch flipped alone, on the same weights.
-RECIPE_ALTERNATIVES = [("eval.mode-eval", EvalConfig(mode="eval", remeasure_train_acc=True)),
-                       ("eval.remeasure_train_acc-false", EvalConfig(mode="train", remeasure_train_acc=False))]
+RECIPE_ALTERNATIVES = [
+    ("eval.mode-eval", EvalConfig(mode="eval", remeasure_train_acc=True)),
+    ("eval.remeasure_train_acc-false", EvalConfig(mode="train", remeasure_train_acc=False)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -961,7 +1055,12 @@ def hw4_files() -> cifar.CifarFiles:
 
 
 def hw4_cfg(ev: EvalConfig, *extra: str) -> config.RunConfig:
-    sets = [*HW4_SETS, f"eval.mode={ev.mode}", f"eval.remeasure_train_acc={str(ev.remeasure_train_acc).lower()}", *extra]
+    sets = [
+        *HW4_SETS,
+        f"eval.mode={ev.mode}",
+        f"eval.remeasure_train_acc={str(ev.remeasure_train_acc).lower()}",
+        *extra,
+    ]
     return config.load("hw4-resnet-cifar100", profile="smoke", seed=SEED, sets=sets)
 
 
@@ -986,11 +1085,19 @@ def hw4_runs(hw4_files, tmp_path_factory):
     trained with each alternative as their own evaluation."""
     root = tmp_path_factory.mktemp("hw4")
     runs = {
-        "recipe": hw4_fit(RECIPE_EVAL, hw4_files, root / "recipe", alternatives=[*RECIPE_ALTERNATIVES, ("same", RECIPE_EVAL)]),
-        "standard": hw4_fit(STANDARD_EVAL, hw4_files, root / "standard", alternatives=[
-            ("eval.mode-train", EvalConfig(mode="train", remeasure_train_acc=False)),
-            ("eval.remeasure_train_acc-true", EvalConfig(mode="eval", remeasure_train_acc=True)),
-            ("both", RECIPE_EVAL)]),
+        "recipe": hw4_fit(
+            RECIPE_EVAL, hw4_files, root / "recipe", alternatives=[*RECIPE_ALTERNATIVES, ("same", RECIPE_EVAL)]
+        ),
+        "standard": hw4_fit(
+            STANDARD_EVAL,
+            hw4_files,
+            root / "standard",
+            alternatives=[
+                ("eval.mode-train", EvalConfig(mode="train", remeasure_train_acc=False)),
+                ("eval.remeasure_train_acc-true", EvalConfig(mode="eval", remeasure_train_acc=True)),
+                ("both", RECIPE_EVAL),
+            ],
+        ),
     }
     for suffix, alt in RECIPE_ALTERNATIVES:
         runs[suffix] = hw4_fit(alt, hw4_files, root / suffix)
@@ -1029,10 +1136,16 @@ def test_an_alternative_logs_what_a_run_with_that_evaluation_logs(hw4_runs):
     eval_mode, no_remeasure = hw4_runs["eval.mode-eval"][1], hw4_runs["eval.remeasure_train_acc-false"][1]
     for key in ("val_loss", "val_acc", "test_loss", "test_acc"):
         assert series(recipe, f"{key}/eval.mode-eval") == series(eval_mode, key) == series(standard, key), key
-        assert series(standard, f"{key}/eval.mode-train") == series(recipe, key), key  # batch statistics and dropout, seeded alike
+        assert series(standard, f"{key}/eval.mode-train") == series(recipe, key), (
+            key
+        )  # batch statistics and dropout, seeded alike
         assert series(standard, f"{key}/both") == series(recipe, key), key
         assert series(recipe, key) != series(standard, key), key
-    assert series(recipe, "train_acc/eval.remeasure_train_acc-false") == series(no_remeasure, "train_acc") == series(standard, "train_acc")
+    assert (
+        series(recipe, "train_acc/eval.remeasure_train_acc-false")
+        == series(no_remeasure, "train_acc")
+        == series(standard, "train_acc")
+    )
     assert series(standard, "train_acc/eval.remeasure_train_acc-true") == series(eval_mode, "train_acc")
     assert series(standard, "train_acc/both") == series(recipe, "train_acc")
 
@@ -1043,11 +1156,18 @@ def test_an_alternative_logs_only_the_metrics_its_switches_change(hw4_runs):
     _, recipe, result = hw4_runs["recipe"]
     held_out = ["val_loss", "val_acc", "test_loss", "test_acc"]
     # The alternatives' passes are timed apart: epoch_time_s stays what the run's own epoch takes.
-    added = {f"{k}/eval.mode-eval" for k in held_out} | {"train_acc/eval.remeasure_train_acc-false", "alternatives_time_s"}
+    added = {f"{k}/eval.mode-eval" for k in held_out} | {
+        "train_acc/eval.remeasure_train_acc-false",
+        "alternatives_time_s",
+    }
     assert [set(m) for _, m in recipe.epochs] == [METRIC_KEYS | added] * 2
     _, standard, _ = hw4_runs["standard"]
-    added = ({f"{k}/eval.mode-train" for k in held_out} | {"train_acc/eval.remeasure_train_acc-true"}
-             | {f"{k}/both" for k in [*held_out, "train_acc"]} | {"alternatives_time_s"})
+    added = (
+        {f"{k}/eval.mode-train" for k in held_out}
+        | {"train_acc/eval.remeasure_train_acc-true"}
+        | {f"{k}/both" for k in [*held_out, "train_acc"]}
+        | {"alternatives_time_s"}
+    )
     assert [set(m) for _, m in standard.epochs] == [METRIC_KEYS | added] * 2
     # Every epoch's alternatives reach the result; the best checkpoint follows the run's own val_acc.
     assert result.last_metrics == recipe.epochs[-1][1]
@@ -1058,9 +1178,13 @@ def test_an_alternative_logs_only_the_metrics_its_switches_change(hw4_runs):
 
 def test_an_alternative_measures_only_the_splits_the_run_evaluates(hw4_files, tmp_path):
     alternatives = RECIPE_ALTERNATIVES[:1]
-    _, rec, _ = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "no-val", "data.val_size=0", "train.epochs=1", alternatives=alternatives)
+    _, rec, _ = hw4_fit(
+        RECIPE_EVAL, hw4_files, tmp_path / "no-val", "data.val_size=0", "train.epochs=1", alternatives=alternatives
+    )
     assert {k for k in rec.epochs[0][1] if "/" in k} == {"test_loss/eval.mode-eval", "test_acc/eval.mode-eval"}
-    _, rec, _ = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "no-test", "train.epochs=1", alternatives=alternatives, evaluate_test=False)
+    _, rec, _ = hw4_fit(
+        RECIPE_EVAL, hw4_files, tmp_path / "no-test", "train.epochs=1", alternatives=alternatives, evaluate_test=False
+    )
     assert {k for k in rec.epochs[0][1] if "/" in k} == {"val_loss/eval.mode-eval", "val_acc/eval.mode-eval"}
 
 
@@ -1072,7 +1196,9 @@ def test_train_mode_evaluation_and_its_alternatives_repeat_and_resume_exactly(hw
     assert [without_time(m) for _, m in again.epochs] == [without_time(m) for _, m in rec.epochs]
 
     hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "resumed", alternatives=alternatives, max_epochs=1)
-    resumed_weights, resumed, resumed_result = hw4_fit(RECIPE_EVAL, hw4_files, tmp_path / "resumed", alternatives=alternatives)
+    resumed_weights, resumed, resumed_result = hw4_fit(
+        RECIPE_EVAL, hw4_files, tmp_path / "resumed", alternatives=alternatives
+    )
     assert [e for e, _ in resumed.epochs] == [2]
     assert_same_weights(resumed_weights, weights)
     assert without_time(resumed.epochs[0][1]) == without_time(rec.epochs[1][1])
@@ -1107,8 +1233,16 @@ def test_the_compile_warm_up_runs_every_pass_the_epochs_run(hw4_files, tmp_path,
     # test in train mode and in the alternative's eval mode.
     last = bundle.train.num_images % 32
     assert last and bundle.val.num_images == 50 and bundle.test.num_images == 248  # one batch each
-    assert epochs == {(True, True, 32), (True, True, last), (True, False, 32), (True, False, last),
-                      (True, False, 50), (True, False, 248), (False, False, 50), (False, False, 248)}
+    assert epochs == {
+        (True, True, 32),
+        (True, True, last),
+        (True, False, 32),
+        (True, False, last),
+        (True, False, 50),
+        (True, False, 248),
+        (False, False, 50),
+        (False, False, 248),
+    }
     assert epochs <= warm_up
 
 
@@ -1122,6 +1256,11 @@ def test_the_compile_warm_up_leaves_the_random_numbers_training_draws(hw4_files,
         model, bundle = fresh(cfg, hw4_files)
         rec = Recorder()
         engine.fit(model, bundle, cfg, checkpoint_dir=tmp_path / str(i), callbacks=[rec])
-        runs.append(({k: v for k, v in rec.epochs[0][1].items() if k not in TIME_METRICS and k != "compile_time_s"}, torch.get_rng_state()))
+        runs.append(
+            (
+                {k: v for k, v in rec.epochs[0][1].items() if k not in TIME_METRICS and k != "compile_time_s"},
+                torch.get_rng_state(),
+            )
+        )
     assert runs[0][0] == runs[1][0]
     assert torch.equal(runs[0][1], runs[1][1])

@@ -8,10 +8,15 @@ import torch
 from bench.errors import failure_tags
 
 
-@pytest.mark.parametrize("exc", [
-    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),  # CUDA and MPS raise this type
-    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),  # CUDA and MPS raise this type
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
+        ),
+    ],
+)
 def test_running_out_of_memory_is_told_apart(exc):
     tags = failure_tags(exc)
     assert tags["bench.failure"] == "out_of_memory"

@@ -15,16 +15,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_SETS
 from mlflow.tracking import MlflowClient
 
 from bench.engine import checkpoint
 
-from conftest import TINY_SETS
-
 EPOCHS = 16
-ARGS = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", str(EPOCHS), "--set", "train.checkpoint_every=1",
-        "--set", "train.checkpoint_min_interval_s=0",
-        "--set", "train.log_every_steps=7", *[a for s in TINY_SETS for a in ("--set", s)]]
+ARGS = [
+    "run",
+    "resnetb-cifar10",
+    "--profile",
+    "smoke",
+    "--epochs",
+    str(EPOCHS),
+    "--set",
+    "train.checkpoint_every=1",
+    "--set",
+    "train.checkpoint_min_interval_s=0",
+    "--set",
+    "train.log_every_steps=7",
+    *[a for s in TINY_SETS for a in ("--set", s)],
+]
 TIME_METRICS = {"epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb"}  # measured: differ run to run
 KILLS = 5
 
@@ -36,8 +47,15 @@ def _sigint_as_in_a_terminal() -> None:
 
 
 def start(cwd: Path, env: dict[str, str], args: list[str] = ARGS) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+    )
 
 
 def timed_run(cwd: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -83,7 +101,11 @@ def histories(cwd: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
     """As conftest's subprocess_env, for the whole module."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "BENCH_EXPERIMENTS", "BENCH_OPTUNA_STORAGE")
+    }
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return env
 
@@ -147,7 +169,9 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(reference, tmp
             moment, after = rng.uniform(0, reference["per_epoch"]), f": epoch {resumed + 2}/{EPOCHS}"
         ended = kill_at(proc, moment, cap=f": epoch {resumed + 3}/{EPOCHS}", after=after)
         if ended is not None:
-            pytest.fail(f"the run ended before kill {kills + 1} (at {moment:.1f} s, resumed after epoch {resumed}), {ended}")
+            pytest.fail(
+                f"the run ended before kill {kills + 1} (at {moment:.1f} s, resumed after epoch {resumed}), {ended}"
+            )
         kills += 1
         moments.append((round(moment, 2), after or "start", checkpointed_epoch(tmp_path)))
     # The kills landed in training, not only in start-up: the run got further between them.
@@ -170,9 +194,21 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(reference, tmp
 # Checkpoints as the reported recipes take them: every few epochs, not every one. SIGKILL before the
 # first checkpoint, then SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) between two.
 STOP_EPOCHS = 9
-STOP_ARGS = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", str(STOP_EPOCHS), "--set", "train.checkpoint_every=4",
-             "--set", "train.checkpoint_min_interval_s=0",
-             "--set", "train.log_every_steps=7", *[a for s in TINY_SETS for a in ("--set", s)]]
+STOP_ARGS = [
+    "run",
+    "resnetb-cifar10",
+    "--profile",
+    "smoke",
+    "--epochs",
+    str(STOP_EPOCHS),
+    "--set",
+    "train.checkpoint_every=4",
+    "--set",
+    "train.checkpoint_min_interval_s=0",
+    "--set",
+    "train.log_every_steps=7",
+    *[a for s in TINY_SETS for a in ("--set", s)],
+]
 
 
 def stop_after_epoch(cwd: Path, env: dict[str, str], epoch: int, sig: int) -> tuple[int, str]:

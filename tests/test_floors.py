@@ -27,22 +27,37 @@ NEEDS: dict[str, tuple[str, str]] = {
     "torch": ("2.5", "torch.OutOfMemoryError (device-agnostic), caught by suite and tuning"),
     "torchvision": ("0.20", "the release paired with torch 2.5; ResNet18_Weights enums (0.13+)"),
     "mlflow": ("3.9", "runs on SQLAlchemy 2.1 (older import sqlalchemy.pool.FallbackAsyncAdaptedQueuePool)"),
-    "optuna": ("5.0", "PED-ANOVA default importance evaluator for byte-identical plots; "
-                      "RetryHeartbeatStaleTrialCallback / heartbeat_stale_trial_callback (4.9)"),
+    "optuna": (
+        "5.0",
+        "PED-ANOVA default importance evaluator for byte-identical plots; "
+        "RetryHeartbeatStaleTrialCallback / heartbeat_stale_trial_callback (4.9)",
+    ),
     "pandas": ("2.0", "the oldest release the report and results tests ran on"),
     "seaborn": ("0.12", "lineplot(errorbar=callable)"),
     "scipy": ("1.11.1", "ttest_ind(...).df (1.11; 1.11.0 was yanked)"),
     "tqdm": ("4.60", "the oldest release the tests ran on"),
-    "pydantic": ("2.10", "Field(strict=False) on a tuple in a strict model (2.6); no protected-namespace "
-                         "warning for MLflow's model_name fields (2.10)"),
+    "pydantic": (
+        "2.10",
+        "Field(strict=False) on a tuple in a strict model (2.6); no protected-namespace "
+        "warning for MLflow's model_name fields (2.10)",
+    ),
     "numpy": ("1.26.1", "numpy._core stubs: the embedded CIFAR pickles were written by numpy 2"),
     "tomli": ("2.0", "tomllib's API on Python 3.10"),
-    "psutil": ("5.9", "cpu_percent, virtual_memory, disk_usage, net_io_counters for MLflow's system metrics "
-                      "(older 5.x have them too; not tested below 5.9)"),
-    "nvidia-ml-py": ("12.535", "nvmlDeviceGetMemoryInfo / GetUtilizationRates / GetPowerUsage for MLflow's GPU "
-                               "metrics (not tested below 12.535)"),
+    "psutil": (
+        "5.9",
+        "cpu_percent, virtual_memory, disk_usage, net_io_counters for MLflow's system metrics "
+        "(older 5.x have them too; not tested below 5.9)",
+    ),
+    "nvidia-ml-py": (
+        "12.535",
+        "nvmlDeviceGetMemoryInfo / GetUtilizationRates / GetPowerUsage for MLflow's GPU "
+        "metrics (not tested below 12.535)",
+    ),
     "pytest": ("9.1", "caplog captures records of non-propagating loggers (MLflow's)"),
-    "pytest-xdist": ("3.6.1", "workers run the tests in their main thread, where the signal tests must run (3.6.0, yanked)"),
+    "pytest-xdist": (
+        "3.6.1",
+        "workers run the tests in their main thread, where the signal tests must run (3.6.0, yanked)",
+    ),
     "hypothesis": ("6.85", "st.characters(codec=..., categories=...)"),
     "optuna-dashboard": ("0.15", "serves an Optuna 5 study (test_tuning)"),
     "psycopg": ("3.1.4", "the first 3.1 with binary wheels for Python 3.11"),

@@ -41,8 +41,9 @@ needs_glibc = pytest.mark.skipif(hostmem.glibc_version() is None, reason="malloc
 
 def faults_per_round(setup: str, **env: str) -> list[int]:
     clean = {k: v for k, v in os.environ.items() if k not in (*hostmem._USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")}
-    out = subprocess.run([sys.executable, "-c", setup + ROUNDS], env={**clean, **env},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", setup + ROUNDS], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.splitlines()[-1])
 
 

@@ -12,14 +12,13 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_SETS
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from bench import results, suite
 from bench.suite import claims as lease
 from bench.tracking import Tracker
-
-from conftest import TINY_SETS
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,14 @@ def store_contents(tracker) -> list[tuple]:
     return sorted(
         [(e.name, e.lifecycle_stage, e.last_update_time, tuple(sorted(e.tags.items()))) for e in experiments]
         + [
-            (e.name, r.info.run_id, r.info.status, r.info.lifecycle_stage, r.info.end_time, tuple(sorted(r.data.tags.items())))
+            (
+                e.name,
+                r.info.run_id,
+                r.info.status,
+                r.info.lifecycle_stage,
+                r.info.end_time,
+                tuple(sorted(r.data.tags.items())),
+            )
             for e in experiments
             for r in client.search_runs([e.experiment_id], run_view_type=ViewType.ALL)
         ]
@@ -84,8 +90,14 @@ def test_a_process_waiting_for_a_cell_held_on_another_machine_writes_nothing(tra
     assert elsewhere.acquire()
     before = store_contents(tracker)
     for _ in range(5):
-        outcome = suite.run_cell(cell, tracker=tracker, device=torch.device("cpu"), data_dir=None,
-                                 checkpoint_root=tmp_path / "ck", label="waiting")
+        outcome = suite.run_cell(
+            cell,
+            tracker=tracker,
+            device=torch.device("cpu"),
+            data_dir=None,
+            checkpoint_root=tmp_path / "ck",
+            label="waiting",
+        )
         assert outcome.status == "busy"
     assert store_contents(tracker) == before
     elsewhere.release()
@@ -98,7 +110,9 @@ def test_leases_stay_out_of_the_experiments_and_leave_no_deleted_runs(tracker, t
         assert held
         assert tracker.client.search_runs([exp_id], run_view_type=ViewType.ALL) == []
         assert results.load(tracker.uri, [cell.experiment]).runs.empty
-    [outcome] = suite.run_cells([cell], tracker=tracker, device=torch.device("cpu"), data_dir=None, checkpoint_root=tmp_path / "ck")
+    [outcome] = suite.run_cells(
+        [cell], tracker=tracker, device=torch.device("cpu"), data_dir=None, checkpoint_root=tmp_path / "ck"
+    )
     assert outcome.status == "finished"
     runs = tracker.client.search_runs([exp_id], run_view_type=ViewType.ALL)
     assert [r.info.run_id for r in runs] == [outcome.run_id]  # the cell's run, and no lease, live or deleted
@@ -141,14 +155,18 @@ def test_a_holder_with_a_longer_outage_limit_is_given_its_own(tracker):
     patient = lease.Lease(tracker, "cell", heartbeat_s=3600)
     assert patient.acquire()
     old = time.time() - 2 * lease.stale_after(tracker.limit)
-    tracker.set_tags(patient.run_id, {lease.HEARTBEAT: str(old), lease.LIMIT: str(4 * lease.stale_after(tracker.limit))})
+    tracker.set_tags(
+        patient.run_id, {lease.HEARTBEAT: str(old), lease.LIMIT: str(4 * lease.stale_after(tracker.limit))}
+    )
     assert not lease.Lease(tracker, "cell", confirm_s=0).acquire()  # old by this process's limit, not by its holder's
     tracker.set_tags(patient.run_id, {lease.LIMIT: f"{tracker.limit:g}"})
     assert lease.Lease(tracker, "cell", confirm_s=0).acquire()
 
 
 def test_the_claim_of_a_killed_process_on_this_machine_is_taken_over_at_once(tracker):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead = lease.Lease(tracker, "cell")
     dead.owner = f"{socket.gethostname()}:{int(gone.stdout)}:killed"
     assert dead.acquire()
@@ -167,7 +185,7 @@ def test_contenders_that_claim_at_the_same_moment_elect_exactly_one(tracker):
         contenders = [lease.Lease(tracker, key) for _ in range(4)]
         start, won = threading.Barrier(len(contenders)), []
 
-        def contend(c):
+        def contend(c, start=start, won=won):
             start.wait()
             if c.acquire():
                 won.append(c)
@@ -197,12 +215,18 @@ def test_two_processes_on_one_suite_train_every_cell_once(tmp_path, subprocess_e
     args += [a for s in TINY_SETS for a in ("--set", s)]
     # Both start on a store that does not exist yet: creating its tables is serialized too.
     procs = [
-        subprocess.Popen([sys.executable, "-m", "bench", *args, "--checkpoint-dir", f"ck{i}"], cwd=tmp_path, env=subprocess_env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "bench", *args, "--checkpoint-dir", f"ck{i}"],
+            cwd=tmp_path,
+            env=subprocess_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_out, err) in zip(procs, outputs):
         assert p.returncode == 0, err
         assert "Traceback" not in err
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -215,9 +239,11 @@ def test_two_processes_on_one_suite_train_every_cell_once(tmp_path, subprocess_e
             cells[key] = run
     assert sorted(cells) == [(e, s) for e in ("bottleneck-cifar10", "resnetb-cifar10") for s in ("0", "1")]
     assert all(run.info.status == "FINISHED" for run in cells.values())
-    leases = client.search_runs([client.get_experiment_by_name(lease.LEASES_EXPERIMENT).experiment_id], run_view_type=ViewType.ACTIVE_ONLY)
+    leases = client.search_runs(
+        [client.get_experiment_by_name(lease.LEASES_EXPERIMENT).experiment_id], run_view_type=ViewType.ACTIVE_ONLY
+    )
     assert leases and all(r.info.status == "FINISHED" for r in leases), "a claim was left behind"
-    for (name, seed) in cells:
+    for name, seed in cells:
         trained = [i for i in range(2) if list((tmp_path / f"ck{i}" / name).glob(f"smoke-seed{seed}-*/last.pt"))]
         assert len(trained) == 1, (name, seed, trained)
     rows = [line.split()[:2] for out, _ in outputs for line in out.splitlines() if "/smoke/seed" in line]
@@ -245,6 +271,7 @@ def test_an_interruption_while_claiming_leaves_no_claim_behind(tracker, monkeypa
 def test_a_release_that_fails_does_not_replace_what_ended_the_cell(tracker, tmp_path, monkeypatch, caplog):
     """The store is gone when the cell ends (a cluster shutting down): the interruption, or the
     cell's own result, goes on; the claim lapses by its heartbeat."""
+
     def unreachable(run_id, status):
         raise ConnectionError("tracking server unreachable")
 

@@ -11,17 +11,26 @@ import time
 from pathlib import Path
 
 import optuna
+from conftest import TINY_SETS
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from bench import cli
 
-from conftest import TINY_SETS
-
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "load.py"
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
-COMMON = ["resnetb-cifar10", "--profile", "smoke", "--epochs", "2", *TINY_ARGS, "--set", "train.log_every_steps=5",
-          "--set", "train.system_metrics=false"]
+COMMON = [
+    "resnetb-cifar10",
+    "--profile",
+    "smoke",
+    "--epochs",
+    "2",
+    *TINY_ARGS,
+    "--set",
+    "train.log_every_steps=5",
+    "--set",
+    "train.system_metrics=false",
+]
 
 
 def load_script():
@@ -37,7 +46,9 @@ def test_the_check_finds_lost_and_duplicated_steps_and_records(in_tmp):
     db = in_tmp / "mlflow.db"
     uri, storage = f"sqlite:///{db}", f"sqlite:///{in_tmp / 'optuna.db'}"
     assert cli.main(["run", *COMMON, "--tracking-uri", uri]) == 0
-    assert cli.main(["tune", *COMMON, "--trials", "1", "--study", "s", "--storage", storage, "--tracking-uri", uri]) == 0
+    assert (
+        cli.main(["tune", *COMMON, "--trials", "1", "--study", "s", "--storage", storage, "--tracking-uri", uri]) == 0
+    )
     client = MlflowClient(uri)
     runs = {r.data.tags.get("bench.kind", "cell"): r for r in load.all_runs(client)}
     cell, trial = runs["cell"].info.run_id, runs["trial"].info.run_id
@@ -57,7 +68,9 @@ def test_the_check_finds_lost_and_duplicated_steps_and_records(in_tmp):
     client.log_batch(cell, metrics=[Metric("train_loss", 1.0, int(time.time() * 1000) + 1, 2)])
     # The trial's step loss at step 39 gone, as if its batch never arrived.
     with sqlite3.connect(db) as con:
-        gone = con.execute("DELETE FROM metrics WHERE run_uuid = ? AND key = 'train_step_loss' AND step = 39", (trial,)).rowcount
+        gone = con.execute(
+            "DELETE FROM metrics WHERE run_uuid = ? AND key = 'train_step_loss' AND step = 39", (trial,)
+        ).rowcount
     assert gone == 1
 
     found = load.check(uri, storage, "s")
@@ -72,26 +85,53 @@ def test_the_check_finds_lost_and_duplicated_steps_and_records(in_tmp):
     plan2 = load.planned_cells(["run", *COMMON, "--seeds", "2"])
     (seed1,) = plan2 - plan
     exp_id = runs["cell"].info.experiment_id
-    again = client.create_run(exp_id, tags={k: runs["cell"].data.tags[k] for k in ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")})
+    again = client.create_run(
+        exp_id,
+        tags={
+            k: runs["cell"].data.tags[k]
+            for k in ("bench.experiment", "bench.profile", "bench.seed", "bench.config_hash")
+        },
+    )
     client.delete_run(trial)
-    stray = client.create_run(runs["trial"].info.experiment_id, tags={"bench.kind": "trial", "optuna.study": "s", "optuna.trial": "0"})
+    stray = client.create_run(
+        runs["trial"].info.experiment_id, tags={"bench.kind": "trial", "optuna.study": "s", "optuna.trial": "0"}
+    )
     study = optuna.load_study(study_name="s", storage=storage)
     (t0,) = study.get_trials()
     for attrs, state in (({}, "COMPLETE"), ({"bench.retry_of": 0}, "COMPLETE"), ({}, "FAIL")):
-        study.add_trial(optuna.trial.create_trial(params=t0.params, distributions=t0.distributions, user_attrs=attrs,
-                                                  state=optuna.trial.TrialState[state], value=t0.value if state == "COMPLETE" else None))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=t0.params,
+                distributions=t0.distributions,
+                user_attrs=attrs,
+                state=optuna.trial.TrialState[state],
+                value=t0.value if state == "COMPLETE" else None,
+            )
+        )
     client.create_logged_model(exp_id, name="model", source_run_id=cell)
 
     found = load.check(uri, storage, "s", plan2)
-    assert found.lost_records == {"cell runs": ["/".join(seed1)], "trial runs": [f"trial 0: run {trial}"], "trials": [], "logged models": []}
+    assert found.lost_records == {
+        "cell runs": ["/".join(seed1)],
+        "trial runs": [f"trial 0: run {trial}"],
+        "trials": [],
+        "logged models": [],
+    }
     assert found.duplicated_records == {
         "cell runs": [f"{'/'.join(next(iter(plan)))}: run {again.info.run_id}"],
         "trial runs": [f"trial 0: run {stray.info.run_id}"],
         "trials": [f"trials 0 and 1: {t0.params}", f"trials 1 and 2: {t0.params}"],
         "logged models": [f"run {cell}: 2 models"],
     }
-    assert found.counts(lost=False) == {"metric steps": 1, "cell runs": 1, "trial runs": 1, "trials": 2, "logged models": 1}
+    assert found.counts(lost=False) == {
+        "metric steps": 1,
+        "cell runs": 1,
+        "trial runs": 1,
+        "trials": 2,
+        "logged models": 1,
+    }
     assert found.failed(1)
     # A run of a cell no plan has is one nothing asked for.
     assert load.check(uri, plan=set()).duplicated_records["cell runs"] == [
-        f"{'/'.join(next(iter(plan)))}: run {i}" for i in (cell, again.info.run_id)]
+        f"{'/'.join(next(iter(plan)))}: run {i}" for i in (cell, again.info.run_id)
+    ]

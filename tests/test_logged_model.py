@@ -16,16 +16,15 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SETS
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from bench import cli, engine, suite
-from bench.tracking import model as logged_model
 from bench.errors import UserError
 from bench.models import create_model
 from bench.tracking import Tracker
-
-from conftest import TINY_SETS
+from bench.tracking import model as logged_model
 
 CPU = torch.device("cpu")
 EXPERIMENT = "resnetb-cifar10"
@@ -33,7 +32,14 @@ SETS = [*TINY_SETS, "train.epochs=3"]
 # R1's recipe (batch statistics at evaluation, no validation split) on a tiny network without
 # dropout: the only difference between the suite's evaluation and the packaged model's is gone.
 HW4 = "hw4-resnet-cifar100"
-HW4_SETS = ["model.blocks=[1,1,1,1]", "model.widths=[4,8,8,8]", "model.stem_width=4", "model.stem_dropout=0.0", "data.val_size=0", "train.epochs=2"]
+HW4_SETS = [
+    "model.blocks=[1,1,1,1]",
+    "model.widths=[4,8,8,8]",
+    "model.stem_width=4",
+    "model.stem_dropout=0.0",
+    "data.val_size=0",
+    "train.epochs=2",
+]
 
 
 def run(cells, root, uri):
@@ -60,7 +66,9 @@ def load(uri: str, model_uri: str, monkeypatch):
 
 
 def models_of(client: MlflowClient, run) -> list:
-    return list(client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"))
+    return list(
+        client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +139,9 @@ def test_the_registered_alias_loads_with_mlflow_alone_and_is_the_best_seed(smoke
     [other] = [o for o in smoke.outcomes if o.run_id != best.run_id]
     [other_model] = models_of(smoke.client, smoke.runs[other.run_id])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", smoke.uri)  # where the registry looks up a models:/ source
-    moved = smoke.client.create_model_version(EXPERIMENT, source=other_model.model_uri, run_id=other.run_id, model_id=other_model.model_id)
+    moved = smoke.client.create_model_version(
+        EXPERIMENT, source=other_model.model_uri, run_id=other.run_id, model_id=other_model.model_id
+    )
     smoke.client.set_registered_model_alias(EXPERIMENT, "smoke", moved.version)
     assert cli.main(base) == 0
     assert len(smoke.client.search_model_versions(f"name = '{EXPERIMENT}'")) == 2
@@ -150,7 +160,9 @@ def test_the_registered_alias_loads_with_mlflow_alone_and_is_the_best_seed(smoke
         "    print(json.dumps((model(x).argmax(1) == y).sum().item() / len(y)))\n"
     )
     env = {"MLFLOW_TRACKING_URI": smoke.uri, "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=smoke.root, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=smoke.root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == best.best_test_acc
 
@@ -189,14 +201,18 @@ def test_batch_statistics_and_final_weights_where_the_recipe_has_no_validation_s
     [model_info] = models_of(client, mlrun)
     assert [(o.model_id, o.step) for o in mlrun.outputs.model_outputs] == [(model_info.model_id, 2)]
     model = load(uri, model_info.model_uri, monkeypatch)
-    assert not any(b is not None and b.dtype.is_floating_point for name, b in model.named_buffers() if "running" in name)
+    assert not any(
+        b is not None and b.dtype.is_floating_point for name, b in model.named_buffers() if "running" in name
+    )
     images, labels = suite_test_images(cfg)
     # Batch statistics: the suite's figure comes back given its evaluation batches.
     assert accuracy(model, images, labels, cfg.data.eval_batch_size) == outcome.final_test_acc
     # Nothing is updated: the same batches give the same logits twice.
     with torch.no_grad():
         assert torch.equal(model(images[:32]), model(images[:32]))
-    assert cli.main(["register", HW4, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in HW4_SETS)]) == 0
+    assert (
+        cli.main(["register", HW4, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in HW4_SETS)]) == 0
+    )
     assert client.get_model_version_by_alias(HW4, "smoke").tags["bench.chosen_on"] == "test_acc"
 
 
@@ -214,13 +230,30 @@ def test_register_errors(in_tmp, capsys, caplog):
     # A finished run without the ranking metric is left out, and named.
     client = MlflowClient(uri)
     tags = {k: v for k, v in client.get_run(done.run_id).data.tags.items() if k.startswith("bench.")}
-    bare = client.create_run(client.get_run(done.run_id).info.experiment_id, run_name="no-metrics", tags={**tags, "bench.seed": "7"})
+    bare = client.create_run(
+        client.get_run(done.run_id).info.experiment_id, run_name="no-metrics", tags={**tags, "bench.seed": "7"}
+    )
     client.set_terminated(bare.info.run_id, "FINISHED")
     with caplog.at_level(logging.WARNING, logger="bench"):
         assert logged_model.best_run(client, EXPERIMENT, "smoke", SETS)[0].info.run_id == done.run_id
     assert "left out 1 finished run(s) without best_val_acc: no-metrics" in caplog.text
     # The config named with --epochs, as `bench run --epochs 3` names it.
-    assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, "--epochs", "3", *(f"--set={s}" for s in TINY_SETS)]) == 0
+    assert (
+        cli.main(
+            [
+                "register",
+                EXPERIMENT,
+                "--profile",
+                "smoke",
+                "--tracking-uri",
+                uri,
+                "--epochs",
+                "3",
+                *(f"--set={s}" for s in TINY_SETS),
+            ]
+        )
+        == 0
+    )
     assert MlflowClient(uri).get_model_version_by_alias(EXPERIMENT, "smoke").run_id == done.run_id
     client.delete_run(done.run_id)
     with pytest.raises(UserError, match="has best_val_acc to be chosen on"):
@@ -237,12 +270,17 @@ def test_register_logs_the_model_of_a_run_that_has_none_from_its_checkpoint_arti
         [done] = run(suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS), in_tmp, uri)
     assert done.status == "finished" and models_of(client, client.get_run(done.run_id)) == []
     shutil.rmtree(in_tmp / "ck")
-    assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in SETS)]) == 0
+    assert (
+        cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in SETS)])
+        == 0
+    )
     assert "Registered the model of" in capsys.readouterr().out
     mlrun = client.get_run(done.run_id)
     [model] = models_of(client, mlrun)
     assert model.status == LoggedModelStatus.READY
-    assert [(o.model_id, o.step) for o in mlrun.outputs.model_outputs] == [(model.model_id, int(mlrun.data.tags["bench.best_epoch"]))]
+    assert [(o.model_id, o.step) for o in mlrun.outputs.model_outputs] == [
+        (model.model_id, int(mlrun.data.tags["bench.best_epoch"]))
+    ]
     images, labels = suite_test_images(suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)[0].cfg)
     assert accuracy(load(uri, f"models:/{EXPERIMENT}@smoke", monkeypatch), images, labels) == done.best_test_acc
 
@@ -265,7 +303,9 @@ def assert_one_ready_model(client: MlflowClient, run_id: str, uri: str, monkeypa
     mlrun = client.get_run(run_id)
     [output] = mlrun.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
-    assert model.status == LoggedModelStatus.READY and [m.model_id for m in models_of(client, mlrun)] == [model.model_id]
+    assert model.status == LoggedModelStatus.READY and [m.model_id for m in models_of(client, mlrun)] == [
+        model.model_id
+    ]
     assert logged_model.MODEL_ERROR not in mlrun.data.tags
     cfg = suite.plan([EXPERIMENT], profile="smoke", seeds=1, sets=SETS)[0].cfg
     assert accuracy(load(uri, model.model_uri, monkeypatch), *suite_test_images(cfg)) == test_acc
@@ -286,7 +326,10 @@ def test_a_failed_model_upload_leaves_the_run_finished_and_register_logs_the_mod
     assert f"run {mlrun.info.run_name}: its model was not logged ([Errno 28] No space left on device)" in caplog.text
     [failed] = models_of(client, mlrun)
     assert failed.status != LoggedModelStatus.READY
-    assert cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in SETS)]) == 0
+    assert (
+        cli.main(["register", EXPERIMENT, "--profile", "smoke", "--tracking-uri", uri, *(f"--set={s}" for s in SETS)])
+        == 0
+    )
     assert assert_one_ready_model(client, done.run_id, uri, monkeypatch, done.best_test_acc) == failed.model_id
 
 
@@ -338,7 +381,14 @@ def test_the_classifier_prepares_images_as_the_suites_evaluation_does(experiment
 
     cfg = suite.plan([experiment], profile="smoke", seeds=1)[0].cfg
     bundle = data.build(cfg.data, seed=0, device=CPU, files=suite.files_for(cfg, None))
-    pipeline = ImageClassifier(torch.nn.Identity(), mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), image_size=cfg.data.image_size, batch_statistics=False, channels_last=False)
+    pipeline = ImageClassifier(
+        torch.nn.Identity(),
+        mean=tuple(cfg.data.mean),
+        std=tuple(cfg.data.std),
+        image_size=cfg.data.image_size,
+        batch_statistics=False,
+        channels_last=False,
+    )
     x, _ = next(iter(bundle.test))
     assert x.shape[-1] == cfg.data.image_size
     images = bundle.test.images[: len(x)]

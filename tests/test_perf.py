@@ -16,17 +16,33 @@ from bench import cli, config, engine, hostmem, perf
 CPU = torch.device("cpu")
 TINY = perf.Budget(pipeline_images=256, train_images=128, epochs=2, repeats=1)
 PER_MODEL = {
-    "pipeline_ratio", "pipeline_images_per_s", "pipeline_reference_images_per_s", "engine_ratio",
-    "engine_images_per_s", "bare_images_per_s", "tracking_ms_per_epoch", "tracking_share", "flops_utilization",
-    "achieved_flops_per_s", "train_flops_per_image", "paper_flops_per_seed", "epoch_s", "engine_ratio_whole_run",
-    "closing_s", "closing_tracking_s", "step_ms", "bare_step_ms",
+    "pipeline_ratio",
+    "pipeline_images_per_s",
+    "pipeline_reference_images_per_s",
+    "engine_ratio",
+    "engine_images_per_s",
+    "bare_images_per_s",
+    "tracking_ms_per_epoch",
+    "tracking_share",
+    "flops_utilization",
+    "achieved_flops_per_s",
+    "train_flops_per_image",
+    "paper_flops_per_seed",
+    "epoch_s",
+    "engine_ratio_whole_run",
+    "closing_s",
+    "closing_tracking_s",
+    "step_ms",
+    "bare_step_ms",
 }
 
 
 def test_every_model_is_trained_by_one_experiment():
     assert perf.models_and_experiments() == {
-        "hw4_resnet": "hw4-resnet-cifar100", "resnet18_finetune": "resnet18-finetune-cifar100",
-        "bottleneck_resnet": "bottleneck-cifar10", "resnet_b": "resnetb-cifar10",
+        "hw4_resnet": "hw4-resnet-cifar100",
+        "resnet18_finetune": "resnet18-finetune-cifar100",
+        "bottleneck_resnet": "bottleneck-cifar10",
+        "resnet_b": "resnetb-cifar10",
     }
 
 
@@ -35,7 +51,12 @@ def test_the_reference_pipeline_is_torchvisions_for_the_recipes_augmentation():
     assert [type(t) for t in crop_flip.transforms] == [T.RandomCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     assert crop_flip.transforms[0].padding == 4
     resized = perf.reference_transform(config.load("resnet18-finetune-cifar100", profile="paper").data)
-    assert [type(t) for t in resized.transforms] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    assert [type(t) for t in resized.transforms] == [
+        T.RandomResizedCrop,
+        T.RandomHorizontalFlip,
+        T.ToTensor,
+        T.Normalize,
+    ]
     assert resized.transforms[0].size == (224, 224)
 
 
@@ -71,7 +92,9 @@ def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
     lines: list[str] = []
     probe = perf.matmul_probe(CPU, torch.float32)
     budget = dataclasses.replace(TINY, repeats=3)
-    out = perf.measure_model("resnet_b", "resnetb-cifar10", profile="smoke", device=CPU, budget=budget, probe_flops=probe, say=lines.append)
+    out = perf.measure_model(
+        "resnet_b", "resnetb-cifar10", profile="smoke", device=CPU, budget=budget, probe_flops=probe, say=lines.append
+    )
     assert PER_MODEL <= out.keys()
     assert "pipeline_ratio_224" not in out  # a 32-px recipe
     assert out["pipeline_ratio"] == pytest.approx(out["pipeline_images_per_s"] / out["pipeline_reference_images_per_s"])
@@ -80,7 +103,9 @@ def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
     assert len(out["engine_images_per_s_runs"]) == len(out["bare_images_per_s_runs"]) == 3
     ratios = [e / b for e, b in zip(out["engine_images_per_s_runs"], out["bare_images_per_s_runs"])]
     assert out["engine_ratio"] == pytest.approx(sorted(ratios)[1])
-    assert (out["engine_images_per_s"], out["bare_images_per_s"]) in zip(out["engine_images_per_s_runs"], out["bare_images_per_s_runs"])
+    assert (out["engine_images_per_s"], out["bare_images_per_s"]) in zip(
+        out["engine_images_per_s_runs"], out["bare_images_per_s_runs"]
+    )
     assert 0 < out["tracking_share"] < 1
     # The whole run adds its closing (last checkpoint, final upload and flush) to the epochs.
     assert out["engine_ratio_whole_run"] < out["engine_ratio"]
@@ -110,11 +135,13 @@ def test_bench_perf_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys
     assert PER_MODEL <= figures["resnet_b"].keys()
     # Utilization is against the faster of the two matrix-multiply probes, the one in `device`.
     model = figures["resnet_b"]
-    assert model["flops_utilization"] == pytest.approx(model["achieved_flops_per_s"] / figures["device"]["matmul_flops_per_s"])
+    assert model["flops_utilization"] == pytest.approx(
+        model["achieved_flops_per_s"] / figures["device"]["matmul_flops_per_s"]
+    )
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["model", "pipeline", "x"]
     assert "resnet_b" in table
-    breakdown = table[table.index("Where a training step's time goes"):].splitlines()
+    breakdown = table[table.index("Where a training step's time goes") :].splitlines()
     assert all(part in breakdown[1] for part in engine.Clock.PARTS)
     assert breakdown[3].split()[0] == "resnet_b" and breakdown[3].count(" / ") == len(engine.Clock.PARTS) + 1
 

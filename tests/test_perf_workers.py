@@ -54,7 +54,12 @@ def test_the_estimate_is_each_cells_flops_at_its_models_rate_per_trainer():
 def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys):
     monkeypatch.setattr(perf_workers, "CPU_QUICK", TINY)
     out = in_tmp / "perf.json"
-    assert cli.main(["perf", "--workers", "2", "1", "--quick", "--model", "resnet_b", "--device", "cpu", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            ["perf", "--workers", "2", "1", "--quick", "--model", "resnet_b", "--device", "cpu", "--json", str(out)]
+        )
+        == 0
+    )
     figures = json.loads(out.read_text())
     assert list(figures["workers"]) == ["1", "2"]
     for k in (1, 2):
@@ -67,7 +72,9 @@ def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys)
         # (each trainer's own rate is over its own window: their sum can only be more; the two are
         # read on two clocks a moment apart, hence the margin)
         assert model["images_per_s"] <= sum(t["images_per_s"] for t in trainers) * 1.01
-        assert model["relative_to_smallest_k"] == pytest.approx(model["images_per_s"] / figures["workers"]["1"]["resnet_b"]["images_per_s"])
+        assert model["relative_to_smallest_k"] == pytest.approx(
+            model["images_per_s"] / figures["workers"]["1"]["resnet_b"]["images_per_s"]
+        )
         # Each in a process of its own, with its share of the cores.
         assert len({t["pid"] for t in trainers} | {os.getpid()}) == k + 1
         assert all(t["threads"] == max(1, workers.usable_cores() // k) for t in trainers)
@@ -77,8 +84,14 @@ def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys)
     # One cell: two workers would be one, so K=2 is not estimated and K=1 is the choice.
     assert est["cells"] == ["resnetb-cifar10"] and not est["complete"] and est["fastest_workers"] == 1
     assert est["minutes"]["2"] is None
-    assert est["minutes"]["1"] == pytest.approx(est["paper_flops"]["resnetb-cifar10"] / (
-        figures["workers"]["1"]["resnet_b"]["train_flops_per_image"] * figures["workers"]["1"]["resnet_b"]["images_per_s"]) / 60)
+    assert est["minutes"]["1"] == pytest.approx(
+        est["paper_flops"]["resnetb-cifar10"]
+        / (
+            figures["workers"]["1"]["resnet_b"]["train_flops_per_image"]
+            * figures["workers"]["1"]["resnet_b"]["images_per_s"]
+        )
+        / 60
+    )
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].split() == ["K", "resnet_b", "img/s", "paper", "suite", "min"]
@@ -93,8 +106,14 @@ def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys)
 def test_a_failing_trainer_fails_the_measurement_without_hanging_the_others(monkeypatch):
     # An experiment no trainer can load: each fails before its barrier, the others are released.
     with pytest.raises(RuntimeError, match="a trainer of 2 failed: .*no-such-experiment"):
-        perf_workers.measure(2, {"resnet_b": "no-such-experiment"}, profile="smoke", device=torch.device("cpu"), budget=TINY,
-                             on_model=lambda *_: None)
+        perf_workers.measure(
+            2,
+            {"resnet_b": "no-such-experiment"},
+            profile="smoke",
+            device=torch.device("cpu"),
+            budget=TINY,
+            on_model=lambda *_: None,
+        )
 
 
 @pytest.mark.parametrize("workers", [["0"], ["1", "-2"]])

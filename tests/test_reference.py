@@ -57,9 +57,34 @@ def test_spec_figures(curves):
     loss = _series(curves, "resnet18-finetune-cifar100", "train_loss")
     assert loss[13] == loss[14]  # the identical loss of epochs 13 and 14, as logged
     r3 = _series(curves, "bottleneck-cifar10", "test_acc")
-    assert r3 == pytest.approx({10: .5111, 20: .5248, 40: .4626, 80: .6385, 100: .6245, 120: .6191, 160: .6294, 180: .5400, 200: .6108})
+    assert r3 == pytest.approx(
+        {
+            10: 0.5111,
+            20: 0.5248,
+            40: 0.4626,
+            80: 0.6385,
+            100: 0.6245,
+            120: 0.6191,
+            160: 0.6294,
+            180: 0.5400,
+            200: 0.6108,
+        }
+    )
     r4 = _series(curves, "resnetb-cifar10", "test_acc")
-    assert r4 == pytest.approx({10: .5337, 20: .7010, 30: .6690, 40: .6704, 50: .6790, 60: .6611, 70: .6879, 80: .6871, 90: .6908, 100: .6697})
+    assert r4 == pytest.approx(
+        {
+            10: 0.5337,
+            20: 0.7010,
+            30: 0.6690,
+            40: 0.6704,
+            50: 0.6790,
+            60: 0.6611,
+            70: 0.6879,
+            80: 0.6871,
+            90: 0.6908,
+            100: 0.6697,
+        }
+    )
     lr = _series(curves, "resnetb-cifar10", "lr")
     assert (lr[19], lr[20], lr[40], lr[100]) == pytest.approx((0.1, 0.01, 0.001, 1e-6))
 
@@ -105,8 +130,15 @@ def test_reported_seconds_name_the_suite_metric_that_times_the_same(curves, runs
     # R3/R4 log the training loop's duration (test accuracy came later, from checkpoints): the
     # training pass alone. R1/R2's figure is the whole job's time over its epochs.
     metric = {name: r.seconds_per_epoch_metric for name, r in runs.items()}
-    assert metric == {"hw4-resnet-cifar100": "epoch_time_s", "resnet18-finetune-cifar100": "epoch_time_s",
-                      "bottleneck-cifar10": "train_time_s", "resnetb-cifar10": "train_time_s"}
+    assert metric == {
+        "hw4-resnet-cifar100": "epoch_time_s",
+        "resnet18-finetune-cifar100": "epoch_time_s",
+        "bottleneck-cifar10": "train_time_s",
+        "resnetb-cifar10": "train_time_s",
+    }
     logged = curves[curves.metric.str.endswith("_time_s")]
-    assert set(logged.metric) == {"train_time_s"} and set(logged.experiment) == {"bottleneck-cifar10", "resnetb-cifar10"}
+    assert set(logged.metric) == {"train_time_s"} and set(logged.experiment) == {
+        "bottleneck-cifar10",
+        "resnetb-cifar10",
+    }
     assert set(logged.raw.str.extract(r"(Duration)")[0]) == {"Duration"}

@@ -17,8 +17,22 @@ SAME = {name: report.Recipe("h1", {}) for name in ALL}
 NO_DIFF = {"recipes": SAME, "paper": SAME}
 
 
-def record(experiment, seed, test_acc, *, profile="paper", config_hash="h1", status="FINISHED", start=0,
-           complete="true", best=None, params=None, run_id=None, val=5000, train_time=True):
+def record(
+    experiment,
+    seed,
+    test_acc,
+    *,
+    profile="paper",
+    config_hash="h1",
+    status="FINISHED",
+    start=0,
+    complete="true",
+    best=None,
+    params=None,
+    run_id=None,
+    val=5000,
+    train_time=True,
+):
     """A run as `Tracker.read_runs` returns it; test_acc per epoch."""
     epochs = len(test_acc)
     history = {
@@ -37,11 +51,21 @@ def record(experiment, seed, test_acc, *, profile="paper", config_hash="h1", sta
         "start_time": start,
         "params": {"train.epochs": str(epochs), "data.source": "official", **(params or {})},
         "tags": {
-            "bench.experiment": experiment, "bench.profile": profile, "bench.seed": str(seed),
-            "bench.config_hash": config_hash, "bench.status": "finished" if status == "FINISHED" else "stopped",
-            "bench.epochs_done": str(epochs), "bench.best_epoch": str(epochs), "bench.device": "NVIDIA H100",
-            "bench.git_commit": "0123abc", "bench.torch": "2.14.1", "bench.python": "3.11.9",
-            "bench.data_complete": complete, "bench.data_train": str(50000 - val), "bench.data_val": str(val), "bench.data_test": "10000",
+            "bench.experiment": experiment,
+            "bench.profile": profile,
+            "bench.seed": str(seed),
+            "bench.config_hash": config_hash,
+            "bench.status": "finished" if status == "FINISHED" else "stopped",
+            "bench.epochs_done": str(epochs),
+            "bench.best_epoch": str(epochs),
+            "bench.device": "NVIDIA H100",
+            "bench.git_commit": "0123abc",
+            "bench.torch": "2.14.1",
+            "bench.python": "3.11.9",
+            "bench.data_complete": complete,
+            "bench.data_train": str(50000 - val),
+            "bench.data_val": str(val),
+            "bench.data_test": "10000",
         },
         "history": history,
     }
@@ -104,14 +128,20 @@ def test_subset_data_and_other_recipes_are_not_comparable():
     assert (s.rows[0].verdict, s.rows[0].why_not_comparable) == ("not comparable", "subset of CIFAR")
     # Said at the top, right under the title: a reader sees it before any figure.
     title, first = report.markdown(s, {}).split("\n\n")[:2]
-    assert title.startswith("# Report:") and first.startswith("> None of these runs is the reported recipe on the full dataset")
+    assert title.startswith("# Report:") and first.startswith(
+        "> None of these runs is the reported recipe on the full dataset"
+    )
     assert "not comparable to the reported ones" in first
     # A profile whose recipe is not the paper's: its runs are its recipe's, and not comparable.
     recs = [record("resnetb-cifar10", s, [0.2, 0.67], params={"optim.lr": "0.05"}) for s in range(2)]
     mine = {"resnetb-cifar10": report.Recipe("h1", {"optim.lr": "0.05", "train.epochs": "2"})}
     paper = {"resnetb-cifar10": report.Recipe("h0", {"optim.lr": "0.1", "train.epochs": "2"})}
     s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", recipes=mine, paper=paper)
-    assert (s.rows[0].verdict, s.rows[0].why_not_comparable, s.rows[0].recipe_diff) == ("not comparable", "recipe differs", ["optim.lr"])
+    assert (s.rows[0].verdict, s.rows[0].why_not_comparable, s.rows[0].recipe_diff) == (
+        "not comparable",
+        "recipe differs",
+        ["optim.lr"],
+    )
     assert "differs from the paper recipe in: `optim.lr`" in report.markdown(s, {})
 
 
@@ -123,7 +153,12 @@ def test_the_recipe_is_the_experiment_under_the_profile_by_its_result_keys():
     smoke = report.recipe("resnetb-cifar10", "smoke")
     # The smoke recipe differs in data and budget; its checkpoint interval (non-result) is not listed.
     assert set(report.differing(smoke.params, paper.params)) == {
-        "data.batch_size", "data.source", "data.val_size", "optim.lr", "train.epochs"}
+        "data.batch_size",
+        "data.source",
+        "data.val_size",
+        "optim.lr",
+        "train.epochs",
+    }
 
 
 def test_selection_keeps_one_profile_finished_newest_per_seed_by_config():
@@ -147,7 +182,9 @@ def test_profile_choice():
     both = results.frames([record("resnetb-cifar10", 0, [0.5], profile="smoke"), record("resnetb-cifar10", 0, [0.5])])
     assert report.choose_profile(both.runs, None) == "paper"
     assert report.choose_profile(both.runs, "smoke") == "smoke"
-    smoke = results.frames([record("resnetb-cifar10", s, [0.5], profile=p) for s, p in enumerate(["smoke", "smoke", "tiny"])])
+    smoke = results.frames(
+        [record("resnetb-cifar10", s, [0.5], profile=p) for s, p in enumerate(["smoke", "smoke", "tiny"])]
+    )
     assert report.choose_profile(smoke.runs, None) == "smoke"
 
 
@@ -165,7 +202,9 @@ def test_markdown_table_has_every_reported_run_with_both_values(summary):
 
 
 def test_one_seed_has_no_interval():
-    s = report.summarize(results.frames([record("resnetb-cifar10", 0, [0.66])]), ["resnetb-cifar10"], suite="x", **NO_DIFF)
+    s = report.summarize(
+        results.frames([record("resnetb-cifar10", 0, [0.66])]), ["resnetb-cifar10"], suite="x", **NO_DIFF
+    )
     assert "66.00 % (one seed, no interval)" in report.summary_table(s)
     assert "needs at least two finished seeds" not in report.markdown(s, {})  # no pair, no comparison section
 
@@ -230,12 +269,44 @@ def test_the_recipe_runs_are_compared_beside_a_tuned_config_and_a_compiled_rerun
     assert _smoke_hash("train.compile=true") == recipe != tuned
     tuned_params = {"optim.lr": "0.05", "data.batch_size": "64"}
     smoke_params = {k: v for k, v in config.load("resnetb-cifar10", profile="smoke").params().items() if k != "seed"}
-    recs = [record("resnetb-cifar10", s, [0.3, 0.40 + s / 100], profile="smoke", config_hash=recipe, params=smoke_params,
-                   start=s, complete="false") for s in range(2)]
-    recs += [record("resnetb-cifar10", s, [0.3, 0.50 + s / 100], profile="smoke", config_hash=tuned,
-                    params={**smoke_params, **tuned_params}, start=10 + s, complete="false") for s in range(3)]
-    recs.append(record("resnetb-cifar10", 0, [0.3, 0.45], profile="smoke", config_hash=recipe, start=20, complete="false",
-                       params={**smoke_params, "train.compile": "True"}))
+    recs = [
+        record(
+            "resnetb-cifar10",
+            s,
+            [0.3, 0.40 + s / 100],
+            profile="smoke",
+            config_hash=recipe,
+            params=smoke_params,
+            start=s,
+            complete="false",
+        )
+        for s in range(2)
+    ]
+    recs += [
+        record(
+            "resnetb-cifar10",
+            s,
+            [0.3, 0.50 + s / 100],
+            profile="smoke",
+            config_hash=tuned,
+            params={**smoke_params, **tuned_params},
+            start=10 + s,
+            complete="false",
+        )
+        for s in range(3)
+    ]
+    recs.append(
+        record(
+            "resnetb-cifar10",
+            0,
+            [0.3, 0.45],
+            profile="smoke",
+            config_hash=recipe,
+            start=20,
+            complete="false",
+            params={**smoke_params, "train.compile": "True"},
+        )
+    )
     s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", profile="smoke")
     main, other = s.rows
     assert main.is_recipe and list(main.runs.final_test_acc) == pytest.approx([0.45, 0.41])
@@ -251,14 +322,22 @@ def test_the_recipe_runs_are_compared_beside_a_tuned_config_and_a_compiled_rerun
 
 def test_on_the_full_data_the_recipe_gets_a_verdict_and_other_configs_are_labelled():
     paper = report.recipe("resnetb-cifar10", "paper")
-    recs = [record("resnetb-cifar10", s, [0.5, v], config_hash=paper.config_hash, params=paper.params, start=s)
-            for s, v in enumerate([0.66, 0.67])]
+    recs = [
+        record("resnetb-cifar10", s, [0.5, v], config_hash=paper.config_hash, params=paper.params, start=s)
+        for s, v in enumerate([0.66, 0.67])
+    ]
     lr = config.load("resnetb-cifar10", profile="paper", sets=["optim.lr=0.05"]).config_hash()
-    recs += [record("resnetb-cifar10", s, [0.5, 0.9], config_hash=lr, params={**paper.params, "optim.lr": "0.05"}, start=5 + s)
-             for s in range(3)]
+    recs += [
+        record(
+            "resnetb-cifar10", s, [0.5, 0.9], config_hash=lr, params={**paper.params, "optim.lr": "0.05"}, start=5 + s
+        )
+        for s in range(3)
+    ]
     s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10")
     assert [(r.label, r.verdict, r.why_not_comparable) for r in s.rows] == [
-        (None, "reproduced", None), ("optim.lr=0.05", "not comparable", "another config")]
+        (None, "reproduced", None),
+        ("optim.lr=0.05", "not comparable", "another config"),
+    ]
     assert "Other configs, in rows of their own: `optim.lr=0.05`" in report.markdown(s, {})
 
 
@@ -266,7 +345,9 @@ def test_recipe_runs_made_before_the_hash_counted_only_result_keys_are_the_recip
     """A store written by an earlier bench: its recipe runs carry the hash of every key. They are
     the recipe's row, a seed run under both hashes counted once (the newest)."""
     mine = {"resnetb-cifar10": report.Recipe("new", {}, earlier_hash="old")}
-    recs = [record("resnetb-cifar10", s, [0.5, v], config_hash="old", start=s) for s, v in enumerate([0.60, 0.62, 0.64])]
+    recs = [
+        record("resnetb-cifar10", s, [0.5, v], config_hash="old", start=s) for s, v in enumerate([0.60, 0.62, 0.64])
+    ]
     recs.append(record("resnetb-cifar10", 2, [0.5, 0.70], config_hash="new", start=10))
     recs.append(record("resnetb-cifar10", 0, [0.5, 0.90], config_hash="other", start=11, params={"optim.lr": "0.05"}))
     s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="cifar10", recipes=mine, paper=mine)
@@ -287,7 +368,11 @@ def test_runs_trained_without_a_validation_split_compare_on_the_final_test_accur
     text = report.markdown(s, {})
     assert "nan" not in text.lower()
     line = next(l for l in text.splitlines() if l.startswith("| R1"))
-    assert "63.13 % [62.10, 64.17]" in line and "- (no validation split)" in line and "(50000/0/10000 train/val/test)" in line
+    assert (
+        "63.13 % [62.10, 64.17]" in line
+        and "- (no validation split)" in line
+        and "(50000/0/10000 train/val/test)" in line
+    )
     assert "no validation split, so no val-chosen best" in text
 
 
@@ -312,8 +397,15 @@ def test_an_interval_past_0_percent_is_cut_there_and_says_so():
 
 def _store_with_everything():
     """The paper suite, another config of R4, and runs the report leaves out."""
-    recs = [record(name, seed, [v / 2, v], best=v - 0.001) for name, values in FINALS.items() for seed, v in enumerate(values)]
-    recs += [record("resnetb-cifar10", s, [0.4, v], config_hash="h2", params={"optim.lr": "0.05"}, start=5) for s, v in enumerate([0.91, 0.94])]
+    recs = [
+        record(name, seed, [v / 2, v], best=v - 0.001)
+        for name, values in FINALS.items()
+        for seed, v in enumerate(values)
+    ]
+    recs += [
+        record("resnetb-cifar10", s, [0.4, v], config_hash="h2", params={"optim.lr": "0.05"}, start=5)
+        for s, v in enumerate([0.91, 0.94])
+    ]
     recs.append(record("resnetb-cifar10", 0, [0.3], profile="smoke"))
     recs.append(record("resnetb-cifar10", 3, [0.3], status="RUNNING"))
     for rec in recs:
@@ -367,7 +459,16 @@ def test_epochs_csv_has_one_row_per_run_and_epoch_with_every_metric(tmp_path):
     res = _store_with_everything()
     report.write(report.summarize(res, ALL, suite="all", **NO_DIFF), tmp_path)
     epochs = pd.read_csv(tmp_path / "epochs.csv")
-    assert list(epochs.columns) == [*results.RUN_KEYS, "epoch", "epoch_time_s", "lr", "test_acc", "train_loss", "train_time_s", "val_acc"]
+    assert list(epochs.columns) == [
+        *results.RUN_KEYS,
+        "epoch",
+        "epoch_time_s",
+        "lr",
+        "test_acc",
+        "train_loss",
+        "train_time_s",
+        "val_acc",
+    ]
     assert len(epochs) == len(res.metrics[res.metrics.metric == "test_acc"])
     one = epochs[epochs.run_id == res.runs.run_id.iloc[0]]
     assert list(one.epoch) == [1, 2] and list(one.lr) == pytest.approx([0.1, 0.05])
@@ -377,7 +478,9 @@ def test_epochs_csv_has_one_row_per_run_and_epoch_with_every_metric(tmp_path):
 
 def test_val_acc_and_lr_figures_are_drawn_when_logged(tmp_path):
     text = report.write(report.summarize(_store_with_everything(), ALL, suite="all", **NO_DIFF), tmp_path).read_text()
-    assert "![Validation accuracy against epoch](val_acc.png)" in text and "![Learning rate against epoch](lr.png)" in text
+    assert (
+        "![Validation accuracy against epoch](val_acc.png)" in text and "![Learning rate against epoch](lr.png)" in text
+    )
     assert "![Final test accuracy per seed and config](final_test_acc_spread.png)" in text
 
 
@@ -386,22 +489,45 @@ def test_other_configs_that_change_the_model_are_counted_on_their_own_model():
 
     base = report.recipe("resnetb-cifar10", "smoke")
     tiny = {"model.widths": "[4, 8, 8]", "model.blocks_per_stage": "1", "model.stem_width": "4"}
-    recs = [record("resnetb-cifar10", s, [0.3], profile="smoke", config_hash=h, params={**base.params, **p}, start=s)
-            for s, (h, p) in enumerate([(base.config_hash, {}), ("tiny", tiny), ("lr", {"optim.lr": "0.5"}),
-                                        ("gone", {"model.widths": "not a list"})])]
+    recs = [
+        record("resnetb-cifar10", s, [0.3], profile="smoke", config_hash=h, params={**base.params, **p}, start=s)
+        for s, (h, p) in enumerate(
+            [
+                (base.config_hash, {}),
+                ("tiny", tiny),
+                ("lr", {"optim.lr": "0.5"}),
+                ("gone", {"model.widths": "not a list"}),
+            ]
+        )
+    ]
     s = report.summarize(results.frames(recs), ["resnetb-cifar10"], suite="x", profile="smoke")
     costs = {r.label or "recipe": r.cost for r in s.rows}
     smoke = cost.of_config(config.load("resnetb-cifar10", profile="smoke"))
     assert costs["recipe"] == smoke and costs["optim.lr=0.5"] == smoke  # the learning rate changes no model
     sets = [f"{k}={v}" for k, v in tiny.items()]
-    assert costs["model.blocks_per_stage=1, model.stem_width=4, model.widths=[4, 8, 8]"] == cost.of_config(
-        config.load("resnetb-cifar10", profile="smoke", sets=sets)) != smoke
+    assert (
+        costs["model.blocks_per_stage=1, model.stem_width=4, model.widths=[4, 8, 8]"]
+        == cost.of_config(config.load("resnetb-cifar10", profile="smoke", sets=sets))
+        != smoke
+    )
     assert costs["model.widths=not a list"] is None  # values that no longer make a config: "-"
     line = next(l for l in report.summary_table(s).splitlines() if "not a list" in l)
     assert "| - | - |" in line
     # A bool option is logged as Python's True and read back as TOML's true.
     ft = report.recipe("resnet18-finetune-cifar100", "smoke")
-    runs = results.frames([record("resnet18-finetune-cifar100", 0, [0.3], profile="smoke", config_hash="f",
-                                  params={**ft.params, "model.freeze_backbone": "True"})]).runs
+    runs = results.frames(
+        [
+            record(
+                "resnet18-finetune-cifar100",
+                0,
+                [0.3],
+                profile="smoke",
+                config_hash="f",
+                params={**ft.params, "model.freeze_backbone": "True"},
+            )
+        ]
+    ).runs
     frozen = report.summary.variant_cost(runs, "resnet18-finetune-cifar100", "smoke", ft, None)
-    assert frozen == cost.of_config(config.load("resnet18-finetune-cifar100", profile="smoke", sets=["model.freeze_backbone=true"]))
+    assert frozen == cost.of_config(
+        config.load("resnet18-finetune-cifar100", profile="smoke", sets=["model.freeze_backbone=true"])
+    )

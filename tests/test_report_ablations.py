@@ -14,12 +14,14 @@ from scipy import stats as sps
 from bench import ablation, config, report, results, stats
 from bench.report import ablations
 from bench.report import studies as study_section
-
 from tests.test_report import record
 
 HW4 = "hw4-resnet-cifar100"
 REPORTED = 0.6331  # R1's final test accuracy (experiments/reference/)
-SAME = {"recipes": {HW4: report.Recipe("h1", {"model.post_add_relu": "False"})}, "paper": {HW4: report.Recipe("h1", {"model.post_add_relu": "False"})}}
+SAME = {
+    "recipes": {HW4: report.Recipe("h1", {"model.post_add_relu": "False"})},
+    "paper": {HW4: report.Recipe("h1", {"model.post_add_relu": "False"})},
+}
 
 
 def _ablation(name, values, kind="standard", evaluation_only=False):
@@ -33,18 +35,30 @@ LR = _ablation("lr-0.1", {"optim.lr": 0.1}, kind="reported")
 
 
 def _variant(a, config_hash, kind=ablation.TRAINED, same_as=None):
-    return ablation.Variant(a.name, kind, tuple(a.sets), a.label, f"{ablation.KINDS[a.kind]}: {a.source}", config_hash, a, same_as)
+    return ablation.Variant(
+        a.name, kind, tuple(a.sets), a.label, f"{ablation.KINDS[a.kind]}: {a.source}", config_hash, a, same_as
+    )
 
 
-VARIANTS = {HW4: [
-    ablation.Variant(ablation.RECIPE, ablation.TRAINED, (), "-", "the reported recipe", "h1"),
-    _variant(EVAL, "h1", ablation.EVALUATION_ONLY),
-    _variant(REMEASURE, "h1", ablation.EVALUATION_ONLY),
-    _variant(RELU, "h2"),
-    _variant(LR, "h3"),
-    ablation.Variant(ablation.ALL_STANDARD, ablation.TRAINED, ("model.post_add_relu=true",), "model.post_add_relu=True",
-                     "every standard value above, together", "h2", None, "post-add-relu"),
-]}
+VARIANTS = {
+    HW4: [
+        ablation.Variant(ablation.RECIPE, ablation.TRAINED, (), "-", "the reported recipe", "h1"),
+        _variant(EVAL, "h1", ablation.EVALUATION_ONLY),
+        _variant(REMEASURE, "h1", ablation.EVALUATION_ONLY),
+        _variant(RELU, "h2"),
+        _variant(LR, "h3"),
+        ablation.Variant(
+            ablation.ALL_STANDARD,
+            ablation.TRAINED,
+            ("model.post_add_relu=true",),
+            "model.post_add_relu=True",
+            "every standard value above, together",
+            "h2",
+            None,
+            "post-add-relu",
+        ),
+    ]
+}
 RECIPE_FINALS = [0.470, 0.480, 0.490]
 EVAL_FINALS = [0.490, 0.505, 0.512]  # the same weights measured in eval mode
 TRAIN, RUNNING = [0.60, 0.62, 0.61], [0.55, 0.58, 0.555]
@@ -60,8 +74,19 @@ def hw4_records(recipe=RECIPE_FINALS, evals=EVAL_FINALS, relu=RELU_FINALS, compl
             rec["history"]["train_acc"] = [(2, TRAIN[s])]
             rec["history"]["train_acc/eval.remeasure_train_acc-false"] = [(2, RUNNING[s])]
         recs.append(rec)
-    recs += [record(HW4, s, [v / 2, v], config_hash="h2", complete=complete, val=0, start=10,
-                    params={"model.post_add_relu": "True"}) for s, v in enumerate(relu)]
+    recs += [
+        record(
+            HW4,
+            s,
+            [v / 2, v],
+            config_hash="h2",
+            complete=complete,
+            val=0,
+            start=10,
+            params={"model.post_add_relu": "True"},
+        )
+        for s, v in enumerate(relu)
+    ]
     return recs
 
 
@@ -82,12 +107,26 @@ def lines_of(t):
 
 
 def test_rows_in_order_with_the_reported_reference_second(table):
-    assert [l.variant for l in table.lines] == ["recipe", "reported", "eval-mode", "running-train-acc", "post-add-relu", "lr-0.1", "all-standard"]
+    assert [l.variant for l in table.lines] == [
+        "recipe",
+        "reported",
+        "eval-mode",
+        "running-train-acc",
+        "post-add-relu",
+        "lr-0.1",
+        "all-standard",
+    ]
     assert table.shown and table.reported == pytest.approx(REPORTED)
     kinds = {l.variant: l.kind for l in table.lines}
-    assert kinds == {"recipe": "reference", "reported": "reference", "eval-mode": "evaluation only, standard value",
-                     "running-train-acc": "evaluation only, standard value", "post-add-relu": "trained, standard value",
-                     "lr-0.1": "trained, another value the sources report", "all-standard": "trained, standard value"}
+    assert kinds == {
+        "recipe": "reference",
+        "reported": "reference",
+        "eval-mode": "evaluation only, standard value",
+        "running-train-acc": "evaluation only, standard value",
+        "post-add-relu": "trained, standard value",
+        "lr-0.1": "trained, another value the sources report",
+        "all-standard": "trained, standard value",
+    }
 
 
 def test_evaluation_only_variants_are_paired_on_the_recipe_runs(table):
@@ -95,7 +134,12 @@ def test_evaluation_only_variants_are_paired_on_the_recipe_runs(table):
     ref = sps.ttest_rel(EVAL_FINALS, RECIPE_FINALS)
     ci = ref.confidence_interval(0.95)
     d = line.difference
-    assert (d.test, d.n_a, d.mean, d.p) == ("paired t", 3, pytest.approx(np.mean(EVAL_FINALS) - np.mean(RECIPE_FINALS)), pytest.approx(ref.pvalue))
+    assert (d.test, d.n_a, d.mean, d.p) == (
+        "paired t",
+        3,
+        pytest.approx(np.mean(EVAL_FINALS) - np.mean(RECIPE_FINALS)),
+        pytest.approx(ref.pvalue),
+    )
     assert (d.low, d.high) == pytest.approx((ci.low, ci.high))
     assert line.interval.mean == pytest.approx(np.mean(EVAL_FINALS)) and line.metric == "test_acc"
     assert line.verdict == stats.effect_verdict(d) and line.verdict.startswith("raises test accuracy by 2.2 pt [")
@@ -125,11 +169,16 @@ def test_the_markdown_table_and_the_sentence_under_it(table):
     assert "48.00 % [" in rows["**recipe**"] and "| reference |" in rows["**recipe**"]
     assert "| 63.31 % | +15.31 pt |" in rows["reported"]
     assert "(paired t)" in rows["eval-mode"] and "(Welch's t)" in rows["post-add-relu"]
-    assert "| 0 | test_acc | - | - | - | not run: `bench run hw4-resnet-cifar100 --ablate --profile paper` |" in rows["lr-0.1"]
+    assert (
+        "| 0 | test_acc | - | - | - | not run: `bench run hw4-resnet-cifar100 --ablate --profile paper` |"
+        in rows["lr-0.1"]
+    )
     d = lines_of(table)["eval-mode"].difference
     relu = lines_of(table)["post-add-relu"].difference
-    assert (f"The recipe is 15.3 pt below the reported 63.31 %; eval-mode closes {stats.points(d.mean)} pt "
-            f"[{stats.points(d.low)}, {stats.points(d.high)}] of it") in table.sentence
+    assert (
+        f"The recipe is 15.3 pt below the reported 63.31 %; eval-mode closes {stats.points(d.mean)} pt "
+        f"[{stats.points(d.low)}, {stats.points(d.high)}] of it"
+    ) in table.sentence
     assert f"post-add-relu closes {stats.points(relu.mean)} pt [" in table.sentence
     assert table.sentence.endswith("of it; no variant reaches it.") and "all-standard" not in table.sentence
     assert f"![Ablation of {HW4}: differences from the recipe](ablation-{HW4}.png)" in text
@@ -141,11 +190,15 @@ def test_the_sentence_at_its_edges():
     assert t.sentence == "The recipe already reproduces the reported 63.31 %."
     # A variant whose interval holds it reproduces it.
     t = ablations.tables(_summary(hw4_records(relu=[0.625, 0.640, 0.633])))[0]
-    assert t.sentence.endswith("; post-add-relu (n = 3) reproduces it (within 1 pt of its interval).")  # all-standard, its config again, counts once
+    assert t.sentence.endswith(
+        "; post-add-relu (n = 3) reproduces it (within 1 pt of its interval)."
+    )  # all-standard, its config again, counts once
     # Nothing moves toward it at n = 3: no variant's interval excludes zero in its direction.
     t = ablations.tables(_summary(hw4_records(evals=[0.46, 0.49, 0.485], relu=[0.47, 0.49, 0.475])))[0]
-    assert t.sentence == ("The recipe is 15.3 pt below the reported 63.31 %; no variant moves toward it at n = 3; "
-                          "1 of 5 variants not run yet; no variant reaches it.")
+    assert t.sentence == (
+        "The recipe is 15.3 pt below the reported 63.31 %; no variant moves toward it at n = 3; "
+        "1 of 5 variants not run yet; no variant reaches it."
+    )
     # A subset of CIFAR (the smoke profile) is not comparable.
     t = ablations.tables(_summary(hw4_records(complete="false")))[0]
     assert t.sentence.startswith("Profile `paper` is not the reported recipe on the full dataset (subset of CIFAR)")
@@ -164,21 +217,40 @@ def test_runs_without_the_extra_measure_are_left_out_of_the_pair():
 def test_no_table_without_figures_beyond_the_recipe():
     t = ablations.tables(_summary(hw4_records(evals=None, relu=[])))[0]
     assert not t.shown
-    assert lines_of(t)["eval-mode"].verdict == "not measured: the recipe's runs do not log `test_acc/eval.mode-eval` (an older bench)"
+    assert (
+        lines_of(t)["eval-mode"].verdict
+        == "not measured: the recipe's runs do not log `test_acc/eval.mode-eval` (an older bench)"
+    )
     assert ablations.markdown([t], {}) == ""
     t = ablations.tables(_summary(hw4_records(recipe=[], relu=[])))[0]
     assert lines_of(t)["eval-mode"].verdict == f"not run: `bench run {HW4} --ablate --profile paper`"
-    assert t.sentence == "The recipe has no finished runs of profile `paper`: nothing to compare with the reported 63.31 % yet."
+    assert (
+        t.sentence
+        == "The recipe has no finished runs of profile `paper`: nothing to compare with the reported 63.31 % yet."
+    )
     t = ablations.tables(_summary(hw4_records(recipe=[])))[0]  # the variant ran, the recipe did not
     assert t.shown and lines_of(t)["post-add-relu"].verdict == "no recipe runs to compare with"
     assert lines_of(t)["post-add-relu"].interval.n == 3
 
 
 def test_a_variant_that_trains_the_recipes_config_is_the_recipe():
-    same = ablation.Variant("val-split", ablation.TRAINED, ("data.val_size=0",), "data.val_size=0", "s", "h1", VARIANTS[HW4][4].ablation, "recipe")
+    same = ablation.Variant(
+        "val-split",
+        ablation.TRAINED,
+        ("data.val_size=0",),
+        "data.val_size=0",
+        "s",
+        "h1",
+        VARIANTS[HW4][4].ablation,
+        "recipe",
+    )
     t = ablations.tables(_summary(hw4_records(evals=None, relu=[]), variants={HW4: [VARIANTS[HW4][0], same]}))[0]
     line = lines_of(t)["val-split"]
-    assert (line.verdict, line.difference, line.interval.n) == ("trains the recipe's config: its runs are the recipe's", None, 3)
+    assert (line.verdict, line.difference, line.interval.n) == (
+        "trains the recipe's config: its runs are the recipe's",
+        None,
+        3,
+    )
     assert not t.shown  # nothing beyond the recipe's own figures
     assert ablations.markdown([t], {}) == ""
 
@@ -207,7 +279,15 @@ def test_write_draws_the_figure_and_exports_the_numbers_with_identical_bytes(tmp
     assert f"(ablation-{HW4}.png)" in text and "[`ablations.csv`](ablations.csv)" in text
     assert text.index("## Ablations") < text.index("## Environment")
     csv = pd.read_csv(first / "ablations.csv")
-    assert list(csv.variant) == ["recipe", "reported", "eval-mode", "running-train-acc", "post-add-relu", "lr-0.1", "all-standard"]
+    assert list(csv.variant) == [
+        "recipe",
+        "reported",
+        "eval-mode",
+        "running-train-acc",
+        "post-add-relu",
+        "lr-0.1",
+        "all-standard",
+    ]
     row = csv.set_index("variant").loc["eval-mode"]
     assert (row.seeds, row.test) == (3, "paired t")
     assert row.baseline == pytest.approx(np.mean(RECIPE_FINALS))  # the recipe runs it was paired with
@@ -227,9 +307,15 @@ def _study(name: str, base_hash: str) -> optuna.Study:
 
 def test_a_study_on_an_ablations_config_is_linked_both_ways():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    handles = {"hw4-relu": _study("hw4-relu", "h2"), "hw4-recipe": _study("hw4-recipe", "h1"), "other": _study("other", "h9")}
+    handles = {
+        "hw4-relu": _study("hw4-relu", "h2"),
+        "hw4-recipe": _study("hw4-recipe", "h1"),
+        "other": _study("other", "h9"),
+    }
     trials = pd.concat([results.trial_frame(n, HW4, "paper", s.trials) for n, s in handles.items()], ignore_index=True)
-    studies = results.Studies(trials=trials, handles=handles, intermediate=pd.DataFrame(columns=results.INTERMEDIATE_COLUMNS))
+    studies = results.Studies(
+        trials=trials, handles=handles, intermediate=pd.DataFrame(columns=results.INTERMEDIATE_COLUMNS)
+    )
     t = ablations.tables(_summary(hw4_records()), studies)[0]
     tuned = {l.variant: l.studies for l in t.lines if l.studies}
     assert tuned == {"post-add-relu": ("hw4-relu",), "all-standard": ("hw4-relu",), "recipe": ("hw4-recipe",)}
@@ -254,9 +340,19 @@ def test_through_mlflow_on_sqlite(tmp_path):
     found = {v.name: v for v in ablation.variants(HW4, "smoke")}
 
     def log(variant, seed, test_acc, extra=()):
-        tags = {"bench.experiment": HW4, "bench.profile": "smoke", "bench.seed": str(seed), "bench.config_hash": variant.config_hash,
-                "bench.status": "finished", "bench.epochs_done": "2", "bench.ablation": variant.name, "bench.data_complete": "false",
-                "bench.data_train": "1000", "bench.data_val": "0", "bench.data_test": "500"}
+        tags = {
+            "bench.experiment": HW4,
+            "bench.profile": "smoke",
+            "bench.seed": str(seed),
+            "bench.config_hash": variant.config_hash,
+            "bench.status": "finished",
+            "bench.epochs_done": "2",
+            "bench.ablation": variant.name,
+            "bench.data_complete": "false",
+            "bench.data_train": "1000",
+            "bench.data_val": "0",
+            "bench.data_test": "500",
+        }
         run_id = tracker.start_run(exp_id, f"{HW4}-smoke-{variant.name}-seed{seed}", tags)
         metrics = [Metric("test_acc", v, 0, step) for step, v in enumerate([test_acc / 2, test_acc], 1)]
         metrics += [Metric(name, v, 0, 2) for name, v in extra]
@@ -264,31 +360,50 @@ def test_through_mlflow_on_sqlite(tmp_path):
         tracker.end_run(run_id, "FINISHED")
 
     for seed, (acc, evaluated) in enumerate([(0.040, 0.052), (0.046, 0.061), (0.043, 0.055)]):
-        log(found["recipe"], seed, acc, [("test_acc/eval.mode-eval", evaluated), ("train_acc", 0.2),
-                                         ("train_acc/eval.remeasure_train_acc-false", 0.18 + seed / 100)])
+        log(
+            found["recipe"],
+            seed,
+            acc,
+            [
+                ("test_acc/eval.mode-eval", evaluated),
+                ("train_acc", 0.2),
+                ("train_acc/eval.remeasure_train_acc-false", 0.18 + seed / 100),
+            ],
+        )
     for seed, acc in enumerate([0.050, 0.047]):
         log(found["post-add-relu"], seed, acc)
     s = report.summarize(results.load(uri, [HW4]), [HW4], suite="x", profile="smoke")
-    assert [r.label for r in s.rows] == [None, "ablation post-add-relu: model.post_add_relu=true"]  # its runs log no params here
+    assert [r.label for r in s.rows] == [
+        None,
+        "ablation post-add-relu: model.post_add_relu=true",
+    ]  # its runs log no params here
     t = ablations.tables(s)[0]
     lines = lines_of(t)
     ref = sps.ttest_rel([0.052, 0.061, 0.055], [0.040, 0.046, 0.043])
     assert lines["eval-mode"].difference.p == pytest.approx(ref.pvalue)
     assert lines["running-train-acc"].difference.mean == pytest.approx(-0.01)
-    assert lines["post-add-relu"].difference.p == pytest.approx(sps.ttest_ind([0.050, 0.047], [0.040, 0.046, 0.043], equal_var=False).pvalue)
+    assert lines["post-add-relu"].difference.p == pytest.approx(
+        sps.ttest_ind([0.050, 0.047], [0.040, 0.046, 0.043], equal_var=False).pvalue
+    )
     assert lines["shortcut-1x1"].verdict == f"not run: `bench run {HW4} --ablate --profile smoke`"
-    assert t.shown and t.sentence.startswith("Profile `smoke` is not the reported recipe on the full dataset (subset of CIFAR)")
+    assert t.shown and t.sentence.startswith(
+        "Profile `smoke` is not the reported recipe on the full dataset (subset of CIFAR)"
+    )
 
 
 def test_a_variant_whose_interval_holds_zero_closes_nothing_when_the_recipe_is_above():
-    t = ablations.tables(_summary(hw4_records(recipe=[0.70, 0.71, 0.72], evals=[0.70, 0.715, 0.72], relu=[0.66, 0.72, 0.70])))[0]
+    t = ablations.tables(
+        _summary(hw4_records(recipe=[0.70, 0.71, 0.72], evals=[0.70, 0.715, 0.72], relu=[0.66, 0.72, 0.70]))
+    )[0]
     d = lines_of(t)["post-add-relu"].difference
     assert d.low < 0 < d.high  # -1.7 pt [-8.5, 5.1], p = 0.45
     assert "post-add-relu" not in t.sentence
 
 
 def test_a_variant_that_lowers_accuracy_closes_the_gap_when_the_recipe_is_above():
-    t = ablations.tables(_summary(hw4_records(recipe=[0.70, 0.71, 0.72], evals=[0.70, 0.715, 0.72], relu=[0.665, 0.67, 0.675])))[0]
+    t = ablations.tables(
+        _summary(hw4_records(recipe=[0.70, 0.71, 0.72], evals=[0.70, 0.715, 0.72], relu=[0.665, 0.67, 0.675]))
+    )[0]
     d = lines_of(t)["post-add-relu"].difference
     assert t.sentence.startswith("The recipe is 7.7 pt above the reported 63.31 %; ")
     # The move toward the figure is -difference: its interval holds its mean.
@@ -300,7 +415,10 @@ def test_a_variant_that_overshoots_does_not_close_more_than_the_gap():
     t = ablations.tables(_summary(hw4_records(relu=[0.78, 0.79, 0.80])))[0]  # gap 15.3 pt, effect +31 pt
     d = lines_of(t)["post-add-relu"].difference
     assert "closes 31.0 pt" not in t.sentence
-    assert f"post-add-relu overshoots it (31.0 pt [{stats.points(d.low)}, {stats.points(d.high)}], the gap is 15.3 pt)" in t.sentence
+    assert (
+        f"post-add-relu overshoots it (31.0 pt [{stats.points(d.low)}, {stats.points(d.high)}], the gap is 15.3 pt)"
+        in t.sentence
+    )
 
 
 def test_a_variant_whose_interval_holds_the_gap_may_close_all_of_it():
@@ -319,11 +437,24 @@ def test_a_variant_reproduces_the_figure_only_when_it_moves_toward_it():
 
 def test_a_study_of_the_recipe_is_not_linked_to_a_variant_of_the_recipes_config():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    same = ablation.Variant("val-split", ablation.TRAINED, ("data.val_size=0",), "data.val_size=0", "s", "h1", VARIANTS[HW4][4].ablation, "recipe")
+    same = ablation.Variant(
+        "val-split",
+        ablation.TRAINED,
+        ("data.val_size=0",),
+        "data.val_size=0",
+        "s",
+        "h1",
+        VARIANTS[HW4][4].ablation,
+        "recipe",
+    )
     handles = {"hw4-recipe": _study("hw4-recipe", "h1")}
     trials = pd.concat([results.trial_frame(n, HW4, "paper", s.trials) for n, s in handles.items()], ignore_index=True)
-    studies = results.Studies(trials=trials, handles=handles, intermediate=pd.DataFrame(columns=results.INTERMEDIATE_COLUMNS))
-    t = ablations.tables(_summary(hw4_records(), variants={HW4: [VARIANTS[HW4][0], same, VARIANTS[HW4][3]]}), studies)[0]
+    studies = results.Studies(
+        trials=trials, handles=handles, intermediate=pd.DataFrame(columns=results.INTERMEDIATE_COLUMNS)
+    )
+    t = ablations.tables(_summary(hw4_records(), variants={HW4: [VARIANTS[HW4][0], same, VARIANTS[HW4][3]]}), studies)[
+        0
+    ]
     assert lines_of(t)["val-split"].studies == () and lines_of(t)["recipe"].studies == ("hw4-recipe",)
     assert "hw4-recipe" not in ablations.study_links([t])
 
@@ -362,7 +493,9 @@ def test_tiny_p_values_and_zero_differences_print_plainly():
 
 def test_the_reported_row_without_a_reported_final_figure_prints_a_dash():
     curves = report.summarize(results.frames([]), [HW4], suite="x", variants={}, **SAME).curves
-    t = ablations.tables(_summary(hw4_records(recipe=[]), curves=curves.iloc[0:0]))[0]  # the variant ran, the recipe did not
+    t = ablations.tables(_summary(hw4_records(recipe=[]), curves=curves.iloc[0:0]))[
+        0
+    ]  # the variant ran, the recipe did not
     assert t.shown and t.reported is None
     row = _markdown_rows(t)["reported"]
     assert "nan" not in row and "| reported | test_acc | - | - | - | - |" in row
@@ -380,7 +513,10 @@ def test_the_figure_draws_the_gap_only_where_the_recipe_is_comparable():
     smoke = ablations.tables(_summary(hw4_records(complete="false")))[0]
     assert _dashed(figures.ablation_plot(smoke)) == []
     text = ablations.markdown([smoke], {HW4: "a.png"})
-    assert "The figure draws no line at the reported figure: profile `paper` is not comparable to it (subset of CIFAR)." in text
+    assert (
+        "The figure draws no line at the reported figure: profile `paper` is not comparable to it (subset of CIFAR)."
+        in text
+    )
     assert "draws no line" not in ablations.markdown([paper], {HW4: "a.png"})
 
 
@@ -402,7 +538,10 @@ def test_a_variants_runs_under_its_configs_earlier_hash_are_its_own():
     recs = [r for r in hw4_records() if r["tags"]["bench.config_hash"] == "h1"]
     for r in recs:
         r["tags"]["bench.config_hash"] = recipe.config_hash()
-    recs += [record(HW4, s, [v / 2, v], config_hash=relu.earlier_hash(), val=0, start=10) for s, v in enumerate(RELU_FINALS[:2])]
+    recs += [
+        record(HW4, s, [v / 2, v], config_hash=relu.earlier_hash(), val=0, start=10)
+        for s, v in enumerate(RELU_FINALS[:2])
+    ]
     recs += [record(HW4, 2, [0.25, RELU_FINALS[2]], config_hash=relu.config_hash(), val=0, start=20)]
     s = report.summarize(results.frames(recs), [HW4], suite="x", recipes={HW4: mine}, paper={HW4: mine})
     assert [r.label for r in s.rows] == [None, f"ablation all-standard: {standard.label}"]
@@ -417,7 +556,9 @@ def test_an_ablation_invalid_under_the_profile_leaves_the_rest_of_the_report(tmp
     shutil.copytree(config.experiments_dir(), experiments)
     monkeypatch.setenv("BENCH_EXPERIMENTS", str(experiments))
     path = experiments / f"{HW4}.toml"
-    path.write_text(path.read_text().replace('set = { "model.shortcut_kernel" = 1 }', 'set = { "model.no_such_key" = 1 }'))
+    path.write_text(
+        path.read_text().replace('set = { "model.shortcut_kernel" = 1 }', 'set = { "model.no_such_key" = 1 }')
+    )
     mine = report.Recipe(config.load(HW4, profile="paper").config_hash(), {})
     s = report.summarize(results.frames(hw4_records()), [HW4], suite="x", recipes={HW4: mine}, paper={HW4: mine})
     assert s.ablations[HW4] == [] and "shortcut-1x1" in s.ablation_errors[HW4]

@@ -7,11 +7,10 @@ import re
 
 import optuna
 import pytest
+from test_report import ALL, NO_DIFF, paper_results
 
 from bench import report, results
 from bench.report import studies as section
-
-from test_report import ALL, NO_DIFF, paper_results
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -38,13 +37,16 @@ def make_study(storage: str, name: str, trials=TRIALS, attrs: dict | None = None
     }
     for i, spec in enumerate(trials):
         pruned = spec.get("pruned", False)
-        study.add_trial(optuna.trial.create_trial(
-            params={"optim.lr": spec["lr"], "optim.weight_decay": spec["wd"], "data.batch_size": spec["batch"]},
-            distributions=dist, value=None if pruned else max(spec["acc"]),
-            intermediate_values=dict(enumerate(spec["acc"], 1)),
-            user_attrs={"bench.recipe": True} if i == 0 else {"mlflow_run_id": f"run{i}"},
-            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
-        ))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"optim.lr": spec["lr"], "optim.weight_decay": spec["wd"], "data.batch_size": spec["batch"]},
+                distributions=dist,
+                value=None if pruned else max(spec["acc"]),
+                intermediate_values=dict(enumerate(spec["acc"], 1)),
+                user_attrs={"bench.recipe": True} if i == 0 else {"mlflow_run_id": f"run{i}"},
+                state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            )
+        )
     return study
 
 
@@ -62,8 +64,10 @@ def test_studies_of_the_suite_are_found_by_attributes_or_name(storage):
     assert sorted(found.handles) == ["resnetb-cifar10-paper", "tuned-by-hand"]
     t = found.trials
     owners = t.groupby("study")[["experiment", "profile"]].first().to_dict("index")
-    assert owners == {"resnetb-cifar10-paper": {"experiment": "resnetb-cifar10", "profile": "paper"},
-                      "tuned-by-hand": {"experiment": "hw4-resnet-cifar100", "profile": "smoke"}}
+    assert owners == {
+        "resnetb-cifar10-paper": {"experiment": "resnetb-cifar10", "profile": "paper"},
+        "tuned-by-hand": {"experiment": "hw4-resnet-cifar100", "profile": "smoke"},
+    }
     mine = t[t.study == "tuned-by-hand"].reset_index(drop=True)
     assert list(mine.number) == list(range(len(TRIALS)))
     assert list(mine.state) == ["PRUNED" if s.get("pruned") else "COMPLETE" for s in TRIALS]
@@ -80,7 +84,13 @@ def test_best_table_ranks_complete_trials_and_shows_the_recipe(storage):
     header, _, *body = section.best_table(trials)[0].splitlines()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in body]
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "trial", "best val_acc", "epochs", "data.batch_size", "optim.lr", "optim.weight_decay"]
+        "trial",
+        "best val_acc",
+        "epochs",
+        "data.batch_size",
+        "optim.lr",
+        "optim.weight_decay",
+    ]
     assert [r[0] for r in rows] == ["1", "3", "4", "5", "6", "0 (recipe)"]  # by val_acc, ties by trial number
     assert rows[0][1:] == ["60.00 %", "3", "64", "0.05", "0.0001"]
     assert rows[-1][1:] == ["40.00 %", "3", "32", "0.01", "1e-05"]
@@ -140,10 +150,21 @@ def test_a_running_trial_leaves_the_timeline_as_it_was(tmp_path):
     study = optuna.create_study(study_name="resnetb-cifar10-smoke", storage=url, direction="maximize")
     now = dt.datetime.now()
     lr = {"optim.lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}
-    study.add_trial(optuna.trial.FrozenTrial(
-        number=0, state=optuna.trial.TrialState.COMPLETE, value=0.5, datetime_start=now - dt.timedelta(minutes=10),
-        datetime_complete=now - dt.timedelta(minutes=5), params={"optim.lr": 0.01}, distributions=lr, user_attrs={},
-        system_attrs={}, intermediate_values={1: 0.4, 2: 0.5}, trial_id=0))
+    study.add_trial(
+        optuna.trial.FrozenTrial(
+            number=0,
+            state=optuna.trial.TrialState.COMPLETE,
+            value=0.5,
+            datetime_start=now - dt.timedelta(minutes=10),
+            datetime_complete=now - dt.timedelta(minutes=5),
+            params={"optim.lr": 0.01},
+            distributions=lr,
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={1: 0.4, 2: 0.5},
+            trial_id=0,
+        )
+    )
     running = study.ask()
     running.suggest_float("optim.lr", 1e-3, 0.1, log=True)
     running.report(0.3, 1)
@@ -162,8 +183,14 @@ def test_failed_trials_alone_draw_no_intermediate_values_and_an_empty_study_is_n
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="resnetb-cifar10-smoke", storage=url, direction="maximize")
     lr = {"optim.lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)}
-    study.add_trial(optuna.trial.create_trial(params={"optim.lr": 0.01}, distributions=lr, intermediate_values={1: 0.2},
-                                              state=optuna.trial.TrialState.FAIL))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"optim.lr": 0.01},
+            distributions=lr,
+            intermediate_values={1: 0.2},
+            state=optuna.trial.TrialState.FAIL,
+        )
+    )
     optuna.create_study(study_name="bottleneck-cifar10-smoke", storage=url)  # created, never run
     found = results.load_studies(url, ALL)
     drawn = section.draw(found, tmp_path)

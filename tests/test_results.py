@@ -10,11 +10,22 @@ from bench import results
 from bench.tracking import Tracker
 
 
-def _log_run(tracker: Tracker, experiment: str, seed: int, test_acc: list[float], *, profile="smoke", status="FINISHED") -> str:
+def _log_run(
+    tracker: Tracker, experiment: str, seed: int, test_acc: list[float], *, profile="smoke", status="FINISHED"
+) -> str:
     exp_id = tracker.experiment_id(experiment)
-    tags = {"bench.experiment": experiment, "bench.profile": profile, "bench.seed": str(seed), "bench.config_hash": "abc",
-            "bench.status": "finished", "bench.epochs_done": str(len(test_acc)), "bench.device": "cpu (2 cores)",
-            "bench.data_train": "900", "bench.data_val": "100", "bench.data_test": "500"}
+    tags = {
+        "bench.experiment": experiment,
+        "bench.profile": profile,
+        "bench.seed": str(seed),
+        "bench.config_hash": "abc",
+        "bench.status": "finished",
+        "bench.epochs_done": str(len(test_acc)),
+        "bench.device": "cpu (2 cores)",
+        "bench.data_train": "900",
+        "bench.data_val": "100",
+        "bench.data_test": "500",
+    }
     run_id = tracker.start_run(exp_id, f"{experiment}-{profile}-seed{seed}", tags)
     metrics = [Metric("test_acc", v, 0, step) for step, v in enumerate(test_acc, 1)]
     metrics += [Metric("train_loss", 2.0 / step, 0, step) for step in range(1, len(test_acc) + 1)]
@@ -93,8 +104,11 @@ def test_foreign_runs_and_step_metrics_are_never_fetched(store, statements):
     tracker = Tracker(uri)
     exp_id = tracker.experiment_id("resnetb-cifar10")
     paper = _log_run(tracker, "resnetb-cifar10", 0, [0.3, 0.4], profile="paper")
-    tracker.client.log_batch(paper, metrics=[Metric("train_step_loss", 1.0, 0, s) for s in (10, 20)]
-                             + [Metric("system/cpu_utilization_percentage", 50.0, 0, s) for s in (0, 1)])
+    tracker.client.log_batch(
+        paper,
+        metrics=[Metric("train_step_loss", 1.0, 0, s) for s in (10, 20)]
+        + [Metric("system/cpu_utilization_percentage", 50.0, 0, s) for s in (0, 1)],
+    )
     before = results.load(uri, ["resnetb-cifar10"])
     # A tuning trial in the same MLflow experiment (no cell tags) and a run of another experiment.
     trial = tracker.start_run(exp_id, "study-trial0", {"bench.kind": "trial"})

@@ -14,13 +14,12 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 import torch
+from conftest import TINY_SETS
 from mlflow.tracking import MlflowClient
 
 from bench import cli, config, data, engine, suite
 from bench.data import cifar
 from bench.tracking import NOTE, Tracker
-
-from conftest import TINY_SETS
 
 CPU = torch.device("cpu")
 EXPERIMENT = "resnetb-cifar10"
@@ -75,7 +74,11 @@ def test_a_run_records_its_train_validation_and_test_data(store):
     found = datasets(run)
     assert set(found) == {"training", "validation", "testing"}
     tags = run.data.tags
-    counts = {"training": tags["bench.data_train"], "validation": tags["bench.data_val"], "testing": tags["bench.data_test"]}
+    counts = {
+        "training": tags["bench.data_train"],
+        "validation": tags["bench.data_val"],
+        "testing": tags["bench.data_test"],
+    }
     for context, part in (("training", "train"), ("validation", "val"), ("testing", "test")):
         ds = found[context]
         assert ds.name == f"cifar10-{part}"
@@ -92,9 +95,13 @@ def test_a_run_records_its_train_validation_and_test_data(store):
 def test_search_runs_filters_by_dataset(store):
     exp = store.client.get_experiment_by_name(EXPERIMENT).experiment_id
     train = datasets(store.a)["training"]
-    found = store.client.search_runs([exp], filter_string=f"dataset.name = 'cifar10-train' and dataset.digest = '{train.digest}'")
+    found = store.client.search_runs(
+        [exp], filter_string=f"dataset.name = 'cifar10-train' and dataset.digest = '{train.digest}'"
+    )
     assert [r.info.run_id for r in found] == [store.a.info.run_id]
-    found = store.client.search_runs([exp], filter_string="dataset.context = 'validation' and dataset.name = 'cifar10-val'")
+    found = store.client.search_runs(
+        [exp], filter_string="dataset.context = 'validation' and dataset.name = 'cifar10-val'"
+    )
     assert len(found) == 2
     # The seeds of one config by their name's prefix (the README's example).
     prefix = store.a.info.run_name.rsplit("-seed", 1)[0]
@@ -205,7 +212,7 @@ def test_the_experiment_and_its_runs_carry_the_about_table_as_their_description(
     assert store.client.get_experiment_by_name(EXPERIMENT).tags[NOTE] == about
     note = store.a.data.tags[NOTE]
     assert note.startswith(about)
-    assert f"profile `smoke`" in note and "seed 0" in note and store.a.data.tags["bench.config_hash"] in note
+    assert "profile `smoke`" in note and "seed 0" in note and store.a.data.tags["bench.config_hash"] in note
 
 
 def test_descriptions_edited_in_the_ui_are_kept_and_bench_s_own_follow_the_experiment_file(tmp_path, monkeypatch):
@@ -271,8 +278,19 @@ def test_a_resumed_run_logs_its_datasets_and_system_metric_steps_once(in_tmp, mo
 
 
 def test_tuning_trials_record_their_training_and_validation_data(in_tmp):
-    args = ["tune", EXPERIMENT, "--profile", "smoke", "--epochs", "1", "--trials", "1", "--sampler", "random",
-            *[a for s in TINY_SETS for a in ("--set", s)]]
+    args = [
+        "tune",
+        EXPERIMENT,
+        "--profile",
+        "smoke",
+        "--epochs",
+        "1",
+        "--trials",
+        "1",
+        "--sampler",
+        "random",
+        *[a for s in TINY_SETS for a in ("--set", s)],
+    ]
     assert cli.main(args) == 0
     client = MlflowClient(f"sqlite:///{in_tmp / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -305,7 +323,9 @@ def test_an_environment_report_that_fails_or_hangs_leaves_the_run_finished(tmp_p
 
     def report():
         if how == "raises":
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")  # as collect_env does on some machines
+            raise UnicodeDecodeError(
+                "utf-8", b"\xff", 0, 1, "invalid start byte"
+            )  # as collect_env does on some machines
         time.sleep(30)  # a command it starts (nvidia-smi, pip) that hangs
 
     monkeypatch.setattr(tracking.store, "get_pretty_env_info", report)
@@ -315,7 +335,11 @@ def test_an_environment_report_that_fails_or_hangs_leaves_the_run_finished(tmp_p
         started = time.monotonic()
         _, run, text = _ended_run(tmp_path)
         assert run.info.status == "FINISHED" and time.monotonic() - started < 15
-        assert text.startswith("torch.utils.collect_env failed: UnicodeDecodeError" if how == "raises" else "torch.utils.collect_env did not finish within")
+        assert text.startswith(
+            "torch.utils.collect_env failed: UnicodeDecodeError"
+            if how == "raises"
+            else "torch.utils.collect_env did not finish within"
+        )
     finally:
         tracking.environment_report.cache_clear()
 
@@ -323,7 +347,9 @@ def test_an_environment_report_that_fails_or_hangs_leaves_the_run_finished(tmp_p
 def test_a_run_shorter_than_the_sampling_interval_still_has_its_system_metrics(tmp_path):
     import time
 
-    tracker, run, _ = _ended_run(tmp_path, lambda tracker, run_id: (tracker.monitor_system(run_id, 10.0), time.sleep(1.5)))
+    tracker, run, _ = _ended_run(
+        tmp_path, lambda tracker, run_id: (tracker.monitor_system(run_id, 10.0), time.sleep(1.5))
+    )
     assert "system/cpu_utilization_percentage" in run.data.metrics
 
 
@@ -351,8 +377,10 @@ class _LosesTheDatasetRace(MlflowClient):
         return super().log_inputs(run_id, datasets=datasets, models=models)
 
 
-DUPLICATE = ('BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk" '
-             'DETAIL: Key (experiment_id, name, digest)=(2, cifar10-train, df64d8d7) already exists.')
+DUPLICATE = (
+    'BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk" '
+    "DETAIL: Key (experiment_id, name, digest)=(2, cifar10-train, df64d8d7) already exists."
+)
 
 
 def test_a_run_that_loses_the_race_for_a_new_dataset_links_the_winners_row(in_tmp):
@@ -368,7 +396,11 @@ def test_a_run_that_loses_the_race_for_a_new_dataset_links_the_winners_row(in_tm
     tracking.log_datasets(client, mine, parts)
     assert client.calls == 2
     for run_id in (rival, mine):
-        assert sorted(d.dataset.name for d in plain.get_run(run_id).inputs.dataset_inputs) == ["cifar10-test", "cifar10-train", "cifar10-val"]
+        assert sorted(d.dataset.name for d in plain.get_run(run_id).inputs.dataset_inputs) == [
+            "cifar10-test",
+            "cifar10-train",
+            "cifar10-val",
+        ]
     # One dataset row each in the store, shared by the two runs.
     import sqlite3
 

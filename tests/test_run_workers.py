@@ -14,11 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+from conftest import TINY_SETS
 from mlflow.tracking import MlflowClient
 
 from bench import cli, suite, workers
-
-from conftest import TINY_SETS
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 EXPERIMENTS = ("bottleneck-cifar10", "resnetb-cifar10")
@@ -33,8 +32,16 @@ def _sigint_as_in_a_terminal() -> None:
 
 
 def bench(args: list[str], cwd: Path, env: dict[str, str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+        **kw,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
@@ -77,15 +84,20 @@ def test_two_workers_train_every_cell_once_as_one_process_does(tmp_path, subproc
     alone.mkdir()
     # Each of 2 workers has half the cores; one process with as many threads computes the same numbers.
     threads = str(workers.thread_share(2))
-    code, _, err = finish(bench(args, alone, {**subprocess_env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}))
+    code, _, err = finish(
+        bench(args, alone, {**subprocess_env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    )
     assert code == 0, err[-3000:]
 
     # The workers take their share whatever the environment says: with 7 threads each, the numbers would differ.
-    code, out, err = finish(bench([*args, "--workers", "2"], tmp_path, {**subprocess_env, "OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "7"}))
+    code, out, err = finish(
+        bench([*args, "--workers", "2"], tmp_path, {**subprocess_env, "OMP_NUM_THREADS": "7", "MKL_NUM_THREADS": "7"})
+    )
     assert code == 0, err[-3000:]
     assert statuses(out) == Counter({"finished": 4})
-    assert {re.search(r"\((worker \d), cpu\): epoch", line).group(1) for line in err.splitlines()
-            if ": epoch " in line} == {"worker 1", "worker 2"}  # both trained, one line per event
+    assert {
+        re.search(r"\((worker \d), cpu\): epoch", line).group(1) for line in err.splitlines() if ": epoch " in line
+    } == {"worker 1", "worker 2"}  # both trained, one line per event
     check_every_cell_once(tmp_path, 2)
     ours, theirs = cell_runs(tmp_path), cell_runs(alone)
     for cell, [run] in ours.items():
@@ -98,8 +110,17 @@ def test_two_workers_train_every_cell_once_as_one_process_does(tmp_path, subproc
 
 
 EPOCHS = 10  # long enough that the first two cells are still training at the third stop, each stop adding a start-up
-STOPPABLE = [*SUITE, "--epochs", str(EPOCHS), "--set", "train.checkpoint_every=1", "--set", "train.checkpoint_min_interval_s=0",
-             "--workers", "2"]
+STOPPABLE = [
+    *SUITE,
+    "--epochs",
+    str(EPOCHS),
+    "--set",
+    "train.checkpoint_every=1",
+    "--set",
+    "train.checkpoint_min_interval_s=0",
+    "--workers",
+    "2",
+]
 
 
 def start_training(cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, list[str], list[int]]:
@@ -112,7 +133,10 @@ def start_training(cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, li
     def read() -> None:
         for line in proc.stderr:
             lines.append(line)
-            if {w for w in ("worker 1", "worker 2") for seen in lines if f"({w}, cpu): epoch " in seen} == {"worker 1", "worker 2"}:
+            if {w for w in ("worker 1", "worker 2") for seen in lines if f"({w}, cpu): epoch " in seen} == {
+                "worker 1",
+                "worker 2",
+            }:
                 both.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -179,7 +203,9 @@ def test_a_killed_worker_fails_its_cell_the_others_finish_and_it_resumes(tmp_pat
     assert statuses(out) == Counter({"finished": 3, "failed": 1})
     assert re.search(r"\(worker \d, cpu\): failed in \d+ s \(worker \d exited with code -9\)", err), err[-3000:]
 
-    again, out, err = finish(bench(STOPPABLE, tmp_path, subprocess_env))  # its lease is free at once: the process is gone
+    again, out, err = finish(
+        bench(STOPPABLE, tmp_path, subprocess_env)
+    )  # its lease is free at once: the process is gone
     assert again == 0, err[-3000:]
     assert statuses(out) == Counter({"skipped": 3, "finished": 1})
     check_every_cell_once(tmp_path, EPOCHS)
@@ -191,15 +217,24 @@ def test_a_cell_that_fails_in_a_worker_fails_alone(tmp_path, subprocess_env):
     code, out, err = finish(bench([*SUITE, "--epochs", "1", "--workers", "2"], tmp_path, subprocess_env))
     assert code == 1, err[-3000:]
     assert re.findall(r"^(\S+)/smoke/seed\d\s+(\w+)", out, re.M) == [
-        ("bottleneck-cifar10", "failed"), ("bottleneck-cifar10", "failed"), ("resnetb-cifar10", "finished"), ("resnetb-cifar10", "finished")]
+        ("bottleneck-cifar10", "failed"),
+        ("bottleneck-cifar10", "failed"),
+        ("resnetb-cifar10", "finished"),
+        ("resnetb-cifar10", "finished"),
+    ]
     assert "2 of 4 cells did not finish" in err
 
 
 def test_workers_are_counted_and_shown_before_anything_runs(in_tmp, capsys):
     assert cli.main([*SUITE, "--workers", "0"]) == 2
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
-    assert cli.main([*SUITE, "--device", "cpu", "--workers", "9", "--dry-run"]) == 0  # more workers than cells: one per cell
-    assert "4 workers would start: worker 1 on cpu, worker 2 on cpu, worker 3 on cpu, worker 4 on cpu" in capsys.readouterr().out
+    assert (
+        cli.main([*SUITE, "--device", "cpu", "--workers", "9", "--dry-run"]) == 0
+    )  # more workers than cells: one per cell
+    assert (
+        "4 workers would start: worker 1 on cpu, worker 2 on cpu, worker 3 on cpu, worker 4 on cpu"
+        in capsys.readouterr().out
+    )
     assert cli.main([*SUITE, "--device", "cpu", "--workers", "2", "--shard", "2/2", "--dry-run"]) == 0
     assert "2 workers would start: worker 1 on cpu, worker 2 on cpu" in capsys.readouterr().out
 
@@ -260,7 +295,9 @@ except KeyboardInterrupt:
     time.sleep(0.2)
     print("stopped once")
 """
-    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=60
+    )
     assert done.stdout.strip() == "stopped once", done.stderr
 
 
@@ -291,5 +328,7 @@ try:
 except SystemExit as exc:
     print("exit", exc.code, [m[0] for m in iter(lambda: ours.poll(1) and ours.recv(), False)])
 """
-    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=90)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env, capture_output=True, text=True, timeout=90
+    )
     assert done.stdout.strip() == "exit 143 ['ready', 'outcome']", done.stderr[-3000:]

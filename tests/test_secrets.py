@@ -31,7 +31,9 @@ COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("argv, code", COMMANDS, ids=[" ".join(a[:1] + a[-2:-1]) + f" {i}" for i, (a, _) in enumerate(COMMANDS)])
+@pytest.mark.parametrize(
+    "argv, code", COMMANDS, ids=[" ".join(a[:1] + a[-2:-1]) + f" {i}" for i, (a, _) in enumerate(COMMANDS)]
+)
 def test_no_output_shows_a_password(argv, code, in_tmp, capsys, caplog):
     with caplog.at_level(logging.DEBUG):
         assert cli.main(argv) == code
@@ -77,8 +79,14 @@ def test_the_study_parent_run_stores_no_password(in_tmp):
 
 
 def test_as_a_process_neither_stream_shows_the_password(tmp_path, subprocess_env):
-    proc = subprocess.run([sys.executable, "-m", "bench", "run", *SMOKE, "--device", "cpu", "--tracking-uri", PG],
-                          cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", *SMOKE, "--device", "cpu", "--tracking-uri", PG],
+        cwd=tmp_path,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert PASSWORD not in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

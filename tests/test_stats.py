@@ -95,7 +95,9 @@ def test_accuracy_interval_stays_within_0_and_1_and_says_so():
     top = stats.accuracy_ci([0.97, 0.995])
     assert top.clipped and top.high == 1.0 and top.low == pytest.approx(stats.mean_ci([0.97, 0.995]).low)
     inside = stats.accuracy_ci([0.61, 0.64, 0.62, 0.66])
-    assert not inside.clipped and (inside.low, inside.high) == pytest.approx((stats.mean_ci([0.61, 0.64, 0.62, 0.66]).low, stats.mean_ci([0.61, 0.64, 0.62, 0.66]).high))
+    assert not inside.clipped and (inside.low, inside.high) == pytest.approx(
+        (stats.mean_ci([0.61, 0.64, 0.62, 0.66]).low, stats.mean_ci([0.61, 0.64, 0.62, 0.66]).high)
+    )
 
 
 @settings(max_examples=50, deadline=None)
@@ -104,7 +106,13 @@ def test_accuracy_interval_is_within_bounds_and_the_verdict_follows_it(values, r
     ci = stats.accuracy_ci(values)
     assert 0.0 <= ci.low <= ci.mean + 1e-12 and ci.mean <= ci.high + 1e-12 and ci.high <= 1.0
     # The verdict is read off the interval as printed, widened by the tolerance.
-    expected = "above" if reported < ci.low - stats.TOLERANCE else "below" if reported > ci.high + stats.TOLERANCE else "reproduced"
+    expected = (
+        "above"
+        if reported < ci.low - stats.TOLERANCE
+        else "below"
+        if reported > ci.high + stats.TOLERANCE
+        else "reproduced"
+    )
     assert stats.verdict(reported, ci) == expected
 
 
@@ -142,13 +150,18 @@ def test_paired_difference_matches_scipy_and_the_hand_computed_interval():
 
 def test_effect_verdict_follows_the_interval_of_the_difference():
     up = stats.welch_difference([0.60, 0.62, 0.61, 0.65], [0.66, 0.70, 0.69])
-    assert stats.effect_verdict(up) == f"raises test accuracy by 6.3 pt [{stats.points(up.low)}, {stats.points(up.high)}]"
+    assert (
+        stats.effect_verdict(up) == f"raises test accuracy by 6.3 pt [{stats.points(up.low)}, {stats.points(up.high)}]"
+    )
     down = stats.welch_difference([0.66, 0.70, 0.69], [0.60, 0.62, 0.61])
     assert stats.effect_verdict(down, "train accuracy").startswith("lowers train accuracy by 7.3 pt [")
     assert 0 < -down.high < -down.low  # printed as a positive size: [smallest, largest]
     flat = stats.welch_difference([0.60, 0.64, 0.62], [0.61, 0.62, 0.66])
     assert flat.low < 0 < flat.high and flat.p > 0.05
-    assert stats.effect_verdict(flat) == f"no effect detected at n = 3 (+1.0 pt [{stats.points(flat.low)}, {stats.points(flat.high)}])"
+    assert (
+        stats.effect_verdict(flat)
+        == f"no effect detected at n = 3 (+1.0 pt [{stats.points(flat.low)}, {stats.points(flat.high)}])"
+    )
     uneven = stats.welch_difference([0.60, 0.64, 0.62], [0.61, 0.65])
     assert stats.effect_verdict(uneven).startswith("no effect detected at n = 3 and 2 (+1.0 pt [")
 
@@ -166,7 +179,9 @@ def test_effect_verdict_at_the_edges():
     assert stats.effect_verdict(stats.welch_difference([0.6, 0.61], [])) == "not run"
     one = stats.welch_difference([0.60, 0.62], [0.65])
     assert not one.has_interval and math.isnan(one.p)
-    assert stats.effect_verdict(one) == "+4.0 pt at n = 2 and 1: one seed gives no interval; more seeds are needed to tell"
+    assert (
+        stats.effect_verdict(one) == "+4.0 pt at n = 2 and 1: one seed gives no interval; more seeds are needed to tell"
+    )
     pair = stats.paired_difference([0.6], [0.63])
     assert stats.effect_verdict(pair).startswith("+3.0 pt at n = 1: one seed gives no interval")
     same = stats.welch_difference([0.62, 0.62], [0.62, 0.62])

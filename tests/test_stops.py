@@ -24,7 +24,7 @@ def test_an_error_raised_while_a_stop_is_handled_is_that_stop_at_any_depth():
             try:
                 raise OSError("disk full")
             except OSError:
-                raise RuntimeError("unexpected pos")
+                raise RuntimeError("unexpected pos")  # noqa: B904 (the context is the point)
 
     stop = stops.within(raised(nested))
     assert isinstance(stop, cli.Terminated)
@@ -45,6 +45,6 @@ def test_an_error_that_no_stop_led_to_is_a_failure():
         try:
             raise ValueError("first")
         except ValueError:
-            raise RuntimeError("second")
+            raise RuntimeError("second")  # noqa: B904 (the context is the point)
 
     assert stops.within(raised(plain)) is None

@@ -14,18 +14,29 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import TINY_SETS, fit_stopped_in_a_write
 from mlflow.tracking import MlflowClient
 
 from bench import cli, engine, suite, tracking
-from bench.tracking.delivery import Writer
 from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, local_artifact_dir, resolve_uri, ui_command
-
-from conftest import TINY_SETS, fit_stopped_in_a_write
+from bench.tracking.delivery import Writer
 
 CPU = torch.device("cpu")
 EXPERIMENT = "resnetb-cifar10"
 SETS = [*TINY_SETS, "train.epochs=2"]
-METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "train_time_s", "images_per_s", "peak_memory_mb"]
+METRICS = [
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "epoch_time_s",
+    "train_time_s",
+    "images_per_s",
+    "peak_memory_mb",
+]
 
 
 def plan(*extra: str) -> list[suite.Cell]:
@@ -65,7 +76,9 @@ def first(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         cells = plan()
         outcomes = run(cells, root, uri)
-    return SimpleNamespace(root=root, uri=uri, cells=cells, cfg=cells[0].cfg, outcomes=outcomes, client=MlflowClient(uri))
+    return SimpleNamespace(
+        root=root, uri=uri, cells=cells, cfg=cells[0].cfg, outcomes=outcomes, client=MlflowClient(uri)
+    )
 
 
 def test_one_finished_run_with_a_readable_name(first):
@@ -136,7 +149,10 @@ def test_artifacts_config_and_checkpoints(first, tmp_path):
     client, run_id = first.client, outcome.run_id
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.json", "checkpoints"} <= top
-    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    }
     cfg_file = client.download_artifacts(run_id, "config.json", str(tmp_path))
     with open(cfg_file) as f:
         assert json.load(f) == first.cfg.model_dump(mode="json")
@@ -345,7 +361,9 @@ def test_a_cell_rerun_with_only_non_result_settings_changed_is_the_same_cell(in_
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
     partial = run_one_epoch_of_two(in_tmp, uri, monkeypatch)
-    changed = plan("train.checkpoint_every=1", "train.log_every_steps=5", "train.channels_last=false", "data.eval_batch_size=100")
+    changed = plan(
+        "train.checkpoint_every=1", "train.log_every_steps=5", "train.channels_last=false", "data.eval_batch_size=100"
+    )
     assert changed[0].cfg.config_hash() == plan()[0].cfg.config_hash()
     [done] = run(changed, in_tmp, uri)
     assert (done.status, done.epochs, done.run_id) == ("finished", 2, partial.run_id)
@@ -369,8 +387,15 @@ def test_a_failed_run_taken_up_again_and_finished_keeps_no_failure_tags(in_tmp):
     [cell] = plan()
     tracker = Tracker(uri)
     run_id = tracker.start_run(tracker.experiment_id(EXPERIMENT), cell.run_name, cell.tags)
-    tracker.set_tags(run_id, {"bench.failure": "out_of_memory", "bench.failure_reason": "OutOfMemoryError: CUDA out of memory",
-                              "bench.interrupted_by": "SIGTERM", "bench.status": "failed"})
+    tracker.set_tags(
+        run_id,
+        {
+            "bench.failure": "out_of_memory",
+            "bench.failure_reason": "OutOfMemoryError: CUDA out of memory",
+            "bench.interrupted_by": "SIGTERM",
+            "bench.status": "failed",
+        },
+    )
     tracker.end_run(run_id, "FAILED")
     [outcome] = run([cell], in_tmp, uri)
     assert (outcome.status, outcome.run_id) == ("finished", run_id)
@@ -426,12 +451,18 @@ def test_a_cell_finished_by_an_earlier_bench_is_carried_over_and_an_unfinished_o
     assert client.get_run(partial.run_id).data.tags["bench.config_hash"] == other.cfg.earlier_hash()
 
 
-@pytest.mark.parametrize("uri, url", [
-    ("http://bench:s3cret@mlflow.lab:5000/", "http://mlflow.lab:5000/#/experiments/3/runs/abc"),  # a link, no password in it
-    ("https://lab.org/mlflow", "https://lab.org/mlflow/#/experiments/3/runs/abc"),
-    ("sqlite:///mlflow.db", "#/experiments/3/runs/abc"),  # the path to open in `mlflow ui`
-    ("postgresql://bench:s3cret@db/mlflow", "#/experiments/3/runs/abc"),
-])
+@pytest.mark.parametrize(
+    "uri, url",
+    [
+        (
+            "http://bench:s3cret@mlflow.lab:5000/",
+            "http://mlflow.lab:5000/#/experiments/3/runs/abc",
+        ),  # a link, no password in it
+        ("https://lab.org/mlflow", "https://lab.org/mlflow/#/experiments/3/runs/abc"),
+        ("sqlite:///mlflow.db", "#/experiments/3/runs/abc"),  # the path to open in `mlflow ui`
+        ("postgresql://bench:s3cret@db/mlflow", "#/experiments/3/runs/abc"),
+    ],
+)
 def test_a_run_url_links_a_tracking_server_and_is_a_ui_path_elsewhere(uri, url):
     assert tracking.run_url(uri, "3", "abc") == url
 

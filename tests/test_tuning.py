@@ -16,14 +16,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TINY_SETS, fit_stopped_in_a_write
 from mlflow.tracking import MlflowClient
+from servers import DIRECT
 
 from bench import cli, config, engine, tuning
-from bench.tuning import sampling
 from bench.errors import UserError
-
-from conftest import TINY_SETS, fit_stopped_in_a_write
-from servers import DIRECT
+from bench.tuning import sampling
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 TUNE = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "2", *TINY_ARGS]
@@ -36,7 +35,9 @@ def _smoke(experiment="resnetb-cifar10"):
 # --- search space -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("experiment", ["hw4-resnet-cifar100", "resnet18-finetune-cifar100", "bottleneck-cifar10", "resnetb-cifar10"])
+@pytest.mark.parametrize(
+    "experiment", ["hw4-resnet-cifar100", "resnet18-finetune-cifar100", "bottleneck-cifar10", "resnetb-cifar10"]
+)
 def test_every_experiment_searches_lr_and_wd_log_uniform_and_batch_categorical(experiment):
     cfg = config.load(experiment, profile="paper")
     space = {p.name: p for p in tuning.search_space(experiment, cfg)}
@@ -92,8 +93,10 @@ def test_trial_values_round_trip_through_set_and_the_best_command():
     cfg = config.load("resnetb-cifar10", profile="smoke", sets=tuning.as_sets(values))
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.optim.weight_decay) == (0.0123, 64, 1e-4)
     cmd = tuning.best_command("resnetb-cifar10", "smoke", values, fixed=["model.widths=[4,8,8]"], epochs=2)
-    assert cmd == ("bench run resnetb-cifar10 --profile smoke --seeds 3 --epochs 2 --set 'model.widths=[4,8,8]' "
-                   "--set data.batch_size=64 --set optim.lr=0.0123 --set optim.weight_decay=0.0001")
+    assert cmd == (
+        "bench run resnetb-cifar10 --profile smoke --seeds 3 --epochs 2 --set 'model.widths=[4,8,8]' "
+        "--set data.batch_size=64 --set optim.lr=0.0123 --set optim.weight_decay=0.0001"
+    )
 
 
 # --- the sampler: continued studies draw new values, repeatably ---------------------------------
@@ -104,8 +107,15 @@ def _session(storage: str, trials: int, sampler: str, space: list[tuning.Param],
     drawn values in place of training."""
     store = tuning.storage(storage, 60)
     seed = sampling.sampler_seed(0, store, "s", alone=True)
-    study = tuning.open_study(store, "s", sampler_=sampling.sampler(sampler, seed, space), pruner_=tuning.pruner("none", 1),
-                              first_trial=tuning.recipe_values(space, cfg), experiment="resnetb-cifar10", profile="smoke")
+    study = tuning.open_study(
+        store,
+        "s",
+        sampler_=sampling.sampler(sampler, seed, space),
+        pruner_=tuning.pruner("none", 1),
+        first_trial=tuning.recipe_values(space, cfg),
+        experiment="resnetb-cifar10",
+        profile="smoke",
+    )
 
     def quick(trial):
         values = {p.name: p.suggest(trial) for p in space}
@@ -155,8 +165,10 @@ class CountingTPE(optuna.samplers.TPESampler):
 
 def test_tpe_still_draws_the_values_together():
     """Optuna 5's TPE is multivariate: it models the values jointly once its start-up is over."""
-    space = [tuning.Param("optim.lr", "float", low=1e-3, high=1.0, log=True),
-             tuning.Param("optim.weight_decay", "float", low=1e-6, high=1e-2, log=True)]
+    space = [
+        tuning.Param("optim.lr", "float", low=1e-3, high=1.0, log=True),
+        tuning.Param("optim.weight_decay", "float", low=1e-6, high=1e-2, log=True),
+    ]
     study = optuna.create_study(direction="maximize")
     study.sampler = sampling.sampler("tpe", 0, space)
     study.sampler.base = CountingTPE(seed=0, n_startup_trials=3)
@@ -166,8 +178,10 @@ def test_tpe_still_draws_the_values_together():
 
 def test_under_hyperband_no_set_is_drawn_twice():
     """The hyperband pruner shows a sampler one bracket's trials; the sets tried are the study's."""
-    space = [tuning.Param("data.batch_size", "categorical", choices=tuple(range(8))),
-             tuning.Param("model.stem_width", "categorical", choices=tuple(range(5)))]
+    space = [
+        tuning.Param("data.batch_size", "categorical", choices=tuple(range(8))),
+        tuning.Param("model.stem_width", "categorical", choices=tuple(range(5))),
+    ]
     study = optuna.create_study(direction="maximize", pruner=tuning.pruner("hyperband", 3))
     study.sampler = sampling.sampler("tpe", 0, space)
 
@@ -256,7 +270,9 @@ def test_tune_runs_a_study_tracked_as_one_parent_with_a_child_per_trial(in_tmp, 
         assert "bench.config_hash" not in c.data.tags  # never mistaken for a suite cell
         assert "val_acc" in c.data.metrics and not {"test_acc", "test_loss", "best_test_acc"} & c.data.metrics.keys()
     out = capsys.readouterr().out
-    assert "3 finished trials in study resnetb-cifar10-smoke" in out and "bench run resnetb-cifar10 --profile smoke" in out
+    assert (
+        "3 finished trials in study resnetb-cifar10-smoke" in out and "bench run resnetb-cifar10 --profile smoke" in out
+    )
 
     # The same command with more trials continues the same study under the same parent run.
     assert cli.main([*TUNE, "--trials", "4"]) == 0
@@ -281,7 +297,9 @@ def _stopped_in_trial_1(args, tmp_path, env, sig: int) -> tuple[subprocess.Popen
             study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
         except Exception:  # not created yet
             continue
-        running = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and t.number == 1]
+        running = [
+            t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING and t.number == 1
+        ]
         if running and running[0].intermediate_values:
             proc.send_signal(sig)
             stopped = running[0]
@@ -322,7 +340,9 @@ def test_a_stop_a_library_made_an_error_of_ends_the_trial_as_a_stop(in_tmp, monk
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
     assert study.trials[0].user_attrs["bench.failure"] == "interrupted"
     assert study.trials[1].user_attrs["bench.retry_of"] == 0
-    _, [child] = _children(f"sqlite:///{in_tmp / 'mlflow.db'}")  # absolute: MLflow keeps one engine per URI in a process
+    _, [child] = _children(
+        f"sqlite:///{in_tmp / 'mlflow.db'}"
+    )  # absolute: MLflow keeps one engine per URI in a process
     assert (child.info.status, child.data.tags["bench.interrupted_by"]) == ("KILLED", "SIGTERM")
 
 
@@ -361,13 +381,22 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = _smoke()
     space = tuning.search_space("resnetb-cifar10", cfg)
-    tuning.open_study(tuning.storage(storage, 60), "resnetb-cifar10-smoke", sampler_=sampling.sampler("tpe", 0, space),
-                      pruner_=tuning.pruner("median", 3), first_trial=tuning.recipe_values(space, cfg),
-                      experiment="resnetb-cifar10", profile="smoke")
+    tuning.open_study(
+        tuning.storage(storage, 60),
+        "resnetb-cifar10-smoke",
+        sampler_=sampling.sampler("tpe", 0, space),
+        pruner_=tuning.pruner("median", 3),
+        first_trial=tuning.recipe_values(space, cfg),
+        experiment="resnetb-cifar10",
+        profile="smoke",
+    )
     port = _free_port()
     exe = Path(sys.executable).with_name("optuna-dashboard")
-    server = subprocess.Popen([str(exe), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [str(exe), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         body = None
         # Start-up imports take seconds, and more on 2 busy cores.
@@ -381,7 +410,9 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
         assert body is not None, f"optuna-dashboard did not answer (exit {server.poll()})"
         names = [s["study_name"] for s in body["study_summaries"]]
         assert names == ["resnetb-cifar10-smoke"]
-        with DIRECT.open(f"http://127.0.0.1:{port}/api/studies/{body['study_summaries'][0]['study_id']}", timeout=30) as resp:
+        with DIRECT.open(
+            f"http://127.0.0.1:{port}/api/studies/{body['study_summaries'][0]['study_id']}", timeout=30
+        ) as resp:
             assert json.load(resp)["objective_names"] == ["val_acc"]  # the value's name in the dashboard
     finally:
         server.terminate()
@@ -389,10 +420,14 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     assert server.returncode is not None
 
 
-def test_without_optuna_dashboard_trials_still_name_their_runs_and_an_older_study_gets_its_objective_name(in_tmp, monkeypatch, capsys):
+def test_without_optuna_dashboard_trials_still_name_their_runs_and_an_older_study_gets_its_objective_name(
+    in_tmp, monkeypatch, capsys
+):
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # not installed: importing it raises ImportError
     storage = "sqlite:///optuna.db"
-    optuna.create_study(study_name="resnetb-cifar10-smoke", storage=storage, direction="maximize")  # made before val_acc was named
+    optuna.create_study(
+        study_name="resnetb-cifar10-smoke", storage=storage, direction="maximize"
+    )  # made before val_acc was named
     assert cli.main([*TUNE, "--trials", "1"]) == 0
     study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage=storage)
     assert study.metric_names == ["val_acc"]
@@ -400,10 +435,15 @@ def test_without_optuna_dashboard_trials_still_name_their_runs_and_an_older_stud
     run = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert run.data.tags["optuna.trial"] == "0"
     # The path to open in `mlflow ui`, as the parent run's at the end of the output.
-    assert study.trials[0].user_attrs["mlflow_run_url"] == f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert (
+        study.trials[0].user_attrs["mlflow_run_url"] == f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    )
     parent = study.user_attrs["mlflow_run_url"]
     assert parent == f"#/experiments/{run.info.experiment_id}/runs/{run.data.tags['mlflow.parentRunId']}"
-    assert f"See the study's runs: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open {parent}" in capsys.readouterr().out
+    assert (
+        f"See the study's runs: mlflow ui --backend-store-uri sqlite:///mlflow.db, then open {parent}"
+        in capsys.readouterr().out
+    )
     monkeypatch.undo()
     from optuna_dashboard import get_note
 
@@ -432,7 +472,19 @@ def test_tune_bad_input_exits_2_with_one_line(args, words, in_tmp, capsys):
 
 
 def test_tune_holds_out_a_split_when_the_recipe_has_none_and_the_best_command_does_not_keep_it(in_tmp, capsys):
-    args = ["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--set", "data.val_size=0", "--sampler", "random"]
+    args = [
+        "tune",
+        "resnetb-cifar10",
+        "--profile",
+        "smoke",
+        "--epochs",
+        "1",
+        *TINY_ARGS,
+        "--set",
+        "data.val_size=0",
+        "--sampler",
+        "random",
+    ]
     assert cli.main([*args, "--trials", "2"]) == 0
     assert "tuning holds out 100 of them" in capsys.readouterr().err  # a tenth of the 1000 embedded images
     assert cli.main([*args, "--trials", "3"]) == 0  # continued: new values, the same split
@@ -450,13 +502,35 @@ def test_tune_holds_out_a_split_when_the_recipe_has_none_and_the_best_command_do
 
 # hw4 at 8 px ends on a 1x1 map: a batch of one image cannot train its BatchNorm, and a batch of
 # 1016 of the 1017 training images (1117 embedded, 100 held out) leaves one for the last step.
-HW4 = ["tune", "hw4-resnet-cifar100", "--profile", "smoke", "--epochs", "1", "--sampler", "random", "--pruner", "none",
-       *[a for s in ("model.widths=[4,4,4,4]", "model.blocks=[1,1,1,1]", "model.stem_width=4", "data.image_size=8", "model.pool_kernel=1",
-                     "data.val_size=100")
-         for a in ("--set", s)]]
+HW4 = [
+    "tune",
+    "hw4-resnet-cifar100",
+    "--profile",
+    "smoke",
+    "--epochs",
+    "1",
+    "--sampler",
+    "random",
+    "--pruner",
+    "none",
+    *[
+        a
+        for s in (
+            "model.widths=[4,4,4,4]",
+            "model.blocks=[1,1,1,1]",
+            "model.stem_width=4",
+            "data.image_size=8",
+            "model.pool_kernel=1",
+            "data.val_size=100",
+        )
+        for a in ("--set", s)
+    ],
+]
 
 
-def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch, in_tmp, capsys, caplog):
+def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(
+    tmp_path, monkeypatch, in_tmp, capsys, caplog
+):
     search = '[search]\n"optim.lr" = { type = "float", low = 1e-3, high = 0.1, log = true }\n"data.batch_size" = { type = "categorical", choices = [1016] }\n'
     _experiments_with_search(tmp_path, monkeypatch, search, "hw4-resnet-cifar100")
     # Batches of 1016 fail, the recipe's 32 trains; the draws are the same for a seed, and seed 1
@@ -475,12 +549,19 @@ def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(t
     assert f"trial {failed[0].number} " in capsys.readouterr().err
     # Where it failed, without --debug (optuna's own warning with the traceback is hidden).
     shown = [r.getMessage() for r in caplog.records if r.name == "bench.tuning.study" and r.levelno == logging.ERROR]
-    assert any(m.startswith(f"trial {failed[0].number} of study hw4-resnet-cifar100-smoke failed:") and "Traceback" in m for m in shown)
+    assert any(
+        m.startswith(f"trial {failed[0].number} of study hw4-resnet-cifar100-smoke failed:") and "Traceback" in m
+        for m in shown
+    )
 
 
 def test_a_study_whose_every_trial_fails_stops_after_five_in_a_row_with_exit_1(tmp_path, monkeypatch, in_tmp, capsys):
-    _experiments_with_search(tmp_path, monkeypatch, '[search]\n"optim.lr" = { type = "float", low = 1e-3, high = 0.1, log = true }\n',
-                             "hw4-resnet-cifar100")
+    _experiments_with_search(
+        tmp_path,
+        monkeypatch,
+        '[search]\n"optim.lr" = { type = "float", low = 1e-3, high = 0.1, log = true }\n',
+        "hw4-resnet-cifar100",
+    )
     assert cli.main([*HW4, "--set", "data.batch_size=1016", "--trials", "2"]) == 1
     study = optuna.load_study(study_name="hw4-resnet-cifar100-smoke", storage="sqlite:///optuna.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * tuning.MAX_FAILURES_IN_A_ROW
@@ -488,8 +569,12 @@ def test_a_study_whose_every_trial_fails_stops_after_five_in_a_row_with_exit_1(t
 
 
 def test_tune_stops_when_a_finite_space_has_no_untried_values_left(tmp_path, monkeypatch, in_tmp, capsys):
-    _experiments_with_search(tmp_path, monkeypatch, '[search]\n"data.batch_size" = { type = "categorical", choices = [16] }\n')
-    assert cli.main(["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--trials", "3"]) == 1
+    _experiments_with_search(
+        tmp_path, monkeypatch, '[search]\n"data.batch_size" = { type = "categorical", choices = [16] }\n'
+    )
+    assert (
+        cli.main(["tune", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS, "--trials", "3"]) == 1
+    )
     study = optuna.load_study(study_name="resnetb-cifar10-smoke", storage="sqlite:///optuna.db")
     assert sorted(t.params["data.batch_size"] for t in study.trials) == [16, 32]  # the recipe's 32 and the one choice
     assert "every set of values of the search space has been tried: 2 of 3 trials finished" in capsys.readouterr().err

@@ -9,13 +9,16 @@ from bench import tuning, workers
 from bench.tuning import sampling
 
 
-@pytest.mark.parametrize("device, gpus, expected", [
-    ("auto", 2, ["cuda:0", "cuda:1", "cuda:0"]),
-    ("cuda", 3, ["cuda:0", "cuda:1", "cuda:2"]),
-    ("auto", 0, ["auto", "auto", "auto"]),
-    ("cpu", 2, ["cpu", "cpu", "cpu"]),
-    ("cuda:1", 2, ["cuda:1", "cuda:1", "cuda:1"]),
-])
+@pytest.mark.parametrize(
+    "device, gpus, expected",
+    [
+        ("auto", 2, ["cuda:0", "cuda:1", "cuda:0"]),
+        ("cuda", 3, ["cuda:0", "cuda:1", "cuda:2"]),
+        ("auto", 0, ["auto", "auto", "auto"]),
+        ("cpu", 2, ["cpu", "cpu", "cpu"]),
+        ("cuda:1", 2, ["cuda:1", "cuda:1", "cuda:1"]),
+    ],
+)
 def test_workers_take_the_gpus_in_turn(device, gpus, expected, monkeypatch):
     monkeypatch.setattr(workers, "visible_gpus", lambda: gpus)
     assert [workers.device_for(device, i) for i in range(3)] == expected

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -25,8 +25,17 @@ class Batches:
     """Iterates (normalized float images, labels) over a split that lives on the device."""
 
     def __init__(
-        self, split: Split, *, batch_size: int, mean: Tensor, std: Tensor, image_size: int,
-        augment: str, padding: int, shuffle: bool, gen: torch.Generator,
+        self,
+        split: Split,
+        *,
+        batch_size: int,
+        mean: Tensor,
+        std: Tensor,
+        image_size: int,
+        augment: str,
+        padding: int,
+        shuffle: bool,
+        gen: torch.Generator,
     ) -> None:
         self.images, self.labels = split.images, split.labels
         self.batch_size, self.mean, self.std = batch_size, mean, std
@@ -154,9 +163,15 @@ def build(cfg, *, seed: int, device: torch.device, files: CifarFiles) -> DataBun
     def batches(split: Split, batch_size: int, train_mode: bool) -> Batches:
         on_device = Split(split.images.to(device), split.labels.to(device))
         return Batches(
-            on_device, batch_size=batch_size, mean=mean, std=std, image_size=cfg.image_size,
-            augment=cfg.augment if train_mode else "none", padding=cfg.crop_padding,
-            shuffle=train_mode, gen=gen,
+            on_device,
+            batch_size=batch_size,
+            mean=mean,
+            std=std,
+            image_size=cfg.image_size,
+            augment=cfg.augment if train_mode else "none",
+            padding=cfg.crop_padding,
+            shuffle=train_mode,
+            gen=gen,
         )
 
     return DataBundle(

@@ -29,8 +29,14 @@ def random_crop_flip(images: Tensor, padding: int, gen: torch.Generator) -> Tens
 
 
 def resized_crop_boxes(
-    n: int, height: int, width: int, gen: torch.Generator, device: torch.device,
-    scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10,
+    n: int,
+    height: int,
+    width: int,
+    gen: torch.Generator,
+    device: torch.device,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
 ) -> Tensor:
     """RandomResizedCrop.get_params for n images at once: rows of (top, left, h, w)."""
     area = height * width

@@ -106,11 +106,15 @@ def read_layout(name: str, root: Path) -> CifarFiles:
         raise _missing_data_error(name, Path(root), "no train or no test file")
     md5s = {fname: calculate_md5(str(folder / fname)) for fname in present}
     complete = all(md5s.get(fname) == md5 for fname, md5 in listed)
+
     def digest_of(names: list[str]) -> str:
         return hashlib.sha256(json.dumps({f: md5s[f] for f in names if f in md5s}, sort_keys=True).encode()).hexdigest()
 
     digest = digest_of(present)
-    train_digest, test_digest = digest_of([*train_files, cls.meta["filename"]]), digest_of([*test_files, cls.meta["filename"]])
+    train_digest, test_digest = (
+        digest_of([*train_files, cls.meta["filename"]]),
+        digest_of([*test_files, cls.meta["filename"]]),
+    )
     train = _concat([_read_batch(folder / f, name) for f in train_files])
     test = _concat([_read_batch(folder / f, name) for f in test_files])
     classes: list[str] = []
@@ -132,7 +136,9 @@ def load_cifar(name: str, root: Path | None, *, download: bool = True) -> CifarF
         return read_layout(name, EMBEDDED_DIR)
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise UserError(f"--data-dir {root} is not a directory; pass the directory that holds {DATASETS[name].base_folder}/")
+        raise UserError(
+            f"--data-dir {root} is not a directory; pass the directory that holds {DATASETS[name].base_folder}/"
+        )
     folder = root / DATASETS[name].base_folder
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} is not a directory; delete it, or extract {DATASETS[name].filename} in {root}")
@@ -148,6 +154,9 @@ def load_cifar(name: str, root: Path | None, *, download: bool = True) -> CifarF
         log.warning(
             "%s in %s is partial or fails the md5 check: loaded %d train and %d test images "
             "(the official set has 50000 and 10000)",
-            name, files.location, len(files.train), len(files.test),
+            name,
+            files.location,
+            len(files.train),
+            len(files.test),
         )
     return files

@@ -46,7 +46,9 @@ class ConsoleProgress(Callback):
         self.epochs = epochs
         self.started = time.perf_counter()
         if self.bars and self.stream.isatty():
-            self.bar = tqdm(total=epochs, initial=start_epoch, desc=self.label, unit="epoch", file=self.stream, leave=False)
+            self.bar = tqdm(
+                total=epochs, initial=start_epoch, desc=self.label, unit="epoch", file=self.stream, leave=False
+            )
         elif start_epoch:
             print(f"{self.label}: resuming after epoch {start_epoch}/{epochs}", file=self.stream, flush=True)
 
@@ -58,7 +60,11 @@ class ConsoleProgress(Callback):
             self.bar.set_postfix_str(shown)
             self.bar.update(1)
         else:
-            print(f"{self.label}: epoch {epoch}/{self.epochs} {shown} ({metrics['epoch_time_s']:.1f} s)", file=self.stream, flush=True)
+            print(
+                f"{self.label}: epoch {epoch}/{self.epochs} {shown} ({metrics['epoch_time_s']:.1f} s)",
+                file=self.stream,
+                flush=True,
+            )
 
     def on_fit_end(self, result: Any) -> None:
         if self.bar is not None:

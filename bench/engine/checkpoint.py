@@ -12,9 +12,10 @@ import io
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -159,7 +160,9 @@ class Saver:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer") if background else None
         self._pending: deque[tuple[Future, Any]] = deque()
 
-    def submit(self, write: Callable[[dict[str, Any], Path], None], state: dict[str, Any], path: Path, info: Any) -> None:
+    def submit(
+        self, write: Callable[[dict[str, Any], Path], None], state: dict[str, Any], path: Path, info: Any
+    ) -> None:
         """Write `snapshot(state)` with `write(state, path)`; `info` comes back from `done` after."""
         if self._pool is None:
             future: Future = Future()

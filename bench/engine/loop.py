@@ -15,9 +15,10 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -92,7 +93,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 def build_optimizer(params: Iterable[nn.Parameter], cfg) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -126,12 +129,18 @@ class Step:
     memory_format: torch.memory_format = torch.contiguous_format
     autocast_dtype: torch.dtype | None = None
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and the cross-entropy loss, both computed under autocast as PyTorch's AMP
         recipe has it: autocast runs cross_entropy in float32, so neither the loss nor its
         gradient comes from bfloat16 log-probabilities."""
         x = x.contiguous(memory_format=self.memory_format)
-        autocast = torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(x.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
         with autocast:
             logits = model(x)
             return logits, F.cross_entropy(logits, y, reduction=reduction)
@@ -191,7 +200,9 @@ def peak_memory_mb(device: torch.device) -> float:
         import psutil
 
         return psutil.Process().memory_info().peak_wset / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+        2**20 if sys.platform == "darwin" else 2**10
+    )  # bytes on macOS, KiB on Linux
 
 
 class Clock:
@@ -236,8 +247,13 @@ def laps(clock: Clock | None) -> Callable[[str], None]:
 
 
 def train_one_epoch(
-    model: nn.Module, batches, optimizer: torch.optim.Optimizer, step: Step = Step(),
-    log_every: int = 0, on_log: Callable[[int, float], None] | None = None, clock: Clock | None = None,
+    model: nn.Module,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    step: Step = Step(),
+    log_every: int = 0,
+    on_log: Callable[[int, float], None] | None = None,
+    clock: Clock | None = None,
 ) -> tuple[float, float, int]:
     """Mean loss and accuracy over the epoch's training batches, and the image count.
 
@@ -344,7 +360,9 @@ def _evaluate_apart(model: nn.Module, batches, mode: str, step: Step, seed: int)
         return evaluate(model, batches.drawing_from(torch.Generator(device=device).manual_seed(seed)), mode, step)
 
 
-def evaluation_plan(own: EvalConfig, alternatives: Sequence[tuple[str, EvalConfig]] = ()) -> list[tuple[str, EvalConfig, bool, bool]]:
+def evaluation_plan(
+    own: EvalConfig, alternatives: Sequence[tuple[str, EvalConfig]] = ()
+) -> list[tuple[str, EvalConfig, bool, bool]]:
     """The evaluations after each epoch as (metric-name suffix, evaluation, measures train_acc,
     measures val and test): the run's own, then the alternatives, each for what it changes."""
     return [("", own, True, True)] + [
@@ -357,11 +375,17 @@ def evaluation_passes(plan: list[tuple[str, EvalConfig, bool, bool]], held_out: 
     """The (split, mode) passes an epoch runs for `plan` ("train" for a re-measure pass); a pass
     two evaluations share runs once. `held_out`: the splits evaluated, "val" and "test"."""
     passes = {("train", ev.mode) for _, ev, measures_train, _ in plan if measures_train and ev.remeasure_train_acc}
-    return passes | {(split, ev.mode) for _, ev, _, measures_held_out in plan if measures_held_out for split in held_out}
+    return passes | {
+        (split, ev.mode) for _, ev, _, measures_held_out in plan if measures_held_out for split in held_out
+    }
 
 
 def compile_and_warm_up(
-    model: nn.Module, data, optimizer: torch.optim.Optimizer, step: Step, evaluations: Iterable[tuple[str, str]],
+    model: nn.Module,
+    data,
+    optimizer: torch.optim.Optimizer,
+    step: Step,
+    evaluations: Iterable[tuple[str, str]],
 ) -> tuple[nn.Module, float]:
     """torch.compile the model and compile every batch shape the run will see, on zeros, so that
     compilation stays out of the epochs' timings: training's, and those of the `evaluations`, the
@@ -535,7 +559,9 @@ def fit(
             lap("other")
             live = False
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc, seen = train_one_epoch(forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log, clock)
+            train_loss, train_acc, seen = train_one_epoch(
+                forward, data.train, optimizer, step, cfg.train.log_every_steps, on_log, clock
+            )
             train_time = time.perf_counter() - started  # train_one_epoch ends on a host sync
             scheduler.step()
             if not math.isfinite(train_loss):
@@ -546,12 +572,14 @@ def fit(
 
             @functools.cache  # a pass two evaluations share runs once
             def measured(split: str, mode: str) -> tuple[float, float]:
-                return _evaluate_apart(forward, getattr(data, split), mode, step, _pass_seed(cfg.seed, epoch, split))
+                return _evaluate_apart(forward, getattr(data, split), mode, step, _pass_seed(cfg.seed, epoch, split))  # noqa: B023 (used within this epoch)
 
             metrics = {"train_loss": train_loss, "lr": lr}
             for suffix, ev, measures_train, measures_held_out in plan:
                 if measures_train:
-                    metrics[f"train_acc{suffix}"] = measured("train", ev.mode)[1] if ev.remeasure_train_acc else train_acc
+                    metrics[f"train_acc{suffix}"] = (
+                        measured("train", ev.mode)[1] if ev.remeasure_train_acc else train_acc
+                    )
                 for split in held_out if measures_held_out else ():
                     metrics[f"{split}_loss{suffix}"], metrics[f"{split}_acc{suffix}"] = measured(split, ev.mode)
                 if not suffix:
@@ -570,7 +598,11 @@ def fit(
             lap("evaluation")
             # The best checkpoint is chosen on validation accuracy, never on test accuracy.
             if "val_acc" in metrics and (result.best_val_acc is None or metrics["val_acc"] > result.best_val_acc):
-                result.best_epoch, result.best_val_acc, result.best_test_acc = epoch, metrics["val_acc"], metrics.get("test_acc")
+                result.best_epoch, result.best_val_acc, result.best_test_acc = (
+                    epoch,
+                    metrics["val_acc"],
+                    metrics.get("test_acc"),
+                )
                 save(best_path, "best", epoch)
             lap("checkpoints")
             stop = any([cb.on_epoch_end(epoch, metrics) for cb in callbacks])
@@ -578,7 +610,10 @@ def fit(
             # From here the model holds the finished epoch, its best checkpoint is written and the
             # callbacks have its metrics: an interruption may keep it as it is.
             live = True
-            due = epoch % cfg.train.checkpoint_every == 0 and time.monotonic() - last_saved >= cfg.train.checkpoint_min_interval_s
+            due = (
+                epoch % cfg.train.checkpoint_every == 0
+                and time.monotonic() - last_saved >= cfg.train.checkpoint_min_interval_s
+            )
             final = stop or epoch == stop_after
             if due or epoch == epochs or final:
                 save(last_path, "last", epoch)

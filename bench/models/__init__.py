@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from bench.models.registry import MODELS
 from bench.models import bottleneck, hw4_resnet, resnet18_finetune  # noqa: F401  (registers)
+from bench.models.registry import MODELS
 
 
 def create_model(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -22,7 +22,16 @@ from torch import Tensor, nn
 
 
 class ImageClassifier(nn.Module):
-    def __init__(self, net: nn.Module, *, mean: tuple[float, ...], std: tuple[float, ...], image_size: int, batch_statistics: bool, channels_last: bool) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        image_size: int,
+        batch_statistics: bool,
+        channels_last: bool,
+    ) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -46,7 +55,9 @@ class ImageClassifier(nn.Module):
             x = x.float().div(255)
         x = x.sub(self.mean).div(self.std)
         if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)

@@ -54,7 +54,9 @@ def resnet18_finetune(*, num_classes: int = 100, weights: str = "imagenet", free
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError) as exc:
-            raise UserError(f"model.weights file {weights!r} does not fit ResNet-18: {str(exc).splitlines()[0]}") from None
+            raise UserError(
+                f"model.weights file {weights!r} does not fit ResNet-18: {str(exc).splitlines()[0]}"
+            ) from None
     if freeze_backbone:
         for p in model.parameters():
             p.requires_grad_(False)

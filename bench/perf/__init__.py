@@ -1,4 +1,29 @@
 """bench.perf."""
 
 from bench.perf import harness, workers  # noqa: F401
-from bench.perf.harness import CIFAR_TRAIN, CIFAR_TEST, Budget, FULL, QUICK, models_and_experiments, PIPELINE_PASSES, embedded_files, suite_pipeline_rate, reference_transform, reference_pipeline_rate, TRACKING_THREADS, perf_config, SuiteTiming, suite_training, bare_training, step_flops, matmul_probe, run_flops, paper_flops, measure_model, run, table, breakdown_table  # noqa: F401
+from bench.perf.harness import (  # noqa: F401
+    CIFAR_TEST,
+    CIFAR_TRAIN,
+    FULL,
+    PIPELINE_PASSES,
+    QUICK,
+    TRACKING_THREADS,
+    Budget,
+    SuiteTiming,
+    bare_training,
+    breakdown_table,
+    embedded_files,
+    matmul_probe,
+    measure_model,
+    models_and_experiments,
+    paper_flops,
+    perf_config,
+    reference_pipeline_rate,
+    reference_transform,
+    run,
+    run_flops,
+    step_flops,
+    suite_pipeline_rate,
+    suite_training,
+    table,
+)

@@ -20,9 +20,10 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from bench import config, data, engine, hostmem
-from bench.engine.callbacks import Callback
 from bench.data import cifar
+from bench.engine.callbacks import Callback
 from bench.models import create_model
 
 # CIFAR's official split sizes, for the FLOPs of a full paper run.
@@ -71,7 +72,9 @@ def embedded_files(dataset: str, train_images: int) -> cifar.CifarFiles:
     """The embedded subset of `dataset` with its training images repeated to `train_images`:
     throughput does not depend on which images they are."""
     embedded = cifar.load_cifar(dataset, None)
-    return cifar.CifarFiles(_tiled(embedded.train, train_images), embedded.test, embedded.classes, False, embedded.location, embedded.digest)
+    return cifar.CifarFiles(
+        _tiled(embedded.train, train_images), embedded.test, embedded.classes, False, embedded.location, embedded.digest
+    )
 
 
 def _tiled(split: cifar.Split, n: int) -> cifar.Split:
@@ -86,15 +89,22 @@ def suite_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) -> f
     mean = torch.tensor(cfg_data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg_data.std, device=device).view(1, 3, 1, 1)
     batches = data.Batches(
-        on_device, batch_size=cfg_data.batch_size, mean=mean, std=std, image_size=cfg_data.image_size,
-        augment=cfg_data.augment, padding=cfg_data.crop_padding, shuffle=True, gen=gen,
+        on_device,
+        batch_size=cfg_data.batch_size,
+        mean=mean,
+        std=std,
+        image_size=cfg_data.image_size,
+        augment=cfg_data.augment,
+        padding=cfg_data.crop_padding,
+        shuffle=True,
+        gen=gen,
     )
     next(iter(batches))  # kernels and allocator warm
     seconds = []
     for _ in range(PIPELINE_PASSES):
         engine.synchronize(device)
         started = time.perf_counter()
-        for x, _ in batches:
+        for _batch in batches:
             pass
         engine.synchronize(device)
         seconds.append(time.perf_counter() - started)
@@ -127,8 +137,12 @@ def reference_pipeline_rate(split: cifar.Split, cfg_data, device: torch.device) 
     """Images/s of torchvision's PIL pipeline in a DataLoader with a worker per core, delivered
     to the device as the training loop would get them."""
     loader = DataLoader(
-        _PilImages(split, reference_transform(cfg_data)), batch_size=cfg_data.batch_size, shuffle=True,
-        num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda", persistent_workers=True,
+        _PilImages(split, reference_transform(cfg_data)),
+        batch_size=cfg_data.batch_size,
+        shuffle=True,
+        num_workers=os.cpu_count() or 1,
+        pin_memory=device.type == "cuda",
+        persistent_workers=True,
     )
     for _ in loader:  # workers started and warm: the first epoch is not timed
         pass
@@ -234,8 +248,13 @@ class SuiteTiming:
     clock: engine.Clock | None  # where the epochs' time went, when a clock was given
 
 
-def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, workdir: Path,
-                   clock: engine.Clock | None = None) -> SuiteTiming:
+def suite_training(
+    cfg: config.RunConfig,
+    files: cifar.CifarFiles,
+    device: torch.device,
+    workdir: Path,
+    clock: engine.Clock | None = None,
+) -> SuiteTiming:
     """engine.fit with MLflow tracking to a fresh SQLite store, timed (part by part by `clock`)."""
     from bench.tracking import MlflowRun, Tracker
 
@@ -250,14 +269,28 @@ def suite_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch
     timed = _Timed(mlflow_run)
     engine.synchronize(device)
     started = time.perf_counter()
-    result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / "checkpoints", callbacks=[timed], resume=False,
-                        evaluate_test=False, clock=clock)
+    result = engine.fit(
+        model,
+        bundle,
+        cfg,
+        checkpoint_dir=workdir / "checkpoints",
+        callbacks=[timed],
+        resume=False,
+        evaluate_test=False,
+        clock=clock,
+    )
     tracker.end_run(run_id, "FINISHED")
     ended = time.perf_counter()
     assert result.status == "finished", result.status
     images = result.epochs_done * bundle.train.num_images
-    return SuiteTiming(images / (timed.last_epoch_end - timed.first_epoch_start), images / (ended - started),
-                       timed.seconds + timed.background_cpu_s, ended - timed.last_epoch_end, timed.closing, clock)
+    return SuiteTiming(
+        images / (timed.last_epoch_end - timed.first_epoch_start),
+        images / (ended - started),
+        timed.seconds + timed.background_cpu_s,
+        ended - timed.last_epoch_end,
+        timed.closing,
+        clock,
+    )
 
 
 def _median_pair(pairs: list[tuple[float, SuiteTiming]]) -> tuple[float, SuiteTiming]:
@@ -266,12 +299,16 @@ def _median_pair(pairs: list[tuple[float, SuiteTiming]]) -> tuple[float, SuiteTi
     return sorted(pairs, key=lambda pair: pair[1].images_per_s / pair[0])[len(pairs) // 2]
 
 
-def _suite_in_tmp(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, clock: engine.Clock | None = None) -> SuiteTiming:
+def _suite_in_tmp(
+    cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, clock: engine.Clock | None = None
+) -> SuiteTiming:
     with tempfile.TemporaryDirectory() as tmp:
         return suite_training(cfg, files, device, Path(tmp), clock)
 
 
-def bare_training(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, clock: engine.Clock | None = None) -> float:
+def bare_training(
+    cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, clock: engine.Clock | None = None
+) -> float:
     """Images/s of a minimal loop: the same model, optimizer, memory format and autocast, and the
     same batches (drawn from the same on-device augmentation: work any loop training this recipe
     does, and measured against torchvision's on its own); no metrics, checkpoints or tracking.
@@ -311,7 +348,9 @@ def _step_ms(clock: engine.Clock) -> dict[str, float]:
 # --- FLOPs ------------------------------------------------------------------------------------------
 
 
-def step_flops(cfg: config.RunConfig, device: torch.device, image_size: int | None = None, batch: int = 2) -> tuple[float, float]:
+def step_flops(
+    cfg: config.RunConfig, device: torch.device, image_size: int | None = None, batch: int = 2
+) -> tuple[float, float]:
     """(training FLOPs, forward-only FLOPs) per image of the model at its image size."""
     size = image_size or cfg.data.image_size
     # FLOPs do not depend on the weights: no pretrained ones to fetch.
@@ -343,8 +382,13 @@ def matmul_probe(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / best
 
 
-def run_flops(cfg: config.RunConfig, device: torch.device, train_total: int = CIFAR_TRAIN, test_total: int = CIFAR_TEST,
-              alternatives: Sequence[tuple[str, config.EvalConfig]] = ()) -> float:
+def run_flops(
+    cfg: config.RunConfig,
+    device: torch.device,
+    train_total: int = CIFAR_TRAIN,
+    test_total: int = CIFAR_TEST,
+    alternatives: Sequence[tuple[str, config.EvalConfig]] = (),
+) -> float:
     """FLOPs of one run (one seed) of a config whose dataset holds `train_total` training and
     `test_total` test images: every epoch's training steps and evaluation passes, the passes of
     its evaluation-only alternatives (`engine.fit`'s) included. Counted on the "meta" device
@@ -369,13 +413,23 @@ def paper_flops(experiment: str, device: torch.device) -> float:
 
 
 def measure_model(
-    model_name: str, experiment: str, *, profile: str, device: torch.device, budget: Budget,
-    probe_flops: float, say: Callable[[str], None],
+    model_name: str,
+    experiment: str,
+    *,
+    profile: str,
+    device: torch.device,
+    budget: Budget,
+    probe_flops: float,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     cfg = perf_config(experiment, profile, budget)
     files = embedded_files(cfg.data.dataset, budget.train_images)
     embedded = cifar.load_cifar(cfg.data.dataset, None)
-    out: dict[str, Any] = {"experiment": experiment, "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size}
+    out: dict[str, Any] = {
+        "experiment": experiment,
+        "batch_size": cfg.data.batch_size,
+        "image_size": cfg.data.image_size,
+    }
 
     images = _tiled(embedded.train, budget.pipeline_images)
     # Every model gets the 32-px crop-and-flip path; the fine-tune also its own 224-px path.
@@ -385,10 +439,17 @@ def measure_model(
     for suffix, cfg_data in pipelines.items():
         suite_rate = suite_pipeline_rate(images, cfg_data, device)
         reference_rate = reference_pipeline_rate(images, cfg_data, device)
-        out.update({f"pipeline_images_per_s{suffix}": suite_rate, f"pipeline_reference_images_per_s{suffix}": reference_rate,
-                    f"pipeline_ratio{suffix}": suite_rate / reference_rate})
-        say(f"{model_name}: data pipeline at {cfg_data.image_size} px {suite_rate:,.0f} images/s against "
-            f"torchvision's {reference_rate:,.0f} (x{suite_rate / reference_rate:.1f})")
+        out.update(
+            {
+                f"pipeline_images_per_s{suffix}": suite_rate,
+                f"pipeline_reference_images_per_s{suffix}": reference_rate,
+                f"pipeline_ratio{suffix}": suite_rate / reference_rate,
+            }
+        )
+        say(
+            f"{model_name}: data pipeline at {cfg_data.image_size} px {suite_rate:,.0f} images/s against "
+            f"torchvision's {reference_rate:,.0f} (x{suite_rate / reference_rate:.1f})"
+        )
 
     bare_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), files, device)  # warm
     # On the CPU a part's work is done when its call returns: the timed runs carry the clocks. An
@@ -420,36 +481,65 @@ def measure_model(
     epoch_s = files.train.labels.numel() / suite_rate
     tracking_epoch_s = suite.tracking_s / cfg.train.epochs
     train_flops, _ = step_flops(cfg, device)
-    out.update({
-        "engine_images_per_s": suite_rate, "bare_images_per_s": bare_rate, "engine_ratio": suite_rate / bare_rate,
-        "engine_images_per_s_runs": [t.images_per_s for _, t in pairs], "bare_images_per_s_runs": [b for b, _ in pairs],
-        "engine_ratio_whole_run": suite.whole_run_images_per_s / bare_rate, "closing_s": suite.closing_s,
-        "closing_tracking_s": suite.closing_tracking_s,
-        "epoch_s": epoch_s, "tracking_ms_per_epoch": 1000 * tracking_epoch_s, "tracking_share": tracking_epoch_s / epoch_s,
-        "train_flops_per_image": train_flops, "achieved_flops_per_s": train_flops * suite_rate,
-        "flops_utilization": train_flops * suite_rate / probe_flops, "paper_flops_per_seed": paper_flops(experiment, device),
-        "step_ms": _step_ms(suite_clock), "bare_step_ms": _step_ms(bare_clock),
-    })
-    say(f"{model_name}: training {suite_rate:,.1f} images/s against a bare loop's {bare_rate:,.1f} "
+    out.update(
+        {
+            "engine_images_per_s": suite_rate,
+            "bare_images_per_s": bare_rate,
+            "engine_ratio": suite_rate / bare_rate,
+            "engine_images_per_s_runs": [t.images_per_s for _, t in pairs],
+            "bare_images_per_s_runs": [b for b, _ in pairs],
+            "engine_ratio_whole_run": suite.whole_run_images_per_s / bare_rate,
+            "closing_s": suite.closing_s,
+            "closing_tracking_s": suite.closing_tracking_s,
+            "epoch_s": epoch_s,
+            "tracking_ms_per_epoch": 1000 * tracking_epoch_s,
+            "tracking_share": tracking_epoch_s / epoch_s,
+            "train_flops_per_image": train_flops,
+            "achieved_flops_per_s": train_flops * suite_rate,
+            "flops_utilization": train_flops * suite_rate / probe_flops,
+            "paper_flops_per_seed": paper_flops(experiment, device),
+            "step_ms": _step_ms(suite_clock),
+            "bare_step_ms": _step_ms(bare_clock),
+        }
+    )
+    say(
+        f"{model_name}: training {suite_rate:,.1f} images/s against a bare loop's {bare_rate:,.1f} "
         f"(x{suite_rate / bare_rate:.3f}), tracking {1000 * tracking_epoch_s:.1f} ms per epoch; "
-        f"closing the run {suite.closing_s:.2f} s")
+        f"closing the run {suite.closing_s:.2f} s"
+    )
     return out
 
 
-def run(models: list[str], *, profile: str, device: torch.device, quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
+def run(
+    models: list[str], *, profile: str, device: torch.device, quick: bool, say: Callable[[str], None]
+) -> dict[str, Any]:
     budget = QUICK if quick else FULL
     allocator = hostmem.keep_freed_memory()  # as the command line sets it for every run
     experiments = models_and_experiments()
-    dtype = engine.autocast_dtype(device, config.load(experiments[models[0]], profile=profile).train.amp) or torch.float32
+    dtype = (
+        engine.autocast_dtype(device, config.load(experiments[models[0]], profile=profile).train.amp) or torch.float32
+    )
     probe = matmul_probe(device, dtype)
-    say(f"{engine.device_name(device)}: matrix multiply {probe / 1e9:,.1f} GFLOP/s ({str(dtype).removeprefix('torch.')})")
+    say(
+        f"{engine.device_name(device)}: matrix multiply {probe / 1e9:,.1f} GFLOP/s ({str(dtype).removeprefix('torch.')})"
+    )
     results: dict[str, Any] = {
-        "device": {"name": engine.device_name(device), "type": device.type, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "matmul_flops_per_s": probe, "matmul_dtype": str(dtype).removeprefix("torch."),
-                   "host_allocator": allocator, "profile": profile, "quick": quick},
+        "device": {
+            "name": engine.device_name(device),
+            "type": device.type,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "matmul_flops_per_s": probe,
+            "matmul_dtype": str(dtype).removeprefix("torch."),
+            "host_allocator": allocator,
+            "profile": profile,
+            "quick": quick,
+        },
     }
     for name in models:
-        results[name] = measure_model(name, experiments[name], profile=profile, device=device, budget=budget, probe_flops=probe, say=say)
+        results[name] = measure_model(
+            name, experiments[name], profile=profile, device=device, budget=budget, probe_flops=probe, say=say
+        )
     # Probed again at the end: a slow spell of the machine during the first, short probe would
     # overstate every utilization. The faster of the two counts.
     again = matmul_probe(device, dtype)
@@ -462,18 +552,41 @@ def run(models: list[str], *, profile: str, device: torch.device, quick: bool, s
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = [("model", "pipeline x", "224 px x", "train img/s", "bare img/s", "engine x", "whole run x", "closing s",
-             "tracking ms/epoch", "tracking %", "GFLOP/s", "util %")]
+    rows = [
+        (
+            "model",
+            "pipeline x",
+            "224 px x",
+            "train img/s",
+            "bare img/s",
+            "engine x",
+            "whole run x",
+            "closing s",
+            "tracking ms/epoch",
+            "tracking %",
+            "GFLOP/s",
+            "util %",
+        )
+    ]
     for name, r in results.items():
         if name == "device":
             continue
-        rows.append((
-            name, f"{r['pipeline_ratio']:.1f}", f"{r['pipeline_ratio_224']:.2f}" if "pipeline_ratio_224" in r else "-",
-            f"{r['engine_images_per_s']:,.1f}", f"{r['bare_images_per_s']:,.1f}", f"{r['engine_ratio']:.3f}",
-            f"{r['engine_ratio_whole_run']:.3f}", f"{r['closing_s']:.2f}",
-            f"{r['tracking_ms_per_epoch']:.1f}", f"{100 * r['tracking_share']:.2f}",
-            f"{r['achieved_flops_per_s'] / 1e9:,.1f}", f"{100 * r['flops_utilization']:.1f}",
-        ))
+        rows.append(
+            (
+                name,
+                f"{r['pipeline_ratio']:.1f}",
+                f"{r['pipeline_ratio_224']:.2f}" if "pipeline_ratio_224" in r else "-",
+                f"{r['engine_images_per_s']:,.1f}",
+                f"{r['bare_images_per_s']:,.1f}",
+                f"{r['engine_ratio']:.3f}",
+                f"{r['engine_ratio_whole_run']:.3f}",
+                f"{r['closing_s']:.2f}",
+                f"{r['tracking_ms_per_epoch']:.1f}",
+                f"{100 * r['tracking_share']:.2f}",
+                f"{r['achieved_flops_per_s'] / 1e9:,.1f}",
+                f"{100 * r['flops_utilization']:.1f}",
+            )
+        )
     return _aligned(rows)
 
 
@@ -492,6 +605,11 @@ def breakdown_table(results: dict[str, Any]) -> str:
         if name == "device":
             continue
         engine_ms, bare_ms = r["step_ms"], r["bare_step_ms"]
-        rows.append((name, *(f"{engine_ms[p]:.2f} / {bare_ms[p]:.2f}" for p in engine.Clock.PARTS),
-                     f"{sum(engine_ms.values()):.1f} / {sum(bare_ms.values()):.1f}"))
+        rows.append(
+            (
+                name,
+                *(f"{engine_ms[p]:.2f} / {bare_ms[p]:.2f}" for p in engine.Clock.PARTS),
+                f"{sum(engine_ms.values()):.1f} / {sum(bare_ms.values()):.1f}",
+            )
+        )
     return _aligned(rows)

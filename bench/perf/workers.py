@@ -24,21 +24,25 @@ import queue
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
-from bench import config, data, engine, hostmem, perf, workers as shares
+from bench import config, data, engine, hostmem, perf
+from bench import workers as shares
 from bench.engine.callbacks import Callback
 from bench.models import create_model
 
 PAPER_SUITE = "all"
-ASSUMPTION = ("each cell at the FLOP/s measured with K copies of its own model at once, under --profile {profile}'s "
-              "batch and image sizes (--profile paper for the paper suite's own), evaluation passes at the training "
-              "FLOP/s; cells in suite order to the first free worker; on a GPU the last cells, running with fewer "
-              "beside them, go faster than assumed: an upper bound there")
+ASSUMPTION = (
+    "each cell at the FLOP/s measured with K copies of its own model at once, under --profile {profile}'s "
+    "batch and image sizes (--profile paper for the paper suite's own), evaluation passes at the training "
+    "FLOP/s; cells in suite order to the first free worker; on a GPU the last cells, running with fewer "
+    "beside them, go faster than assumed: an upper bound there"
+)
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,9 @@ class _Together(Callback):
         self.ended, self.ended_at = time.perf_counter(), time.time()
 
 
-def _train(experiment: str, *, profile: str, budget: Budget, device: torch.device, tracker, workdir: Path, barrier) -> TrainerTiming:
+def _train(
+    experiment: str, *, profile: str, budget: Budget, device: torch.device, tracker, workdir: Path, barrier
+) -> TrainerTiming:
     from bench.tracking import MlflowRun
 
     cfg = perf.perf_config(experiment, profile, budget)
@@ -114,16 +120,32 @@ def _train(experiment: str, *, profile: str, budget: Budget, device: torch.devic
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
-    experiment_id = tracker.client.create_experiment(experiment, artifact_location=(workdir / experiment / "artifacts").as_uri())
+    experiment_id = tracker.client.create_experiment(
+        experiment, artifact_location=(workdir / experiment / "artifacts").as_uri()
+    )
     run_id = tracker.start_run(experiment_id, "perf-workers", {})
     clock = _Together(barrier)
-    result = engine.fit(model, bundle, cfg, checkpoint_dir=workdir / experiment / "checkpoints",
-                        callbacks=[MlflowRun(tracker, run_id, cfg), clock], resume=False, evaluate_test=False)
+    result = engine.fit(
+        model,
+        bundle,
+        cfg,
+        checkpoint_dir=workdir / experiment / "checkpoints",
+        callbacks=[MlflowRun(tracker, run_id, cfg), clock],
+        resume=False,
+        evaluate_test=False,
+    )
     tracker.end_run(run_id, "FINISHED")
     assert result.status == "finished", result.status
     barrier.wait()  # every trainer done with this model before any starts the next
     images = (result.epochs_done - 1) * bundle.train.num_images
-    return TrainerTiming(os.getpid(), torch.get_num_threads(), clock.started_at, clock.ended_at, images, images / (clock.ended - clock.started))
+    return TrainerTiming(
+        os.getpid(),
+        torch.get_num_threads(),
+        clock.started_at,
+        clock.ended_at,
+        images,
+        images / (clock.ended - clock.started),
+    )
 
 
 def _trainer(workers: int, experiments: list[str], profile: str, device: str, budget: Budget, barrier, reports) -> None:
@@ -138,8 +160,15 @@ def _trainer(workers: int, experiments: list[str], profile: str, device: str, bu
         with tempfile.TemporaryDirectory() as tmp:
             tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
             for experiment in experiments:
-                timing = _train(experiment, profile=profile, budget=budget, device=torch.device(device), tracker=tracker,
-                                workdir=Path(tmp), barrier=barrier)
+                timing = _train(
+                    experiment,
+                    profile=profile,
+                    budget=budget,
+                    device=torch.device(device),
+                    tracker=tracker,
+                    workdir=Path(tmp),
+                    barrier=barrier,
+                )
                 reports.put((experiment, timing))
     except BaseException as exc:
         barrier.abort()
@@ -147,15 +176,28 @@ def _trainer(workers: int, experiments: list[str], profile: str, device: str, bu
         raise
 
 
-def measure(workers: int, experiments: dict[str, str], *, profile: str, device: torch.device, budget: Budget,
-            on_model: Callable[[str, list[TrainerTiming]], None]) -> dict[str, list[TrainerTiming]]:
+def measure(
+    workers: int,
+    experiments: dict[str, str],
+    *,
+    profile: str,
+    device: torch.device,
+    budget: Budget,
+    on_model: Callable[[str, list[TrainerTiming]], None],
+) -> dict[str, list[TrainerTiming]]:
     """Model name -> the timings of `workers` trainers of `experiments` (model name -> experiment)
     at once on `device`; `on_model` hears of each model once all its trainers have reported."""
     ctx = multiprocessing.get_context("spawn")
     barrier, reports = ctx.Barrier(workers), ctx.Queue()
     model_of = {e: m for m, e in experiments.items()}
-    procs = [ctx.Process(target=_trainer, args=(workers, list(experiments.values()), profile, str(device), budget, barrier, reports), daemon=True)
-             for _ in range(workers)]
+    procs = [
+        ctx.Process(
+            target=_trainer,
+            args=(workers, list(experiments.values()), profile, str(device), budget, barrier, reports),
+            daemon=True,
+        )
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     timings: dict[str, list[TrainerTiming]] = {m: [] for m in experiments}
@@ -168,8 +210,10 @@ def measure(workers: int, experiments: dict[str, str], *, profile: str, device: 
                 # ended with reports missing, is a failure.
                 failed = [p.exitcode for p in procs if p.exitcode]
                 if failed or (all(p.exitcode is not None for p in procs) and reports.empty()):
-                    raise RuntimeError(f"a trainer of {workers} ended (exit code {failed[0] if failed else 0}) before "
-                                       "reporting every model; its error is above")
+                    raise RuntimeError(
+                        f"a trainer of {workers} ended (exit code {failed[0] if failed else 0}) before "
+                        "reporting every model; its error is above"
+                    ) from None
                 continue
             if experiment is None:
                 raise RuntimeError(f"a trainer of {workers} failed: {timing}")
@@ -190,33 +234,57 @@ def measure(workers: int, experiments: dict[str, str], *, profile: str, device: 
     return timings
 
 
-def run(models: list[str], workers: list[int], *, profile: str, device: torch.device, quick: bool,
-        say: Callable[[str], None]) -> dict[str, Any]:
+def run(
+    models: list[str],
+    workers: list[int],
+    *,
+    profile: str,
+    device: torch.device,
+    quick: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     budget = budget_for(device, quick)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)  # every trainer on the same GPU
     experiments = {m: e for m, e in perf.models_and_experiments().items() if m in models}
     meta = torch.device("meta")  # FLOPs are counted on shapes alone
-    flops_per_image = {m: perf.step_flops(perf.perf_config(e, profile, budget), meta)[0] for m, e in experiments.items()}
+    flops_per_image = {
+        m: perf.step_flops(perf.perf_config(e, profile, budget), meta)[0] for m, e in experiments.items()
+    }
     results: dict[str, Any] = {
-        "device": {"name": engine.device_name(device), "type": device.type, "index": device.index, "torch": torch.__version__,
-                   "cpu_count": os.cpu_count(), "profile": profile, "quick": quick, "budget": asdict(budget),
-                   "tracking": "MLflow, a temporary SQLite store per trainer"},
+        "device": {
+            "name": engine.device_name(device),
+            "type": device.type,
+            "index": device.index,
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "profile": profile,
+            "quick": quick,
+            "budget": asdict(budget),
+            "tracking": "MLflow, a temporary SQLite store per trainer",
+        },
         "workers": {},
     }
     base: dict[str, float] = {}  # each model's total at the smallest K
     for k in workers:
+
         def heard(model: str, timings: list[TrainerTiming], k: int = k) -> None:
             total = together(timings)
             base.setdefault(model, total)
-            say(f"{model}, K={k}: {', '.join(f'{t.images_per_s:,.1f}' for t in timings)} images/s, together {total:,.1f} "
-                f"(x{total / base[model]:.2f} of K={workers[0]}, {timings[0].threads} thread{'s' * (timings[0].threads > 1)} each)")
+            say(
+                f"{model}, K={k}: {', '.join(f'{t.images_per_s:,.1f}' for t in timings)} images/s, together {total:,.1f} "
+                f"(x{total / base[model]:.2f} of K={workers[0]}, {timings[0].threads} thread{'s' * (timings[0].threads > 1)} each)"
+            )
 
         timings = measure(k, experiments, profile=profile, device=device, budget=budget, on_model=heard)
         results["workers"][str(k)] = {
-            m: {"images_per_s": together(ts), "per_trainer_images_per_s": [t.images_per_s for t in ts],
-                "relative_to_smallest_k": together(ts) / base[m], "train_flops_per_image": flops_per_image[m],
-                "trainers": [asdict(t) for t in ts]}
+            m: {
+                "images_per_s": together(ts),
+                "per_trainer_images_per_s": [t.images_per_s for t in ts],
+                "relative_to_smallest_k": together(ts) / base[m],
+                "train_flops_per_image": flops_per_image[m],
+                "trainers": [asdict(t) for t in ts],
+            }
             for m, ts in timings.items()
         }
     results["estimate"] = estimate(results["workers"], experiments, profile)
@@ -237,14 +305,25 @@ def estimate(measured: dict[str, dict[str, Any]], experiments: dict[str, str], p
             # one it runs.
             minutes[k] = None
             continue
-        cell_s[k] = {e: flops[e] / (models[model_of[e]]["train_flops_per_image"] * models[model_of[e]]["images_per_s"] / int(k))
-                     for e in cells}
+        cell_s[k] = {
+            e: flops[e] / (models[model_of[e]]["train_flops_per_image"] * models[model_of[e]]["images_per_s"] / int(k))
+            for e in cells
+        }
         minutes[k] = wall_time([cell_s[k][e] for e in cells], int(k)) / 60
     runnable = {k: m for k, m in minutes.items() if m is not None}
     fastest = int(min(runnable, key=runnable.get)) if runnable else None
-    return {"suite": PAPER_SUITE, "profile": "paper", "seeds": 1, "cells": cells, "complete": len(cells) == len(config.suite_experiments(PAPER_SUITE)),
-            "paper_flops": flops, "cell_s": cell_s, "minutes": minutes, "fastest_workers": fastest,
-            "assumption": ASSUMPTION.format(profile=profile)}
+    return {
+        "suite": PAPER_SUITE,
+        "profile": "paper",
+        "seeds": 1,
+        "cells": cells,
+        "complete": len(cells) == len(config.suite_experiments(PAPER_SUITE)),
+        "paper_flops": flops,
+        "cell_s": cell_s,
+        "minutes": minutes,
+        "fastest_workers": fastest,
+        "assumption": ASSUMPTION.format(profile=profile),
+    }
 
 
 def table(results: dict[str, Any]) -> str:
@@ -253,19 +332,31 @@ def table(results: dict[str, Any]) -> str:
     first = next(iter(measured))
     rows = [("K", *(f"{m} img/s" for m in models), "paper suite min")]
     for k, figures in measured.items():
-        cells = [f"{figures[m]['images_per_s']:,.1f}" + (f" x{figures[m]['relative_to_smallest_k']:.2f}" if k != first else "") for m in models]
+        cells = [
+            f"{figures[m]['images_per_s']:,.1f}"
+            + (f" x{figures[m]['relative_to_smallest_k']:.2f}" if k != first else "")
+            for m in models
+        ]
         rows.append((k, *cells, "-" if est["minutes"][k] is None else f"{est['minutes'][k]:,.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    what = "one seed of the paper suite" if est["complete"] else f"one seed of the paper suite's {', '.join(est['cells'])} (the models measured)"
+    what = (
+        "one seed of the paper suite"
+        if est["complete"]
+        else f"one seed of the paper suite's {', '.join(est['cells'])} (the models measured)"
+    )
     if est["fastest_workers"] is None:
-        lines.append(f"fastest: none estimated: every K measured is more than the {len(est['cells'])} cells (bench run starts one worker a cell)")
+        lines.append(
+            f"fastest: none estimated: every K measured is more than the {len(est['cells'])} cells (bench run starts one worker a cell)"
+        )
     else:
         k = str(est["fastest_workers"])
         lines.append(f"fastest: K={k}, {what} in about {est['minutes'][k]:,.0f} min (estimate)")
     if any(m is None for m in est["minutes"].values()):
         lines.append(f"-: more workers than the {len(est['cells'])} cells; bench run would start one worker a cell")
-    lines.append(f"img/s: all K trainers together, their images over the span of their timed epochs (x: against K={first}); "
-                 f"assumed: {est['assumption']}")
+    lines.append(
+        f"img/s: all K trainers together, their images over the span of their timed epochs (x: against K={first}); "
+        f"assumed: {est['assumption']}"
+    )
     return "\n".join(lines)

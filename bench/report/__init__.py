@@ -11,13 +11,35 @@ from pathlib import Path
 
 from bench.report.markdown import markdown, pct, summary_table, table
 from bench.report.summary import (
-    BOTTLENECK_PAIR, Recipe, Row, Summary, choose_profile, differing, recipe, select, summarize, variant_label,
+    BOTTLENECK_PAIR,
+    Recipe,
+    Row,
+    Summary,
+    choose_profile,
+    differing,
+    recipe,
+    select,
+    summarize,
+    variant_label,
 )
 from bench.results import Studies
 
 __all__ = [
-    "BOTTLENECK_PAIR", "Recipe", "Row", "Summary", "choose_profile", "differing", "markdown", "pct", "recipe", "select",
-    "summarize", "summary_table", "table", "variant_label", "write",
+    "BOTTLENECK_PAIR",
+    "Recipe",
+    "Row",
+    "Summary",
+    "choose_profile",
+    "differing",
+    "markdown",
+    "pct",
+    "recipe",
+    "select",
+    "summarize",
+    "summary_table",
+    "table",
+    "variant_label",
+    "write",
 ]
 
 
@@ -36,7 +58,9 @@ def write(summary: Summary, out_dir: Path, studies: Studies | None = None) -> Pa
         from bench.report import studies as study_section  # imports optuna: only when there are studies
 
         tuning = study_section.markdown(studies, study_section.draw(studies, out_dir), ablations.study_links(found))
-    section = ablations.markdown(shown, {t.experiment: written[f"ablation-{t.experiment}"] for t in shown if t.error is None})
+    section = ablations.markdown(
+        shown, {t.experiment: written[f"ablation-{t.experiment}"] for t in shown if t.error is None}
+    )
     path = out_dir / "README.md"
     path.write_text(markdown(summary, written, tuning, data, section), encoding="utf-8")
     return path

@@ -21,8 +21,25 @@ from bench.report.summary import Row, Summary
 
 WHAT = {"test_acc": "test accuracy", "train_acc": "train accuracy"}
 COLUMNS = [
-    "experiment", "variant", "label", "kind", "source", "metric", "seeds", "mean", "low", "high",
-    "difference", "difference_low", "difference_high", "p", "test", "verdict", "same_as", "studies", "baseline",
+    "experiment",
+    "variant",
+    "label",
+    "kind",
+    "source",
+    "metric",
+    "seeds",
+    "mean",
+    "low",
+    "high",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "p",
+    "test",
+    "verdict",
+    "same_as",
+    "studies",
+    "baseline",
 ]
 
 
@@ -66,7 +83,9 @@ class Table:
     def shown(self) -> bool:
         """Whether any variant has figures beyond the recipe's own (else the table says nothing),
         or the ablation is invalid (the section says why)."""
-        return self.error is not None or any(line.is_variant and line.interval.n > 0 and line.same_as != ablation.RECIPE for line in self.lines)
+        return self.error is not None or any(
+            line.is_variant and line.interval.n > 0 and line.same_as != ablation.RECIPE for line in self.lines
+        )
 
 
 def kind_text(variant: ablation.Variant) -> str:
@@ -97,36 +116,71 @@ def _pairs(runs: pd.DataFrame, metrics: pd.DataFrame, own: str, extra: str) -> p
     return runs[runs.run_id.isin(same)][columns].dropna()
 
 
-def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFrame], experiment: str, profile: str,
-          studies: dict[str, list[str]], metrics: pd.DataFrame) -> Line:
-    common = dict(variant=variant.name, label=variant.label, kind=kind_text(variant), source=variant.source,
-                  metric=variant.metric, same_as=variant.same_as)
+def _line(
+    variant: ablation.Variant,
+    recipe: Row,
+    by_hash: dict[str, pd.DataFrame],
+    experiment: str,
+    profile: str,
+    studies: dict[str, list[str]],
+    metrics: pd.DataFrame,
+) -> Line:
+    common = dict(
+        variant=variant.name,
+        label=variant.label,
+        kind=kind_text(variant),
+        source=variant.source,
+        metric=variant.metric,
+        same_as=variant.same_as,
+    )
     base = _accuracies(recipe.runs, "final_test_acc")
     tuned = tuple(sorted(studies.get(variant.config_hash, []))) if variant.kind == ablation.TRAINED else ()
     if variant.name == ablation.RECIPE:
         return Line(**common, interval=stats.accuracy_ci(base), difference=None, verdict="reference", studies=tuned)
     what = WHAT.get(variant.metric, variant.metric)
     if variant.kind == ablation.EVALUATION_ONLY and variant.same_as == ablation.RECIPE:
-        return Line(**common, interval=stats.accuracy_ci(_accuracies(recipe.runs, f"final_{variant.metric}")), difference=None,
-                    verdict="the recipe measures this way already: its figures are the recipe's")
+        return Line(
+            **common,
+            interval=stats.accuracy_ci(_accuracies(recipe.runs, f"final_{variant.metric}")),
+            difference=None,
+            verdict="the recipe measures this way already: its figures are the recipe's",
+        )
     if variant.kind == ablation.EVALUATION_ONLY:
         # The same runs measured two ways, against their own figure of the metric (train_acc for
         # the re-measure switch), which the recipe row (test_acc, every run) does not show.
         pairs = _pairs(recipe.runs, metrics, variant.metric, variant.ablation.metric_name())
         if pairs.empty:
-            verdict = (not_run(experiment, profile) if recipe.runs.empty else
-                       f"not measured: the recipe's runs do not log `{variant.ablation.metric_name()}` (an older bench)")
+            verdict = (
+                not_run(experiment, profile)
+                if recipe.runs.empty
+                else f"not measured: the recipe's runs do not log `{variant.ablation.metric_name()}` (an older bench)"
+            )
             return Line(**common, interval=stats.accuracy_ci([]), difference=None, verdict=verdict)
         own, column = pairs.columns
         diff = stats.paired_difference(pairs[own], pairs[column])
-        return Line(**common, interval=stats.accuracy_ci(pairs[column]), difference=diff, verdict=stats.effect_verdict(diff, what),
-                    baseline=stats.accuracy_ci(pairs[own]))
+        return Line(
+            **common,
+            interval=stats.accuracy_ci(pairs[column]),
+            difference=diff,
+            verdict=stats.effect_verdict(diff, what),
+            baseline=stats.accuracy_ci(pairs[own]),
+        )
     if variant.same_as == ablation.RECIPE:  # the recipe's studies are the recipe row's, not this one's
-        return Line(**common, interval=stats.accuracy_ci(base), difference=None,
-                    verdict="trains the recipe's config: its runs are the recipe's")
+        return Line(
+            **common,
+            interval=stats.accuracy_ci(base),
+            difference=None,
+            verdict="trains the recipe's config: its runs are the recipe's",
+        )
     values = _accuracies(by_hash.get(variant.config_hash, recipe.runs.iloc[0:0]), "final_test_acc")
     if values.empty:
-        return Line(**common, interval=stats.accuracy_ci(values), difference=None, studies=tuned, verdict=not_run(experiment, profile))
+        return Line(
+            **common,
+            interval=stats.accuracy_ci(values),
+            difference=None,
+            studies=tuned,
+            verdict=not_run(experiment, profile),
+        )
     if base.empty:
         return Line(**common, interval=stats.accuracy_ci(values), difference=None, studies=tuned, verdict=NO_RECIPE)
     diff = stats.welch_difference(base, values)
@@ -139,8 +193,16 @@ def _line(variant: ablation.Variant, recipe: Row, by_hash: dict[str, pd.DataFram
 def _reported_line(recipe: Row) -> Line:
     value = recipe.figures["final_test_acc"]
     values = [] if value is None else [value]
-    return Line(REPORTED, recipe.reported.label, "reference", recipe.reported.curves_source, "test_acc",
-                stats.mean_ci(values), None, "-")
+    return Line(
+        REPORTED,
+        recipe.reported.label,
+        "reference",
+        recipe.reported.curves_source,
+        "test_acc",
+        stats.mean_ci(values),
+        None,
+        "-",
+    )
 
 
 def _toward(diff: stats.Difference, direction: int) -> tuple[float, float] | None:
@@ -157,8 +219,11 @@ def _closes(line: Line, direction: int, gap: float) -> str:
     """How much of the gap a variant closes, or that it overshoots it (its near end beyond the gap)."""
     low, high = _toward(line.difference, direction)
     move = direction * line.difference.mean
-    size = (f"{stats.points(move)} pt at every seed" if not line.difference.has_interval
-            else f"{stats.points(move)} pt [{stats.points(low)}, {stats.points(high)}]")
+    size = (
+        f"{stats.points(move)} pt at every seed"
+        if not line.difference.has_interval
+        else f"{stats.points(move)} pt [{stats.points(low)}, {stats.points(high)}]"
+    )
     if low > gap:
         return f"{line.variant} overshoots it ({size}, the gap is {stats.points(gap)} pt)"
     if high >= gap:
@@ -175,14 +240,18 @@ def sentence(recipe: Row, lines: list[Line], profile: str) -> str:
     if recipe.runs.empty:
         return f"The recipe has no finished runs of profile `{profile}`: nothing to compare with {target} yet."
     if recipe.why_not_comparable:
-        return (f"Profile `{profile}` is not the reported recipe on the full dataset ({recipe.why_not_comparable}): "
-                f"the differences show what each switch does here, and the figures are not comparable to {target}.")
+        return (
+            f"Profile `{profile}` is not the reported recipe on the full dataset ({recipe.why_not_comparable}): "
+            f"the differences show what each switch does here, and the figures are not comparable to {target}."
+        )
     if recipe.verdict == "reproduced":
         return f"The recipe already reproduces {target}."
     gap = reported - recipe.final.mean
     direction = 1 if gap > 0 else -1
     # A variant that trains another's config is that one again: counted once.
-    tested = [l for l in lines if l.is_variant and l.metric == "test_acc" and l.difference is not None and not l.same_as]
+    tested = [
+        l for l in lines if l.is_variant and l.metric == "test_acc" and l.difference is not None and not l.same_as
+    ]
     toward = [l for l in tested if _toward(l.difference, direction)]
     # Reproducing asks for a move toward the figure that the data tell apart from noise, not an
     # interval so wide (n = 2: t = 12.7) that it holds the figure by itself.
@@ -193,12 +262,16 @@ def sentence(recipe: Row, lines: list[Line], profile: str) -> str:
     else:
         variants = [l for l in lines if l.is_variant]
         missing = sum(l.verdict.startswith("not run") for l in variants)
-        parts.append(f"no variant moves toward it at n = {recipe.final.n}"
-                     + (f"; {missing} of {len(variants)} variants not run yet" if missing else ""))
+        parts.append(
+            f"no variant moves toward it at n = {recipe.final.n}"
+            + (f"; {missing} of {len(variants)} variants not run yet" if missing else "")
+        )
     if reaching:
         names = ", ".join(f"{l.variant} (n = {l.interval.n})" for l in reaching)
-        parts.append(f"{names} reproduce{'s' if len(reaching) == 1 else ''} it "
-                     f"(within {100 * stats.TOLERANCE:.0f} pt of {'its interval' if len(reaching) == 1 else 'their intervals'})")
+        parts.append(
+            f"{names} reproduce{'s' if len(reaching) == 1 else ''} it "
+            f"(within {100 * stats.TOLERANCE:.0f} pt of {'its interval' if len(reaching) == 1 else 'their intervals'})"
+        )
     else:
         parts.append("no variant reaches it")
     return "; ".join(parts) + "."
@@ -223,18 +296,39 @@ def tables(summary: Summary, studies=None) -> list[Table]:
     for recipe in summary.recipe_rows:
         error = summary.ablation_errors.get(recipe.experiment)
         if error:
-            out.append(Table(recipe.experiment, summary.profile, recipe.figures["final_test_acc"], recipe.final, [], "",
-                             recipe.why_not_comparable, error))
+            out.append(
+                Table(
+                    recipe.experiment,
+                    summary.profile,
+                    recipe.figures["final_test_acc"],
+                    recipe.final,
+                    [],
+                    "",
+                    recipe.why_not_comparable,
+                    error,
+                )
+            )
             continue
         variants = summary.ablations.get(recipe.experiment, [])
         if not variants:
             continue
         # A variant's row holds its runs under its config's earlier hash too (summarize merged them).
         by_hash = {r.config_hash: r.runs for r in summary.rows if r.experiment == recipe.experiment and not r.is_recipe}
-        lines = [_line(v, recipe, by_hash, recipe.experiment, summary.profile, tuned, summary.metrics) for v in variants]
+        lines = [
+            _line(v, recipe, by_hash, recipe.experiment, summary.profile, tuned, summary.metrics) for v in variants
+        ]
         lines.insert(1, _reported_line(recipe))
-        out.append(Table(recipe.experiment, summary.profile, recipe.figures["final_test_acc"], recipe.final, lines,
-                         sentence(recipe, lines, summary.profile), recipe.why_not_comparable))
+        out.append(
+            Table(
+                recipe.experiment,
+                summary.profile,
+                recipe.figures["final_test_acc"],
+                recipe.final,
+                lines,
+                sentence(recipe, lines, summary.profile),
+                recipe.why_not_comparable,
+            )
+        )
     return out
 
 
@@ -290,16 +384,36 @@ def _verdict_text(line: Line) -> str:
     return line.verdict + tuned
 
 
-HEADER = ["variant", "changes", "kind", "where it comes from", "seeds", "metric", "final, mean [95 % CI]",
-          "difference from the recipe [95 % CI]", "p (test)", "verdict"]
+HEADER = [
+    "variant",
+    "changes",
+    "kind",
+    "where it comes from",
+    "seeds",
+    "metric",
+    "final, mean [95 % CI]",
+    "difference from the recipe [95 % CI]",
+    "p (test)",
+    "verdict",
+]
 
 
 def rows(t: Table) -> list[list[str]]:
-    return [[
-        f"**{line.variant}**" if line.variant == ablation.RECIPE else line.variant, line.label, line.kind, line.source,
-        _seeds_text(line), line.metric, _final_text(line), _difference_text(line, t.recipe),
-        _p_text(line.difference), _verdict_text(line),
-    ] for line in t.lines]
+    return [
+        [
+            f"**{line.variant}**" if line.variant == ablation.RECIPE else line.variant,
+            line.label,
+            line.kind,
+            line.source,
+            _seeds_text(line),
+            line.metric,
+            _final_text(line),
+            _difference_text(line, t.recipe),
+            _p_text(line.difference),
+            _verdict_text(line),
+        ]
+        for line in t.lines
+    ]
 
 
 INTRO = """\
@@ -325,8 +439,10 @@ def markdown(found: list[Table], figures: dict[str, str]) -> str:
         parts += [f"### `{t.experiment}`\n", table(HEADER, rows(t)) + "\n", t.sentence + "\n"]
         if t.experiment in figures:
             if t.why_not_comparable:
-                parts.append(f"The figure draws no line at the reported figure: profile `{t.profile}` is not comparable "
-                             f"to it ({t.why_not_comparable}).\n")
+                parts.append(
+                    f"The figure draws no line at the reported figure: profile `{t.profile}` is not comparable "
+                    f"to it ({t.why_not_comparable}).\n"
+                )
             parts.append(f"![Ablation of {t.experiment}: differences from the recipe]({figures[t.experiment]})\n")
     return "\n".join(parts)
 
@@ -337,15 +453,34 @@ def frame(found: list[Table]) -> pd.DataFrame:
     for t in found:
         for line in t.lines:
             ci, d = line.interval, line.difference
-            diff = (line.interval.mean - t.recipe.mean) if line.variant == REPORTED and ci.n and t.recipe.n else (d.mean if d else None)
-            out.append([
-                t.experiment, line.variant, line.label, line.kind, line.source, line.metric,
-                None if line.variant == REPORTED else ci.n,
-                ci.mean if ci.n else None, ci.low if ci.n >= 2 else None, ci.high if ci.n >= 2 else None,
-                diff, d.low if d and d.has_interval else None, d.high if d and d.has_interval else None,
-                d.p if d and not math.isnan(d.p) else None, d.test if d else None, line.verdict, line.same_as,
-                " ".join(line.studies) or None, line.baseline.mean if line.baseline else None,
-            ])
+            diff = (
+                (line.interval.mean - t.recipe.mean)
+                if line.variant == REPORTED and ci.n and t.recipe.n
+                else (d.mean if d else None)
+            )
+            out.append(
+                [
+                    t.experiment,
+                    line.variant,
+                    line.label,
+                    line.kind,
+                    line.source,
+                    line.metric,
+                    None if line.variant == REPORTED else ci.n,
+                    ci.mean if ci.n else None,
+                    ci.low if ci.n >= 2 else None,
+                    ci.high if ci.n >= 2 else None,
+                    diff,
+                    d.low if d and d.has_interval else None,
+                    d.high if d and d.has_interval else None,
+                    d.p if d and not math.isnan(d.p) else None,
+                    d.test if d else None,
+                    line.verdict,
+                    line.same_as,
+                    " ".join(line.studies) or None,
+                    line.baseline.mean if line.baseline else None,
+                ]
+            )
     out = pd.DataFrame(out, columns=COLUMNS)
     out["seeds"] = out["seeds"].astype("Int64")  # the reported row's is empty, the others whole numbers
     return out

@@ -32,8 +32,15 @@ def runs_frame(summary) -> pd.DataFrame:
     runs = summary.results.runs.copy()
     placed = []
     for r in summary.rows:
-        placed += [(run_id, "recipe" if r.is_recipe else r.label, r.cost.parameters if r.cost else None,
-                    r.cost.gflops if r.cost else None) for run_id in r.runs.run_id]
+        placed += [
+            (
+                run_id,
+                "recipe" if r.is_recipe else r.label,
+                r.cost.parameters if r.cost else None,
+                r.cost.gflops if r.cost else None,
+            )
+            for run_id in r.runs.run_id
+        ]
     rows = pd.DataFrame(placed, columns=["run_id", "report_row", "model_parameters", "gflops_per_image"])
     rows["model_parameters"] = rows.model_parameters.astype("Int64")
     runs = runs.merge(rows, on="run_id", how="left")
@@ -66,7 +73,9 @@ def write(summary, out_dir: Path, studies: Studies | None = None, ablation_table
         frames["ablations.csv"] = ablations.frame(ablation_tables)
     if studies is not None:
         for name in sorted(studies.handles):
-            frames[study_file("trials", name)] = studies.trials[studies.trials.study == name].sort_values("number", kind="stable")
+            frames[study_file("trials", name)] = studies.trials[studies.trials.study == name].sort_values(
+                "number", kind="stable"
+            )
             steps = studies.intermediate[studies.intermediate.study == name]
             frames[study_file("intermediate", name)] = steps.sort_values(["number", "epoch"], kind="stable")
     for name, frame in frames.items():

@@ -20,9 +20,18 @@ from matplotlib.figure import Figure
 
 from bench import ablation, report, stats
 
-LABELS = {"test_acc": "test accuracy", "train_loss": "training loss", "val_acc": "validation accuracy", "lr": "learning rate"}
+LABELS = {
+    "test_acc": "test accuracy",
+    "train_loss": "training loss",
+    "val_acc": "validation accuracy",
+    "lr": "learning rate",
+}
 CURVES = ("test_acc", "train_loss", "val_acc", "lr")  # val_acc and lr drawn when some run or reported curve has them
-FILES = {**{m: f"{m}.png" for m in CURVES}, "comparison": "bottleneck_vs_resnet_b.png", "spread": "final_test_acc_spread.png"}
+FILES = {
+    **{m: f"{m}.png" for m in CURVES},
+    "comparison": "bottleneck_vs_resnet_b.png",
+    "spread": "final_test_acc_spread.png",
+}
 REPORTED_STYLE = {"color": "0.15", "marker": "o", "markersize": 3, "linewidth": 1}
 SEED_STYLE = {"linewidth": 0.7, "alpha": 0.45}
 DPI = 100
@@ -35,7 +44,9 @@ def _save(fig: Figure, path: Path) -> None:
 def _suite_line(ax, ours: pd.DataFrame, label: str, color: str, seed_label: str = "one seed") -> None:
     for i, (_, seed) in enumerate(ours.groupby("run_id", sort=False)):  # in the frame's order: by seed
         ax.plot(seed.epoch, seed.value, color=color, label=seed_label if i == 0 else "_nolegend_", **SEED_STYLE)
-    sns.lineplot(data=ours, x="epoch", y="value", estimator="mean", errorbar=stats.t_band, ax=ax, label=label, color=color)
+    sns.lineplot(
+        data=ours, x="epoch", y="value", estimator="mean", errorbar=stats.t_band, ax=ax, label=label, color=color
+    )
 
 
 def _clip(ax, metric: str, values: pd.Series) -> None:
@@ -77,7 +88,7 @@ def metric_figure(summary, metric: str, path: Path) -> None:
         _clip(ax, metric, pd.concat([theirs.value, ours.value]))
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    for ax in axes[len(rows):]:
+    for ax in axes[len(rows) :]:
         ax.set_visible(False)
     _save(fig, path)
 
@@ -92,7 +103,16 @@ def comparison_figure(summary, path: Path) -> None:
         if len(ours):
             _suite_line(ax, ours, f"{label}, suite ({_seeds(ours)} seeds)", color, f"{label}, one seed")
         if len(theirs):
-            ax.plot(theirs.epoch, theirs.value, label=f"{label}, reported", color=color, marker="o", markersize=4, linestyle="--", linewidth=1)
+            ax.plot(
+                theirs.epoch,
+                theirs.value,
+                label=f"{label}, reported",
+                color=color,
+                marker="o",
+                markersize=4,
+                linestyle="--",
+                linewidth=1,
+            )
     w = summary.comparison
     test = f"Welch's t-test on the final accuracy: p = {w.p:.4f}" if w else "Welch's t-test needs two seeds of each"
     ax.set_title(f"Bottleneck against ResNet-B on CIFAR-10\n{test}", fontsize=10)
@@ -118,11 +138,17 @@ def spread_figure(summary, path: Path) -> None:
     names = [row_name(r) for r in summary.rows]
     fig = Figure(figsize=(8, 1.2 + 0.2 * sum(n.count("\n") + 2 for n in names)), layout="constrained")
     ax = fig.subplots()
-    sns.boxplot(data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="0.9", width=0.5, showfliers=False)
+    sns.boxplot(
+        data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="0.9", width=0.5, showfliers=False
+    )
     sns.swarmplot(data=finals, x="final_test_acc", y="config", order=names, ax=ax, color="C0", size=5, label="one seed")
-    reported = [(i, r.figures["final_test_acc"]) for i, r in enumerate(summary.rows) if r.figures["final_test_acc"] is not None]
+    reported = [
+        (i, r.figures["final_test_acc"]) for i, r in enumerate(summary.rows) if r.figures["final_test_acc"] is not None
+    ]
     if reported:
-        ax.scatter([v for _, v in reported], [i for i, _ in reported], marker="x", color="0.15", zorder=3, label="reported")
+        ax.scatter(
+            [v for _, v in reported], [i for i, _ in reported], marker="x", color="0.15", zorder=3, label="reported"
+        )
     ax.set_xlabel(f"final test accuracy ({summary.profile})")
     ax.set_ylabel("")
     ax.tick_params(axis="y", labelsize=8)
@@ -145,15 +171,30 @@ def ablation_plot(t) -> Figure:
     for y, line in enumerate(lines):
         d = line.difference
         if d is None:
-            why = ("not measured" if line.verdict.startswith("not measured") else "not run") if line.interval.n == 0 else "the recipe's config" if line.same_as == ablation.RECIPE else "no recipe runs"
+            why = (
+                ("not measured" if line.verdict.startswith("not measured") else "not run")
+                if line.interval.n == 0
+                else "the recipe's config"
+                if line.same_as == ablation.RECIPE
+                else "no recipe runs"
+            )
             ax.text(0, y, f" {why}", va="center", fontsize=8, color="0.3")
             continue
         err = [[100 * (d.mean - d.low)], [100 * (d.high - d.mean)]] if d.has_interval else None
-        ax.errorbar([100 * d.mean], [y], xerr=err, fmt="o", color="C1" if line.kind.startswith(ablation.EVALUATION_ONLY) else "C0",
-                    capsize=3, markersize=5)
+        ax.errorbar(
+            [100 * d.mean],
+            [y],
+            xerr=err,
+            fmt="o",
+            color="C1" if line.kind.startswith(ablation.EVALUATION_ONLY) else "C0",
+            capsize=3,
+            markersize=5,
+        )
     # Off a comparable profile (smoke) the gap is meaningless and would squeeze the effects.
     if t.reported is not None and t.recipe.n and t.why_not_comparable is None:
-        ax.axvline(100 * (t.reported - t.recipe.mean), color="0.15", linestyle="--", linewidth=1, label="reported - recipe")
+        ax.axvline(
+            100 * (t.reported - t.recipe.mean), color="0.15", linestyle="--", linewidth=1, label="reported - recipe"
+        )
         ax.legend(fontsize=8, loc="best")
     ax.set_yticks(range(len(lines)), names)
     ax.set_ylim(len(lines) - 0.5, -0.5)
@@ -165,7 +206,9 @@ def ablation_plot(t) -> Figure:
 def _drawn(summary, metric: str) -> bool:
     """Whether a recipe's runs or a reported curve has the metric."""
     experiments = [r.experiment for r in summary.recipe_rows]
-    return (summary.metrics.metric == metric).any() or (summary.curves.experiment.isin(experiments) & (summary.curves.metric == metric)).any()
+    return (summary.metrics.metric == metric).any() or (
+        summary.curves.experiment.isin(experiments) & (summary.curves.metric == metric)
+    ).any()
 
 
 def draw_all(summary, out_dir: Path, ablation_tables: list | None = None) -> dict[str, str]:
@@ -173,7 +216,11 @@ def draw_all(summary, out_dir: Path, ablation_tables: list | None = None) -> dic
     returns {figure key: file name relative to out_dir}."""
     written = {}
     # matplotlib's defaults (not the user's matplotlibrc) and seaborn's theme, undone afterwards.
-    with matplotlib.style.context("default"), sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
+    with (
+        matplotlib.style.context("default"),
+        sns.axes_style("whitegrid"),
+        sns.plotting_context("notebook", font_scale=0.85),
+    ):
         for metric in CURVES:
             if metric in ("test_acc", "train_loss") or _drawn(summary, metric):
                 metric_figure(summary, metric, out_dir / FILES[metric])

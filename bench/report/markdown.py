@@ -25,7 +25,7 @@ def ci_text(ci: stats.Interval) -> str:
     return f"{pct(ci.mean)} [{100 * ci.low:.2f}, {100 * ci.high:.2f}]{clipped}"
 
 
-def _best_text(row: "Row") -> str:
+def _best_text(row: Row) -> str:
     """The val-chosen best; runs trained with no validation split (data.val_size = 0) have none."""
     if row.best.n == 0 and not row.runs.empty and (row.runs.data_val.fillna(-1) == 0).all():
         return "- (no validation split)"
@@ -99,33 +99,62 @@ def _hardware_text(row: Row) -> str:
 
 def summary_table(summary: Summary) -> str:
     header = [
-        "reported run", "reported final (epoch)", "reported best (epoch)", "suite final, mean [95 % CI]",
-        "seeds", "sd over seeds", "difference", "verdict", "suite best, val-chosen", "epochs theirs / ours",
-        "s per epoch theirs / ours (timed)", "hardware theirs / ours", "device-hours per seed",
-        "parameters", "GFLOPs per image", "profile, data",
+        "reported run",
+        "reported final (epoch)",
+        "reported best (epoch)",
+        "suite final, mean [95 % CI]",
+        "seeds",
+        "sd over seeds",
+        "difference",
+        "verdict",
+        "suite best, val-chosen",
+        "epochs theirs / ours",
+        "s per epoch theirs / ours (timed)",
+        "hardware theirs / ours",
+        "device-hours per seed",
+        "parameters",
+        "GFLOPs per image",
+        "profile, data",
     ]
     rows = []
     for r in summary.rows:
         f = r.figures
-        diff = "-" if r.final.n == 0 or f["final_test_acc"] is None else f"{100 * (r.final.mean - f['final_test_acc']):+.2f} pt"
+        diff = (
+            "-"
+            if r.final.n == 0 or f["final_test_acc"] is None
+            else f"{100 * (r.final.mean - f['final_test_acc']):+.2f} pt"
+        )
         verdict = f"{r.verdict} ({r.why_not_comparable})" if r.why_not_comparable else f"**{r.verdict}**"
         name = f"{r.reported.label} (`{r.experiment}`)" + ("" if r.is_recipe else f", other config: {r.label}")
-        rows.append([
-            name,
-            f"{pct(f['final_test_acc'])} ({r.reported.final_epoch})",
-            f"{pct(f['best_test_acc'])} ({f['best_epoch']})",
-            ci_text(r.final), str(r.final.n), sd_text(r.final), diff, verdict, _best_text(r),
-            _epochs_text(r), _seconds_text(r), _hardware_text(r), hours(r.device_hours), *cost_texts(r.cost),
-            f"{summary.profile}, {_data_text(r.runs)}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{pct(f['final_test_acc'])} ({r.reported.final_epoch})",
+                f"{pct(f['best_test_acc'])} ({f['best_epoch']})",
+                ci_text(r.final),
+                str(r.final.n),
+                sd_text(r.final),
+                diff,
+                verdict,
+                _best_text(r),
+                _epochs_text(r),
+                _seconds_text(r),
+                _hardware_text(r),
+                hours(r.device_hours),
+                *cost_texts(r.cost),
+                f"{summary.profile}, {_data_text(r.runs)}",
+            ]
+        )
     return table(header, rows)
 
 
 def _comparison_text(summary: Summary) -> str:
     w = summary.comparison
     if w is None:
-        return ("Welch's t-test needs at least two finished seeds of each model; run "
-                "`bench run --suite cifar10 --seeds 2` (or more) and report again.")
+        return (
+            "Welch's t-test needs at least two finished seeds of each model; run "
+            "`bench run --suite cifar10 --seeds 2` (or more) and report again."
+        )
     significant = "differ" if w.p < 0.05 else "do not differ"
     return (
         f"Final test accuracy, bottleneck {pct(w.mean_a)} (n = {w.n_a}) against ResNet-B {pct(w.mean_b)} "
@@ -144,12 +173,17 @@ def environment_table(summary: Summary) -> str:
 
     rows = [
         ["git commit", values("git_commit")],
-        ["python", values("python")], ["torch", values("torch")], ["torchvision", values("torchvision")],
-        ["numpy", values("numpy")], ["device", values("device")],
+        ["python", values("python")],
+        ["torch", values("torch")],
+        ["torchvision", values("torchvision")],
+        ["numpy", values("numpy")],
+        ["device", values("device")],
     ]
     for r in summary.rows:
         seeds = ", ".join(str(s) for s in r.runs.seed) if not r.runs.empty else "-"
-        rows.append([f"`{r.experiment}`" + (f", {r.label}" if r.label else ""), f"seeds {seeds}; data {_data_text(r.runs)}"])
+        rows.append(
+            [f"`{r.experiment}`" + (f", {r.label}" if r.label else ""), f"seeds {seeds}; data {_data_text(r.runs)}"]
+        )
     return table(["", "value"], rows)
 
 
@@ -157,12 +191,28 @@ def runs_table(summary: Summary) -> str:
     rows = []
     for r in summary.rows:
         for _, run in r.runs.iterrows():
-            rows.append([
-                f"`{run.run_name}`", r.label or "recipe", str(run.seed), str(run.epochs_done), pct(run.get("final_test_acc")),
-                pct(run.get("best_test_acc")), str(run.best_epoch) if pd.notna(run.best_epoch) else "-",
-                f"`{run.run_id}`",
-            ])
-    header = ["run", "config", "seed", "epochs", "final test acc", "best test acc (val-chosen)", "best epoch", "MLflow run id"]
+            rows.append(
+                [
+                    f"`{run.run_name}`",
+                    r.label or "recipe",
+                    str(run.seed),
+                    str(run.epochs_done),
+                    pct(run.get("final_test_acc")),
+                    pct(run.get("best_test_acc")),
+                    str(run.best_epoch) if pd.notna(run.best_epoch) else "-",
+                    f"`{run.run_id}`",
+                ]
+            )
+    header = [
+        "run",
+        "config",
+        "seed",
+        "epochs",
+        "final test acc",
+        "best test acc (val-chosen)",
+        "best epoch",
+        "MLflow run id",
+    ]
     return table(header, rows)
 
 
@@ -173,13 +223,17 @@ def notes_text(summary: Summary) -> str:
         out.append(f"- Reported figures: {r.reported.curves_source}; hardware: {r.reported.hardware_source}.")
         out += [f"- {note}" for note in r.reported.notes]
         if r.recipe_diff:
-            out.append(f"- The recipe of profile `{summary.profile}` differs from the paper recipe in: {', '.join(f'`{k}`' for k in r.recipe_diff)}.")
+            out.append(
+                f"- The recipe of profile `{summary.profile}` differs from the paper recipe in: {', '.join(f'`{k}`' for k in r.recipe_diff)}."
+            )
         others = [o.label for o in summary.rows if o.experiment == r.experiment and not o.is_recipe]
         if others:
             out.append(f"- Other configs, in rows of their own: {'; '.join(f'`{o}`' for o in others)}.")
         if not r.runs.empty and (r.runs.data_val.fillna(-1) == 0).all():
-            out.append("- Trained on the whole training set (`data.val_size = 0`), as reported: no validation split, "
-                       "so no val-chosen best; the comparison is the test accuracy at the last epoch.")
+            out.append(
+                "- Trained on the whole training set (`data.val_size = 0`), as reported: no validation split, "
+                "so no val-chosen best; the comparison is the test accuracy at the last epoch."
+            )
         if r.excluded:
             left = ", ".join(f"{n} ({why})" for why, n in sorted(r.excluded.items()))
             out.append(f"- Runs left out: {left}.")
@@ -216,7 +270,11 @@ def _caveat(summary: Summary) -> list[str]:
     apart = [r for r in rows if r.why_not_comparable]
     if not apart:
         return []
-    which = "None of these runs is" if len(apart) == len(rows) else f"{len(apart)} of {len(rows)} reported runs' rows are not"
+    which = (
+        "None of these runs is"
+        if len(apart) == len(rows)
+        else f"{len(apart)} of {len(rows)} reported runs' rows are not"
+    )
     return [
         f"> {which} the reported recipe on the full dataset (profile `{summary.profile}`): the figures show "
         "that the suite runs and learns, and are not comparable to the reported ones. Run "
@@ -225,17 +283,20 @@ def _caveat(summary: Summary) -> list[str]:
 
 
 CURVE_TITLES = {
-    "test_acc": "Test accuracy against epoch", "train_loss": "Training loss against epoch",
-    "val_acc": "Validation accuracy against epoch", "lr": "Learning rate against epoch",
+    "test_acc": "Test accuracy against epoch",
+    "train_loss": "Training loss against epoch",
+    "val_acc": "Validation accuracy against epoch",
+    "lr": "Learning rate against epoch",
 }
 
 
-def markdown(summary: Summary, figures: dict[str, str], tuning: str = "", data: list[str] | None = None, ablations: str = "") -> str:
+def markdown(
+    summary: Summary, figures: dict[str, str], tuning: str = "", data: list[str] | None = None, ablations: str = ""
+) -> str:
     parts = [
         f"# Report: suite `{summary.suite}`, profile `{summary.profile}`\n",
         *_caveat(summary),
-        "Generated by `bench report` from the runs in MLflow and the reported figures in "
-        "`experiments/reference/`.\n",
+        "Generated by `bench report` from the runs in MLflow and the reported figures in `experiments/reference/`.\n",
         "## Did it reproduce?\n",
         summary_table(summary) + "\n",
         VERDICT_TEXT + "\n",
@@ -248,8 +309,11 @@ def markdown(summary: Summary, figures: dict[str, str], tuning: str = "", data: 
         if key in figures:
             parts.append(f"![{title}]({figures[key]})\n")
     if "spread" in figures:
-        parts += ["The final test accuracy of each seed, one row per config (other configs included), "
-                  "with the reported final figure as a cross.\n", f"![Final test accuracy per seed and config]({figures['spread']})\n"]
+        parts += [
+            "The final test accuracy of each seed, one row per config (other configs included), "
+            "with the reported final figure as a cross.\n",
+            f"![Final test accuracy per seed and config]({figures['spread']})\n",
+        ]
     if all(n in [r.experiment for r in summary.rows] for n in BOTTLENECK_PAIR):
         parts += ["## Bottleneck against ResNet-B\n", _comparison_text(summary) + "\n"]
         if "comparison" in figures:
@@ -259,15 +323,19 @@ def markdown(summary: Summary, figures: dict[str, str], tuning: str = "", data: 
     if tuning:
         parts.append(tuning)
     parts += [
-        "## Environment\n", environment_table(summary) + "\n",
-        "## Runs\n", runs_table(summary) + "\n",
-        "## Sources and notes\n", notes_text(summary),
+        "## Environment\n",
+        environment_table(summary) + "\n",
+        "## Runs\n",
+        runs_table(summary) + "\n",
+        "## Sources and notes\n",
+        notes_text(summary),
     ]
     if data:
         parts += [
             "## Data\n",
             "The numbers behind every table and figure, for pandas (`pd.read_csv`): "
-            + ", ".join(f"[`{name}`]({name})" for name in data) + ". `runs.csv` has one row per run "
+            + ", ".join(f"[`{name}`]({name})" for name in data)
+            + ". `runs.csv` has one row per run "
             "(`report_row` names the row of the summary it counts in), `epochs.csv` one per run and epoch.\n",
         ]
     return "\n".join(parts)

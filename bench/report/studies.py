@@ -120,7 +120,9 @@ def best_table(trials: pd.DataFrame) -> list[str]:
     """The best complete trials by validation accuracy (ties: the earlier trial), and the recipe's
     trial below them when it is not among them."""
     params = params_of(trials)
-    complete = trials[trials.state == "COMPLETE"].sort_values(["value", "number"], ascending=[False, True], kind="stable")
+    complete = trials[trials.state == "COMPLETE"].sort_values(
+        ["value", "number"], ascending=[False, True], kind="stable"
+    )
     shown = complete.head(TOP)
     recipe = trials[trials.recipe & ~trials.number.isin(shown.number)]
     rows = []
@@ -165,7 +167,9 @@ def markdown(studies: Studies, figures: dict[str, dict[str, str]], ablations: di
         drawn = figures.get(name, {})
         if complete.empty:
             parts.append("No complete trial yet.\n")
-            parts += [f"![{PLOTS[kind]}, {name}]({drawn[kind]})\n" for kind in ("intermediate", "timeline") if kind in drawn]
+            parts += [
+                f"![{PLOTS[kind]}, {name}]({drawn[kind]})\n" for kind in ("intermediate", "timeline") if kind in drawn
+            ]
             continue
         best = complete.sort_values(["value", "number"], ascending=[False, True], kind="stable").iloc[0]
         parts.append(

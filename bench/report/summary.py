@@ -79,7 +79,9 @@ class Summary:
     curves: pd.DataFrame  # the reported per-epoch figures of the suite's experiments
     results: Results | None = None  # every run read, selected or not: the exports' source
     ablations: dict[str, list[ablation.Variant]] = field(default_factory=dict)  # experiment -> its ablation's variants
-    ablation_errors: dict[str, str] = field(default_factory=dict)  # experiment -> why its ablation is invalid under the profile
+    ablation_errors: dict[str, str] = field(
+        default_factory=dict
+    )  # experiment -> why its ablation is invalid under the profile
 
     @property
     def recipe_rows(self) -> list[Row]:
@@ -142,14 +144,22 @@ def config_cost(experiment: str, profile: str, sets: list[str]) -> cost.Cost | N
         return None
 
 
-def variant_cost(runs: pd.DataFrame, experiment: str, profile: str, base: Recipe, recipe_cost: cost.Cost | None) -> cost.Cost | None:
+def variant_cost(
+    runs: pd.DataFrame, experiment: str, profile: str, base: Recipe, recipe_cost: cost.Cost | None
+) -> cost.Cost | None:
     """The cost of another config: the recipe's, unless its runs' params change the model."""
     first = runs.iloc[0]
-    keys = [k for k in base.params if k.startswith(COST_KEYS) and k in runs.columns and pd.notna(first[k]) and str(first[k]) != base.params[k]]
+    keys = [
+        k
+        for k in base.params
+        if k.startswith(COST_KEYS) and k in runs.columns and pd.notna(first[k]) and str(first[k]) != base.params[k]
+    ]
     if not keys:
         return recipe_cost
     # Params are str() of the value: Python's True/False, where --set takes TOML's true/false.
-    return config_cost(experiment, profile, [f"{k}={ {'True': 'true', 'False': 'false'}.get(str(first[k]), first[k])}" for k in keys])
+    return config_cost(
+        experiment, profile, [f"{k}={ {'True': 'true', 'False': 'false'}.get(str(first[k]), first[k]) }" for k in keys]
+    )
 
 
 def _values(runs: pd.DataFrame, column: str) -> pd.Series:
@@ -157,8 +167,17 @@ def _values(runs: pd.DataFrame, column: str) -> pd.Series:
     return runs[column].dropna() if column in runs else pd.Series(dtype=float)
 
 
-def _row(results: Results, run: reference.ReportedRun, figures: dict, runs: pd.DataFrame, diff: list[str],
-         excluded: dict[str, int], label: str | None, model_cost: cost.Cost | None, config_hash: str | None) -> Row:
+def _row(
+    results: Results,
+    run: reference.ReportedRun,
+    figures: dict,
+    runs: pd.DataFrame,
+    diff: list[str],
+    excluded: dict[str, int],
+    label: str | None,
+    model_cost: cost.Cost | None,
+    config_hash: str | None,
+) -> Row:
     final = stats.accuracy_ci(_values(runs, "final_test_acc"))
     best = stats.accuracy_ci(_values(runs, "best_test_acc"))
     if runs.empty:
@@ -175,9 +194,19 @@ def _row(results: Results, run: reference.ReportedRun, figures: dict, runs: pd.D
     metrics = results.metrics
     times = metrics[metrics.run_id.isin(runs.run_id) & (metrics.metric == run.seconds_per_epoch_metric)]
     return Row(
-        reported=run, figures=figures, runs=runs, final=final, best=best, verdict=verdict, why_not_comparable=why,
-        recipe_diff=diff, excluded=excluded, seconds_per_epoch=float(times.value.mean()) if len(times) else None, label=label,
-        cost=model_cost, config_hash=config_hash,
+        reported=run,
+        figures=figures,
+        runs=runs,
+        final=final,
+        best=best,
+        verdict=verdict,
+        why_not_comparable=why,
+        recipe_diff=diff,
+        excluded=excluded,
+        seconds_per_epoch=float(times.value.mean()) if len(times) else None,
+        label=label,
+        cost=model_cost,
+        config_hash=config_hash,
     )
 
 
@@ -235,11 +264,26 @@ def summarize(
         rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost, mine.config_hash))
         # A trained ablation's runs are another config's row, named by the ablation and the values
         # it sets (the first variant's where two train the same config).
-        named = {v.config_hash: f"ablation {v.name}: {v.label}" for v in reversed(ablations[name])
-                 if v.kind == ablation.TRAINED and v.name != ablation.RECIPE}
+        named = {
+            v.config_hash: f"ablation {v.name}: {v.label}"
+            for v in reversed(ablations[name])
+            if v.kind == ablation.TRAINED and v.name != ablation.RECIPE
+        }
         others = [(named.get(h) or variant_label(runs, mine), h, runs) for h, runs in groups.items()]
-        rows += [_row(results, reported[name], figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost), h)
-                 for label, h, runs in sorted(others, key=lambda v: v[0])]
+        rows += [
+            _row(
+                results,
+                reported[name],
+                figures,
+                runs,
+                diff,
+                {},
+                label,
+                variant_cost(runs, name, profile, mine, recipe_cost),
+                h,
+            )
+            for label, h, runs in sorted(others, key=lambda v: v[0])
+        ]
     by_name = {r.experiment: r for r in rows if r.is_recipe}
     comparison = None
     if all(n in by_name for n in BOTTLENECK_PAIR):
@@ -247,13 +291,27 @@ def summarize(
         comparison = stats.welch(a, b)
     selected = pd.concat([r.runs.run_id for r in rows]) if rows else pd.Series(dtype=str)
     metrics = results.metrics[results.metrics.run_id.isin(selected)]
-    return Summary(suite, profile, rows, comparison, metrics, curves[curves.experiment.isin(experiments)], results, ablations,
-                   ablation_errors)
+    return Summary(
+        suite,
+        profile,
+        rows,
+        comparison,
+        metrics,
+        curves[curves.experiment.isin(experiments)],
+        results,
+        ablations,
+        ablation_errors,
+    )
 
 
 def newest_per_seed(parts: list[pd.DataFrame]) -> pd.DataFrame:
     """The runs of one config found under its hashes: a seed run under both counts once, the newest."""
-    return pd.concat(parts).sort_values("start_time").drop_duplicates("seed", keep="last").sort_values("seed", ignore_index=True)
+    return (
+        pd.concat(parts)
+        .sort_values("start_time")
+        .drop_duplicates("seed", keep="last")
+        .sort_values("seed", ignore_index=True)
+    )
 
 
 def earlier_hashes(experiment: str, profile: str, variants: list[ablation.Variant]) -> dict[str, str]:

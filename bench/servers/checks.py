@@ -40,7 +40,7 @@ def check(what: str, url: str) -> None:
         raise UserError(f"{what} {redact(url)!r} is not a URL; use {EXAMPLES[what]}")
     try:
         parts = urlsplit(url)
-        parts.port  # raises for a port that is not a number in 0-65535
+        _ = parts.port  # raises for a port that is not a number in 0-65535
     except ValueError as exc:
         raise UserError(f"{what} {redact(url)} is not a well-formed URL ({exc}); use {EXAMPLES[what]}") from None
     scheme = _scheme(url)
@@ -86,7 +86,9 @@ def _probe_http(what: str, url: str) -> None:
     try:
         answer = requests.get(health, timeout=TIMEOUT_S)
     except requests.RequestException as exc:
-        raise UserError(f"{what} {redact(url)} does not answer ({type(exc).__name__}); is the MLflow server running there?") from None
+        raise UserError(
+            f"{what} {redact(url)} does not answer ({type(exc).__name__}); is the MLflow server running there?"
+        ) from None
     if answer.status_code >= 500:
         raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} at /health")
     _probe_login(what, url)
@@ -103,17 +105,30 @@ def _probe_login(what: str, url: str) -> None:
     creds = get_default_host_creds(url.rstrip("/"))
     try:
         # The server is up (/health answered): its first API call may wait a while for its database.
-        answer = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
-                              max_retries=0, timeout=(TIMEOUT_S, 60), raise_on_status=False)
+        answer = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=(TIMEOUT_S, 60),
+            raise_on_status=False,
+        )
     except Exception:  # MLflow wraps what requests raises; its message would quote the URL as given
-        raise UserError(f"{what} {redact(url)} does not answer a search of its experiments; is it an MLflow server?") from None
+        raise UserError(
+            f"{what} {redact(url)} does not answer a search of its experiments; is it an MLflow server?"
+        ) from None
     given = creds.username or creds.token or urlsplit(url).username
     if answer.status_code == 401 and given:
-        raise UserError(f"{what} {redact(url)} refuses the login (HTTP 401): check the user and password "
-                        "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        raise UserError(
+            f"{what} {redact(url)} refuses the login (HTTP 401): check the user and password "
+            "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
     if answer.status_code == 401:
-        raise UserError(f"{what} {redact(url)} requires a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
-                        "MLFLOW_TRACKING_PASSWORD to a user of the server")
+        raise UserError(
+            f"{what} {redact(url)} requires a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to a user of the server"
+        )
     if answer.status_code >= 400:
         raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} to a search of its experiments")
 

@@ -17,7 +17,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench.errors import UserError
 from bench.servers.urls import redact
@@ -33,18 +34,46 @@ TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 # The exception types (by name, anywhere in the chain of causes) of a connection that failed or
 # was cut: requests', urllib3's, the socket's, SQLAlchemy's and the DB drivers'.
 TRANSIENT_TYPES = {
-    "ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "ChunkedEncodingError", "ProtocolError",
-    "MaxRetryError", "NewConnectionError", "RemoteDisconnected", "ConnectionRefusedError", "ConnectionResetError",
-    "BrokenPipeError", "TimeoutError", "DisconnectionError", "AdminShutdown", "CannotConnectNow",
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "ChunkedEncodingError",
+    "ProtocolError",
+    "MaxRetryError",
+    "NewConnectionError",
+    "RemoteDisconnected",
+    "ConnectionRefusedError",
+    "ConnectionResetError",
+    "BrokenPipeError",
+    "TimeoutError",
+    "DisconnectionError",
+    "AdminShutdown",
+    "CannotConnectNow",
 }
 # What MLflow's REST client and SQL store say when the server or database was away (it wraps the
 # original error in its own exception, by message).
 TRANSIENT_WORDS = (
-    "Max retries exceeded", "Connection refused", "Connection reset", "Connection aborted", "RemoteDisconnected",
-    "server closed the connection", "terminating connection", "the database system is starting up",
-    "the database system is shutting down", "could not connect to server", "connection to server",
-    "connection failed", "the connection is closed", "connection is lost", "could not receive data", "SSL SYSCALL error",
-    "database is locked", "timed out", "Temporary failure in name resolution", "too many connections",
+    "Max retries exceeded",
+    "Connection refused",
+    "Connection reset",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "server closed the connection",
+    "terminating connection",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "could not connect to server",
+    "connection to server",
+    "connection failed",
+    "the connection is closed",
+    "connection is lost",
+    "could not receive data",
+    "SSL SYSCALL error",
+    "database is locked",
+    "timed out",
+    "Temporary failure in name resolution",
+    "too many connections",
 )
 
 
@@ -97,8 +126,10 @@ class Unavailable(Exception):
 
     def __init__(self, what: str, url: str, down_s: float, limit: float) -> None:
         self.what, self.url, self.down_s, self.limit = what, redact(url), down_s, limit
-        super().__init__(f"the {what} {self.url} has been unreachable or failing for {down_s:.0f} s (the outage limit "
-                         f"is {limit:g} s: --outage-limit or ${LIMIT_ENV})")
+        super().__init__(
+            f"the {what} {self.url} has been unreachable or failing for {down_s:.0f} s (the outage limit "
+            f"is {limit:g} s: --outage-limit or ${LIMIT_ENV})"
+        )
 
 
 class Backoff:
@@ -116,8 +147,15 @@ class Backoff:
         return delay
 
 
-def retry(call: Callable[[], Any], *, what: str, url: str, limit: float | None = None, before_again: Callable[[], Any] | None = None,
-          watch: Any = None) -> Any:
+def retry(
+    call: Callable[[], Any],
+    *,
+    what: str,
+    url: str,
+    limit: float | None = None,
+    before_again: Callable[[], Any] | None = None,
+    watch: Any = None,
+) -> Any:
     """`call()`, again after each transient error, with backoff, until it succeeds or the server
     has been away for `limit` seconds (then `Unavailable`). `before_again()`, when given, runs
     before each new attempt and its result, if not None, is returned instead of calling again: a
@@ -145,7 +183,13 @@ def retry(call: Callable[[], Any], *, what: str, url: str, limit: float | None =
             if now - down_since >= limit:
                 raise Unavailable(what, url, now - down_since, limit) from exc
             if not warned:
-                log.warning("the %s %s does not answer (%s); trying again for up to %g s", what, redact(url), first_line(exc), limit)
+                log.warning(
+                    "the %s %s does not answer (%s); trying again for up to %g s",
+                    what,
+                    redact(url),
+                    first_line(exc),
+                    limit,
+                )
                 warned = True
             time.sleep(min(backoff.next(), max(0.0, limit - (now - down_since)) + 0.01))
     if watch is not None:

@@ -11,22 +11,22 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from bench import ablation, config, data, engine
-from bench.suite import claims as lease
-from bench.tracking import model as logged_model
-from bench.servers import retry as outage
+from bench.data import cifar
 from bench.engine import stops
 from bench.engine.callbacks import ConsoleProgress
-from bench.data import cifar
 from bench.errors import UserError, failure_tags, reason
 from bench.models import create_model
+from bench.servers import retry as outage
+from bench.suite import claims as lease
 from bench.tracking import NOTE, MlflowRun, Tracker, drop_pinned, environment_tags
+from bench.tracking import model as logged_model
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,13 @@ class CellOutcome:
 
 
 def plan(
-    experiments: list[str], *, profile: str, seeds: int, sets: list[str] = (), epochs: int | None = None, ablate: bool = False,
+    experiments: list[str],
+    *,
+    profile: str,
+    seeds: int,
+    sets: list[str] = (),
+    epochs: int | None = None,
+    ablate: bool = False,
 ) -> list[Cell]:
     """Every cell's config, loaded and validated before anything runs. With `ablate`, each
     experiment's trained ablation variants too (the recipe first), seeds within each variant; a
@@ -123,7 +129,10 @@ def plan(
     for name in experiments:
         for v in ablation.variants(name, profile):
             if v.kind == ablation.TRAINED and v.same_as is None:
-                cells += [Cell(profile, config.load(name, profile=profile, seed=seed, sets=list(v.sets)), v.name) for seed in range(seeds)]
+                cells += [
+                    Cell(profile, config.load(name, profile=profile, seed=seed, sets=list(v.sets)), v.name)
+                    for seed in range(seeds)
+                ]
     return cells
 
 
@@ -150,7 +159,7 @@ def data_root(cfg: config.RunConfig, data_dir: Path | None) -> Path | None:
     return None if cfg.data.source == "embedded" else Path(data_dir or "data")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _files(dataset: str, root: Path | None) -> cifar.CifarFiles:
     return cifar.load_cifar(dataset, root)
 
@@ -169,14 +178,18 @@ def preflight(cells: list[Cell], data_dir: Path | None) -> None:
             raise UserError(f"{c.experiment}{variant}: {exc}") from None
     for cfg in {repr(c.cfg.model) + str(c.cfg.data.image_size): c.cfg for c in cells}.values():
         try:
-            model = create_model(cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options).eval()
+            model = create_model(
+                cfg.model.name, num_classes=cifar.NUM_CLASSES[cfg.data.dataset], **cfg.model.options
+            ).eval()
             with torch.no_grad():  # options that build but do not fit together fail on the first batch
                 model(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size))
         except UserError:
             raise
         except Exception as exc:  # a builder given options that do not fit together (list lengths, ...)
             options = ", ".join(f"model.{k}={v}" for k, v in cfg.model.options.items())
-            raise UserError(f"{cfg.experiment}: model {cfg.model.name} does not work with {options} at {cfg.data.image_size} px: {reason(exc)}") from None
+            raise UserError(
+                f"{cfg.experiment}: model {cfg.model.name} does not work with {options} at {cfg.data.image_size} px: {reason(exc)}"
+            ) from None
 
 
 def _skipped(cell: Cell, run, tracker: Tracker) -> CellOutcome:
@@ -189,13 +202,26 @@ def _skipped(cell: Cell, run, tracker: Tracker) -> CellOutcome:
             log.warning("could not tag run %s as ablation %s: %s", run.info.run_id, cell.ablation, reason(exc))
     metrics = run.data.metrics
     return CellOutcome(
-        cell, "skipped", int(run.data.tags.get("bench.epochs_done", 0)),
-        metrics.get("test_acc"), metrics.get("best_test_acc"), 0.0, run.info.run_id,
+        cell,
+        "skipped",
+        int(run.data.tags.get("bench.epochs_done", 0)),
+        metrics.get("test_acc"),
+        metrics.get("best_test_acc"),
+        0.0,
+        run.info.run_id,
     )
 
 
-def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str,
-             bars: bool = True) -> CellOutcome:
+def run_cell(
+    cell: Cell,
+    *,
+    tracker: Tracker,
+    device: torch.device,
+    data_dir: Path | None,
+    checkpoint_root: Path,
+    label: str,
+    bars: bool = True,
+) -> CellOutcome:
     """Train the cell, resume it, or skip it when finished; "busy" when another process (here or
     on another machine) holds its lease. `bars`: a progress bar on a terminal (see ConsoleProgress)."""
     exp_id = tracker.experiment_id(cell.experiment)
@@ -210,7 +236,17 @@ def run_cell(cell: Cell, *, tracker: Tracker, device: torch.device, data_dir: Pa
             existing = _carry_over(cell, tracker, exp_id)
         if existing is not None and existing.info.status == "FINISHED":
             return _skipped(cell, existing, tracker)
-        return _train(cell, existing, exp_id, tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label, bars=bars)
+        return _train(
+            cell,
+            existing,
+            exp_id,
+            tracker=tracker,
+            device=device,
+            data_dir=data_dir,
+            checkpoint_root=checkpoint_root,
+            label=label,
+            bars=bars,
+        )
 
 
 def _carry_over(cell: Cell, tracker: Tracker, exp_id: str):
@@ -230,8 +266,18 @@ def _carry_over(cell: Cell, tracker: Tracker, exp_id: str):
     return tracker.find_cell_run(exp_id, cell.tags)
 
 
-def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path, label: str,
-           bars: bool) -> CellOutcome:
+def _train(
+    cell: Cell,
+    existing,
+    exp_id: str,
+    *,
+    tracker: Tracker,
+    device: torch.device,
+    data_dir: Path | None,
+    checkpoint_root: Path,
+    label: str,
+    bars: bool,
+) -> CellOutcome:
     """Train the cell in its run. Whatever fails on the way (the store, the data, the device, a
     checkpoint, the training itself) fails this cell alone: its run ends FAILED with the reason in
     `bench.failure_reason`. An interruption (Ctrl-C, SIGTERM) ends it KILLED and goes on up."""
@@ -248,18 +294,37 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
             # The description is written once, with the run: a resume keeps what a user wrote in the UI.
             run_id = tracker.start_run(exp_id, cell.run_name, {**cell.run_tags, NOTE: cell.description})
         engine.seed_everything(cfg.seed, cfg.train.deterministic)
-        bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir)))
+        bundle = data.build(
+            cfg.data, seed=cfg.seed, device=device, files=_files(cfg.data.dataset, data_root(cfg, data_dir))
+        )
         model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
-        tags = {**cell.run_tags, **environment_tags(engine.device_name(device)), "bench.data_source": bundle.source, "bench.data_complete": str(bundle.complete).lower()}
+        tags = {
+            **cell.run_tags,
+            **environment_tags(engine.device_name(device)),
+            "bench.data_source": bundle.source,
+            "bench.data_complete": str(bundle.complete).lower(),
+        }
         tags.update({f"bench.data_{k}": str(v) for k, v in bundle.counts.items()})
         example = bundle.test.images[: logged_model.EXAMPLE_IMAGES].permute(0, 2, 3, 1).cpu().numpy()
         tracker.log_environment(run_id)
         ckdir = cell.checkpoint_dir(checkpoint_root)
         drop_pinned(ckdir)  # left by a process killed before its uploads
-        callbacks = [MlflowRun(tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts, journal=ckdir / JOURNAL), ConsoleProgress(label, bars=bars)]
+        callbacks = [
+            MlflowRun(
+                tracker, run_id, cfg, tags, model_example=example, datasets=bundle.parts, journal=ckdir / JOURNAL
+            ),
+            ConsoleProgress(label, bars=bars),
+        ]
         # The experiment's evaluation-only ablations, measured on this run's weights every epoch.
         alternatives = ablation.alternatives(cell.experiment, cfg)
-        result = engine.fit(model, bundle, cfg, checkpoint_dir=cell.checkpoint_dir(checkpoint_root), callbacks=callbacks, alternatives=alternatives)
+        result = engine.fit(
+            model,
+            bundle,
+            cfg,
+            checkpoint_dir=cell.checkpoint_dir(checkpoint_root),
+            callbacks=callbacks,
+            alternatives=alternatives,
+        )
         tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
     except outage.Unavailable:
         if run_id is not None:
@@ -279,8 +344,13 @@ def _train(cell: Cell, existing, exp_id: str, *, tracker: Tracker, device: torch
             _end_quietly(tracker, run_id, "FAILED", failure_tags(exc))
         return CellOutcome(cell, "failed", 0, None, None, time.perf_counter() - started, run_id)
     return CellOutcome(
-        cell, result.status, result.epochs_done, result.last_metrics.get("test_acc"), result.best_test_acc,
-        time.perf_counter() - started, run_id,
+        cell,
+        result.status,
+        result.epochs_done,
+        result.last_metrics.get("test_acc"),
+        result.best_test_acc,
+        time.perf_counter() - started,
+        run_id,
     )
 
 
@@ -290,7 +360,12 @@ STOP_WAIT_S = 10.0  # the longest a stop waits for the store to hear of it
 def _end_interrupted(tracker: Tracker, run_id: str | None, stop: KeyboardInterrupt) -> None:
     """The cell's run (if it has one) KILLED by `stop`, resumable."""
     if run_id is not None:
-        _end_quietly(tracker, run_id, "KILLED", {"bench.status": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")})
+        _end_quietly(
+            tracker,
+            run_id,
+            "KILLED",
+            {"bench.status": "interrupted", "bench.interrupted_by": getattr(stop, "signal_name", "SIGINT")},
+        )
 
 
 def _end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> None:
@@ -317,7 +392,9 @@ JOURNAL = "metrics-journal.jsonl"  # beside the checkpoints: the metric batches 
 UNREACHABLE, NOT_RUN = "unreachable", "not run"  # the tracking store stayed away past the outage limit: the suite stops
 
 
-def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path) -> list[CellOutcome]:
+def run_cells(
+    cells: list[Cell], *, tracker: Tracker, device: torch.device, data_dir: Path | None, checkpoint_root: Path
+) -> list[CellOutcome]:
     """Run the cells one after another; a failed cell is recorded and the next one goes on. A cell
     that another process is training is put off until the others are done, then waited for: it
     ends skipped once that process finishes it, or is taken over if that process dies."""
@@ -330,7 +407,14 @@ def run_cells(cells: list[Cell], *, tracker: Tracker, device: torch.device, data
             continue
         i, label = taken
         try:
-            outcome = attempt(cells[i], tracker=tracker, device=device, data_dir=data_dir, checkpoint_root=checkpoint_root, label=label)
+            outcome = attempt(
+                cells[i],
+                tracker=tracker,
+                device=device,
+                data_dir=data_dir,
+                checkpoint_root=checkpoint_root,
+                label=label,
+            )
         except outage.Unavailable as exc:
             dispatch.unreachable(i, label, str(exc), checkpoint_root)
             continue
@@ -413,7 +497,11 @@ class Dispatch:
             return
         self.outcomes[i] = outcome
         if self.bar is None:
-            print(f"{label}: {outcome.status} in {outcome.seconds:.0f} s" + (f" ({why})" if why else ""), file=sys.stderr, flush=True)
+            print(
+                f"{label}: {outcome.status} in {outcome.seconds:.0f} s" + (f" ({why})" if why else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             self.bar.update(1)
 
@@ -466,8 +554,11 @@ def dry_run_table(cells: list[Cell]) -> str:
         cfg = c.cfg
         o, s, d = cfg.optim, cfg.schedule, cfg.data
         optim = f"{o.name} lr={o.lr:g} wd={o.weight_decay:g}" + (f" mom={o.momentum:g}" if o.name == "sgd" else "")
-        sched = s.name if s.name in ("none", "cosine") else (
-            f"step {s.step_size} x{s.gamma:g}" if s.name == "step" else f"exp x{s.gamma:g}")
+        sched = (
+            s.name
+            if s.name in ("none", "cosine")
+            else (f"step {s.step_size} x{s.gamma:g}" if s.name == "step" else f"exp x{s.gamma:g}")
+        )
         data_s = f"{d.dataset} {d.source} bs={d.batch_size} val={d.val_size} {d.image_size}px"
         rows.append((c.display, cfg.model.name, data_s, optim, sched, str(cfg.train.epochs)))
     return _table(rows, rule=False)
@@ -490,8 +581,11 @@ def ablation_table(experiments: list[str], *, profile: str, seeds: int, data_dir
                 rows.append((f"  {v.name}", v.label, kind, "0", f"0 ({why})", "0"))
                 continue
             cfg = config.load(name, profile=profile, sets=list(v.sets))
-            counts = (perf.CIFAR_TRAIN, perf.CIFAR_TEST) if cfg.data.source == "official" else tuple(
-                len(getattr(files_for(cfg, data_dir), part)) for part in ("train", "test"))
+            counts = (
+                (perf.CIFAR_TRAIN, perf.CIFAR_TEST)
+                if cfg.data.source == "official"
+                else tuple(len(getattr(files_for(cfg, data_dir), part)) for part in ("train", "test"))
+            )
             flops = seeds * perf.run_flops(cfg, meta, *counts, alternatives=ablation.alternatives(name, cfg))
             epochs = seeds * cfg.train.epochs
             total_epochs, total_flops = total_epochs + epochs, total_flops + flops

@@ -30,8 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.servers import retry as outage
 from bench.errors import reason
+from bench.servers import retry as outage
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,15 @@ _SEEN: dict[str, tuple[str, float]] = {}
 class Lease:
     """A claim on one cell in the tracking store; `acquire` says whether this process holds it."""
 
-    def __init__(self, tracker, key: str, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float | None = None,
-                 confirm_s: float | None = None) -> None:
+    def __init__(
+        self,
+        tracker,
+        key: str,
+        *,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_s: float | None = None,
+        confirm_s: float | None = None,
+    ) -> None:
         self.tracker, self.key = tracker, key
         self.experiment_id = tracker.experiment_id(LEASES_EXPERIMENT)
         self.heartbeat_s = heartbeat_s
@@ -103,8 +110,16 @@ class Lease:
             self.holder = held[0]["tags"].get(OWNER)
             return False
         self.run_id = self.tracker.start_run(
-            self.experiment_id, f"lease {self.key}",
-            {KIND: "lease", CELL: self.key, OWNER: self.owner, CHOOSING: "1", HEARTBEAT: str(time.time()), LIMIT: f"{self.tracker.limit:g}"},
+            self.experiment_id,
+            f"lease {self.key}",
+            {
+                KIND: "lease",
+                CELL: self.key,
+                OWNER: self.owner,
+                CHOOSING: "1",
+                HEARTBEAT: str(time.time()),
+                LIMIT: f"{self.tracker.limit:g}",
+            },
         )
         try:
             return self._choose()
@@ -143,7 +158,11 @@ class Lease:
             try:
                 self.tracker.set_tags(self.run_id, {HEARTBEAT: str(time.time())})
             except Exception as exc:  # a blip of the store: the next beat may get through
-                log.warning("lease on %s: heartbeat failed: %s", self.key, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                log.warning(
+                    "lease on %s: heartbeat failed: %s",
+                    self.key,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
 
     def abandon(self) -> None:
         """Stop the heartbeat without a call to the store (it is away): the claim lapses."""
@@ -202,7 +221,9 @@ def hold(folder: Path, tracker, key: str, **timing):
             except Exception as exc:
                 # The store is unreachable (a cluster going down): the claim goes stale by itself,
                 # and what ended the cell (its result, an interruption) must not be replaced.
-                log.warning("lease on %s: could not release it (%s); it lapses once its heartbeat is stale", key, reason(exc))
+                log.warning(
+                    "lease on %s: could not release it (%s); it lapses once its heartbeat is stale", key, reason(exc)
+                )
 
 
 def _try_lock(f) -> bool:

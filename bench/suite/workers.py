@@ -98,7 +98,9 @@ def _start(pool: list[Worker], cells, args, count: int) -> None:
     with _environment(env), _ignoring(signal.SIGINT):
         for i, device in enumerate(devices(args.device, count)):
             ours, theirs = context.Pipe()
-            process = context.Process(target=work, args=(threads, device, cells, args, theirs), name=f"bench-worker-{i + 1}")
+            process = context.Process(
+                target=work, args=(threads, device, cells, args, theirs), name=f"bench-worker-{i + 1}"
+            )
             process.start()
             theirs.close()
             pool.append(Worker(i + 1, device, process, ours))
@@ -117,7 +119,11 @@ def _receive(w: Worker, dispatch, checkpoint_root) -> None:
             outcome = CellOutcome(dispatch.cells[w.cell], "failed", 0, None, None, time.monotonic() - w.started, None)
             dispatch.record(w.cell, w.label, outcome, why=f"worker {w.number} exited with code {w.process.exitcode}")
         else:
-            print(f"bench: worker {w.number} ({w.device}) exited with code {w.process.exitcode}", file=sys.stderr, flush=True)
+            print(
+                f"bench: worker {w.number} ({w.device}) exited with code {w.process.exitcode}",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     kind, *rest = message
     if kind == "ready":
@@ -149,7 +155,11 @@ def _stop(pool: list[Worker], signum: int | None) -> None:
         for w in pool:
             w.process.join(max(0.1, deadline - time.monotonic()))
             if w.process.exitcode is None:
-                print(f"bench: worker {w.number} did not stop within {STOP_WAIT_S:.0f} s: killed", file=sys.stderr, flush=True)
+                print(
+                    f"bench: worker {w.number} did not stop within {STOP_WAIT_S:.0f} s: killed",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 w.process.kill()
                 w.process.join()
             if w.conn is not None:
@@ -203,8 +213,15 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
             while (message := conn.recv()) is not None:
                 index, label = message
                 try:
-                    outcome = suite.attempt(cells[index], tracker=tracker, device=where, data_dir=args.data_dir,
-                                            checkpoint_root=args.checkpoint_dir, label=label, bars=False)
+                    outcome = suite.attempt(
+                        cells[index],
+                        tracker=tracker,
+                        device=where,
+                        data_dir=args.data_dir,
+                        checkpoint_root=args.checkpoint_dir,
+                        label=label,
+                        bars=False,
+                    )
                 except outage.Unavailable as exc:
                     conn.send(("unreachable", str(exc)))
                     continue

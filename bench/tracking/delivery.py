@@ -17,9 +17,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -79,20 +80,29 @@ class RetryingClient:
                 pending = unlogged(self._client, run_id, pending)
             return True if not (pending or params or tags) else None
 
-        return self._retry(lambda: self._client.log_batch(run_id, metrics=pending, params=list(params), tags=list(tags), **kwargs),
-                           before_again=again)
+        return self._retry(
+            lambda: self._client.log_batch(run_id, metrics=pending, params=list(params), tags=list(tags), **kwargs),
+            before_again=again,
+        )
 
-    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict | None = None, run_name: str | None = None):
+    def create_run(
+        self, experiment_id: str, start_time: int | None = None, tags: dict | None = None, run_name: str | None = None
+    ):
         start_time = start_time or get_current_time_millis()  # what tells this run from another of the same name
 
         def again():
-            found = self._client.search_runs([experiment_id], filter_string=f"attributes.start_time = {start_time}", max_results=100)
+            found = self._client.search_runs(
+                [experiment_id], filter_string=f"attributes.start_time = {start_time}", max_results=100
+            )
             for run in found:
                 if run.info.run_name == run_name and all(run.data.tags.get(k) == v for k, v in (tags or {}).items()):
                     return run
             return None
 
-        return self._retry(lambda: self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name), before_again=again)
+        return self._retry(
+            lambda: self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name),
+            before_again=again,
+        )
 
     def delete_tag(self, run_id: str, key: str) -> None:
         def again():
@@ -103,11 +113,14 @@ class RetryingClient:
     def create_logged_model(self, experiment_id: str, *, name: str, source_run_id: str, **kwargs: Any):
         def again():
             found = self._client.search_logged_models(
-                [experiment_id], filter_string=f"source_run_id = '{source_run_id}' AND name = '{name}'", max_results=1)
+                [experiment_id], filter_string=f"source_run_id = '{source_run_id}' AND name = '{name}'", max_results=1
+            )
             return found[0] if found else None
 
-        return self._retry(lambda: self._client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, **kwargs),
-                           before_again=again)
+        return self._retry(
+            lambda: self._client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, **kwargs),
+            before_again=again,
+        )
 
     def log_outputs(self, run_id: str, models) -> None:
         def again():
@@ -132,8 +145,16 @@ class Writer:
     `flush()` waits for every call queued so far and raises the first error; `down_s()` says how
     long the writer's current call has been failing."""
 
-    def __init__(self, watch: Watch | None = None, *, what: str = "tracking store", url: str = "", limit: float | None = None,
-                 capacity: int = CAPACITY, on_start: Callable[[Watch], None] = lambda watch: None) -> None:
+    def __init__(
+        self,
+        watch: Watch | None = None,
+        *,
+        what: str = "tracking store",
+        url: str = "",
+        limit: float | None = None,
+        capacity: int = CAPACITY,
+        on_start: Callable[[Watch], None] = lambda watch: None,
+    ) -> None:
         self.watch, self.what, self.url = watch or Watch(), what, url
         self._on_start = on_start  # makes the thread's calls report to `watch`
         self.limit = outage.limit_s() if limit is None else limit
@@ -267,13 +288,19 @@ class Journal:
 
     def held(self) -> list[tuple[int, list[Metric]]]:
         """The batches not known to be in the store, oldest first, with their numbers."""
-        return [(b["n"], [Metric(k, v, ts, step) for k, v, ts, step in b["metrics"]]) for b in self._read() if b["n"] > self._sent]
+        return [
+            (b["n"], [Metric(k, v, ts, step) for k, v, ts, step in b["metrics"]])
+            for b in self._read()
+            if b["n"] > self._sent
+        ]
 
     def add(self, metrics: list[Metric]) -> int:
         """Append a batch; returns its number, for `sent`."""
         with self._lock:
             n, self._next = self._next, self._next + 1
-            line = json.dumps({"n": n, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics]}, allow_nan=True)
+            line = json.dumps(
+                {"n": n, "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics]}, allow_nan=True
+            )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(line + "\n")

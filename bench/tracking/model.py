@@ -28,17 +28,17 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.environment_variables import MLFLOW_TRACKING_URI
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.types import Schema, TensorSpec
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.types import Schema, TensorSpec
 
 import bench.models
 from bench import config, engine, tracking
-from bench.servers import retry as outage
 from bench.data.cifar import NUM_CLASSES, load_cifar
 from bench.errors import UserError, reason
 from bench.models import create_model
 from bench.models.packaged import ImageClassifier
+from bench.servers import retry as outage
 
 NAME = "model"
 EXAMPLE_IMAGES = 4  # test images stored with the model as its input example
@@ -55,14 +55,20 @@ def package(cfg, state_dict: dict[str, torch.Tensor]) -> ImageClassifier:
     net.load_state_dict(state_dict)
     d = cfg.data
     return ImageClassifier(
-        net, mean=tuple(d.mean), std=tuple(d.std), image_size=d.image_size,
-        batch_statistics=cfg.eval.mode == "train", channels_last=cfg.train.channels_last,
+        net,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+        image_size=d.image_size,
+        batch_statistics=cfg.eval.mode == "train",
+        channels_last=cfg.train.channels_last,
     ).eval()
 
 
 def logged_model(client: MlflowClient, experiment_id: str, run_id: str):
     """The run's model, or None when it has none yet."""
-    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{NAME}'", max_results=1)
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{NAME}'", max_results=1
+    )
     return found[0] if found else None
 
 
@@ -94,13 +100,21 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
         return
     state = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     if int(state["epoch"]) != epoch:
-        logger.warning("run %s: %s holds the weights of epoch %s, not %d: its model is logged at epoch %s",
-                       run.info.run_name, Path(checkpoint_file).name, state["epoch"], epoch, state["epoch"])
+        logger.warning(
+            "run %s: %s holds the weights of epoch %s, not %d: its model is logged at epoch %s",
+            run.info.run_name,
+            Path(checkpoint_file).name,
+            state["epoch"],
+            epoch,
+            state["epoch"],
+        )
         epoch = int(state["epoch"])
     if found is None:
         # Created here, in the run's experiment: a model of a run that is not the thread's active
         # run would go to the default experiment.
-        found = client.create_logged_model(run.info.experiment_id, name=NAME, source_run_id=run_id, params=run.data.params)
+        found = client.create_logged_model(
+            run.info.experiment_id, name=NAME, source_run_id=run_id, params=run.data.params
+        )
     model_id = found.model_id
     if model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
         client.log_outputs(run_id, [LoggedModelOutput(model_id, step=epoch)])
@@ -110,7 +124,10 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES[cfg.data.dataset]))]),
     )
-    requirements = [*mlflow.pytorch.get_default_pip_requirements(), f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    requirements = [
+        *mlflow.pytorch.get_default_pip_requirements(),
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
     # What a model evaluated with batch statistics needs to give the run's figure.
     metadata = {"eval_mode": cfg.eval.mode, "eval_batch_size": cfg.data.eval_batch_size}
     mlmodel = Model(artifact_path=found.artifact_location, model_uuid=model_id, run_id=run_id, model_id=model_id)
@@ -118,8 +135,14 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
         with tempfile.TemporaryDirectory() as tmp, _bench_models_by_value(), _pickle_warning_muted():
             path = Path(tmp) / NAME
             mlflow.pytorch.save_model(
-                package(cfg, state["model"]), path, mlflow_model=mlmodel, signature=signature, input_example=example,
-                pip_requirements=requirements, metadata=metadata, serialization_format="pickle",
+                package(cfg, state["model"]),
+                path,
+                mlflow_model=mlmodel,
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements,
+                metadata=metadata,
+                serialization_format="pickle",
             )
             client.log_model_artifacts(model_id, str(path))
     except Exception as exc:
@@ -135,7 +158,16 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
 def _link_metrics(client: MlflowClient, run, model_id: str, step: int) -> None:
     """The run's metrics at `step` linked to the model, as mlflow.pytorch.log_model links them."""
     linked = [
-        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=m.dataset_name, dataset_digest=m.dataset_digest, run_id=m.run_id)
+        Metric(
+            m.key,
+            m.value,
+            m.timestamp,
+            m.step,
+            model_id=model_id,
+            dataset_name=m.dataset_name,
+            dataset_digest=m.dataset_digest,
+            run_id=m.run_id,
+        )
         for key in run.data.metrics
         for m in client.get_metric_history(run.info.run_id, key)
         if m.step == step
@@ -148,12 +180,18 @@ def log_from_artifacts(client: MlflowClient, run, cfg) -> None:
     whose model logging failed) from its checkpoint artifacts, with test images of the embedded
     CIFAR subset as the input example."""
     tags = run.data.tags
-    name, epoch = (engine.BEST, tags["bench.best_epoch"]) if "bench.best_epoch" in tags else (engine.LAST, tags["bench.epochs_done"])
+    name, epoch = (
+        (engine.BEST, tags["bench.best_epoch"])
+        if "bench.best_epoch" in tags
+        else (engine.LAST, tags["bench.epochs_done"])
+    )
     with tempfile.TemporaryDirectory() as tmp:
         try:
             file = client.download_artifacts(run.info.run_id, f"{tracking.CHECKPOINTS}/{name}", tmp)
         except (MlflowException, OSError) as exc:
-            raise UserError(f"run {run.info.run_name} ({run.info.run_id}) has no logged model and no {tracking.CHECKPOINTS}/{name} to log one from: {reason(exc)}") from None
+            raise UserError(
+                f"run {run.info.run_name} ({run.info.run_id}) has no logged model and no {tracking.CHECKPOINTS}/{name} to log one from: {reason(exc)}"
+            ) from None
         images = load_cifar(cfg.data.dataset, None).test.images[:EXAMPLE_IMAGES]
         log(client, run.info.run_id, cfg, file, int(epoch), images.permute(0, 2, 3, 1).numpy())
 
@@ -199,23 +237,42 @@ def best_run(client: MlflowClient, experiment: str, profile: str, sets: list[str
     exp = client.get_experiment_by_name(experiment)
     query = f"tags.`bench.experiment` = '{experiment}' and tags.`bench.profile` = '{profile}' and attributes.status = 'FINISHED'"
     same_config = f"{query} and tags.`bench.config_hash` = '{cfg.config_hash()}'"
-    runs = client.search_runs([exp.experiment_id], filter_string=same_config, max_results=1000) if exp is not None else []
+    runs = (
+        client.search_runs([exp.experiment_id], filter_string=same_config, max_results=1000) if exp is not None else []
+    )
     key = "best_val_acc" if cfg.data.val_size > 0 else "test_acc"
     unranked = [r for r in runs if key not in r.data.metrics]
     if unranked:
-        logger.warning("left out %d finished run(s) without %s: %s", len(unranked), key, ", ".join(r.info.run_name for r in unranked))
+        logger.warning(
+            "left out %d finished run(s) without %s: %s",
+            len(unranked),
+            key,
+            ", ".join(r.info.run_name for r in unranked),
+        )
     runs = [r for r in runs if key in r.data.metrics]
     if not runs:
         sets_flags = "".join(f" --set {s}" for s in sets) + (f" --epochs {epochs}" if epochs is not None else "")
         if unranked:
-            raise UserError(f"no finished run of {experiment} (profile {profile}, config {cfg.config_hash()}) has {key} to be chosen on")
-        finished = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000) if exp is not None else []
-        others = f" ({len(finished)} finished runs of other configs: pass the --set keys or --epochs they ran with)" if finished else ""
-        raise UserError(f"no finished run of {experiment} (profile {profile}, config {cfg.config_hash()}){others}; train it first: bench run {experiment} --profile {profile}{sets_flags}")
+            raise UserError(
+                f"no finished run of {experiment} (profile {profile}, config {cfg.config_hash()}) has {key} to be chosen on"
+            )
+        finished = (
+            client.search_runs([exp.experiment_id], filter_string=query, max_results=1000) if exp is not None else []
+        )
+        others = (
+            f" ({len(finished)} finished runs of other configs: pass the --set keys or --epochs they ran with)"
+            if finished
+            else ""
+        )
+        raise UserError(
+            f"no finished run of {experiment} (profile {profile}, config {cfg.config_hash()}){others}; train it first: bench run {experiment} --profile {profile}{sets_flags}"
+        )
     return max(runs, key=lambda r: (r.data.metrics[key], -int(r.data.tags["bench.seed"]))), key, cfg
 
 
-def register(client: MlflowClient, experiment: str, profile: str, sets: list[str] = (), epochs: int | None = None) -> tuple[str, str, int]:
+def register(
+    client: MlflowClient, experiment: str, profile: str, sets: list[str] = (), epochs: int | None = None
+) -> tuple[str, str, int]:
     """Register the best seed's model under the experiment's name with the alias `profile`:
     (model URI, chosen run's name, version). A chosen run without a model gets one from its
     checkpoints first. A model registered before is not registered again: the alias points at
@@ -229,17 +286,29 @@ def register(client: MlflowClient, experiment: str, profile: str, sets: list[str
     try:
         client.get_registered_model(experiment)
     except MlflowException:
-        client.create_registered_model(experiment, description=(
-            "The best seed of a config of this experiment, one alias per profile: chosen on validation "
-            "accuracy, or on the last epoch's test accuracy where the recipe holds out no validation split"))
+        client.create_registered_model(
+            experiment,
+            description=(
+                "The best seed of a config of this experiment, one alias per profile: chosen on validation "
+                "accuracy, or on the last epoch's test accuracy where the recipe holds out no validation split"
+            ),
+        )
     # SQLite's registry keeps no model_id: a version is known by its source.
     versions = client.search_model_versions(f"name = '{experiment}' and run_id = '{run.info.run_id}'")
     same = [v for v in versions if v.source == model.model_uri]
     if same:
         version = min(int(v.version) for v in same)
     else:
-        tags = {"bench.seed": run.data.tags["bench.seed"], "bench.config_hash": run.data.tags["bench.config_hash"], "bench.chosen_on": key}
+        tags = {
+            "bench.seed": run.data.tags["bench.seed"],
+            "bench.config_hash": run.data.tags["bench.config_hash"],
+            "bench.chosen_on": key,
+        }
         with _fluent_tracking_uri(client.tracking_uri):  # the registry finds a models:/ source there
-            version = int(client.create_model_version(experiment, source=model.model_uri, run_id=run.info.run_id, tags=tags, model_id=model.model_id).version)
+            version = int(
+                client.create_model_version(
+                    experiment, source=model.model_uri, run_id=run.info.run_id, tags=tags, model_id=model.model_id
+                ).version
+            )
     client.set_registered_model_alias(experiment, profile, str(version))
     return f"models:/{experiment}@{profile}", run.info.run_name, version

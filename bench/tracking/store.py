@@ -19,11 +19,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # the built-in one from Python 3.11 only
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse, urlsplit
 from urllib.request import url2pathname
 
@@ -35,19 +36,20 @@ from mlflow.data.dataset import Dataset
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
-from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from torch.utils.collect_env import get_pretty_env_info
 
 from bench import console, engine
-from bench.tracking import delivery, model as logged_model
-from bench.servers import retry as outage
 from bench.engine.callbacks import Callback
 from bench.errors import reason, unusable
+from bench.servers import retry as outage
 from bench.servers.urls import redact
+from bench.tracking import delivery
+from bench.tracking import model as logged_model
 
 log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -197,7 +199,7 @@ def absolute_uri(uri: str) -> str:
     so a relative path would keep pointing at the directory where it was first opened."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -209,7 +211,7 @@ def _create_sqlite_store(uri: str) -> None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or ":memory:" in uri:
         return
-    path = Path(uri[len(prefix):])
+    path = Path(uri[len(prefix) :])
     if path.exists() and path.stat().st_size > 0:
         return
     for left in path.parent.glob(f".{path.name}.new-*"):  # of a process stopped while creating it
@@ -232,7 +234,7 @@ def _schema_lock(uri: str):
     except ImportError:  # Windows: no advisory locks; start one process first there
         yield
         return
-    with open(uri[len(prefix):] + ".lock", "a") as f:
+    with open(uri[len(prefix) :] + ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -276,8 +278,14 @@ class Tracker:
 
     def retry(self, call: Callable[[], Any], before_again: Callable[[], Any] | None = None) -> Any:
         """`call()`, waiting out an outage of the store (see bench.outage)."""
-        return outage.retry(call, what=self.what, url=self.uri, limit=getattr(self._local, "limit", self.limit),
-                            before_again=before_again, watch=getattr(self._local, "watch", None))
+        return outage.retry(
+            call,
+            what=self.what,
+            url=self.uri,
+            limit=getattr(self._local, "limit", self.limit),
+            before_again=before_again,
+            watch=getattr(self._local, "watch", None),
+        )
 
     @contextlib.contextmanager
     def limited(self, seconds: float):
@@ -296,14 +304,20 @@ class Tracker:
     def writer(self, run_id: str) -> delivery.Writer:
         """The run's background writer; `end_run` drains it before the run ends."""
         if run_id not in self._writers:
-            self._writers[run_id] = delivery.Writer(what=self.what, url=self.uri, limit=self.limit,
-                                                    on_start=lambda watch: setattr(self._local, "watch", watch))
+            self._writers[run_id] = delivery.Writer(
+                what=self.what,
+                url=self.uri,
+                limit=self.limit,
+                on_start=lambda watch: setattr(self._local, "watch", watch),
+            )
         return self._writers[run_id]
 
     def monitor_system(self, run_id: str, interval_s: float) -> SystemMetrics:
         """Start sampling the machine into the run every `interval_s` seconds, until `end_run`.
         A resumed run's samples continue after the steps it has."""
-        monitor = SystemMetrics(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=absolute_uri(self.uri))
+        monitor = SystemMetrics(
+            run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=absolute_uri(self.uri)
+        )
         monitor.writer, monitor.writer_client = self.writer(run_id), self.client
         monitor.start()
         self._monitors[run_id] = monitor
@@ -348,14 +362,18 @@ class Tracker:
     def find_cell_run(self, experiment_id: str, cell_tags: dict[str, str]):
         """The newest run of this cell, or None."""
         query = " and ".join(f"tags.`{k}` = '{cell_tags[k]}'" for k in CELL_TAGS)
-        runs = self.client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+        )
         return runs[0] if runs else None
 
     def start_run(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
         """A new run in the experiment with this id (never the active or default experiment)."""
         run = self.client.create_run(experiment_id, run_name=name, tags=tags)
         if run.info.experiment_id != experiment_id:
-            raise RuntimeError(f"MLflow put run {run.info.run_id} in experiment {run.info.experiment_id}, not {experiment_id}")
+            raise RuntimeError(
+                f"MLflow put run {run.info.run_id} in experiment {run.info.experiment_id}, not {experiment_id}"
+            )
         return run.info.run_id
 
     def reopen_run(self, run_id: str, tags: dict[str, str] | None = None) -> None:
@@ -452,7 +470,8 @@ class Tracker:
                     "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
                     "history": {
                         key: sorted((m.step, m.value) for m in self.client.get_metric_history(r.info.run_id, key))
-                        for key in sorted(r.data.metrics) if history(key)
+                        for key in sorted(r.data.metrics)
+                        if history(key)
                     },
                 }
                 for r in runs
@@ -545,8 +564,15 @@ class MlflowRun(Callback):
     """
 
     def __init__(
-        self, tracker: Tracker, run_id: str, cfg, extra_tags: dict[str, str] | None = None, *,
-        log_checkpoints: bool = True, model_example: np.ndarray | None = None, datasets: dict[str, Any] | None = None,
+        self,
+        tracker: Tracker,
+        run_id: str,
+        cfg,
+        extra_tags: dict[str, str] | None = None,
+        *,
+        log_checkpoints: bool = True,
+        model_example: np.ndarray | None = None,
+        datasets: dict[str, Any] | None = None,
         journal: Path | None = None,
     ) -> None:
         self.tracker, self.client, self.run_id, self.cfg = tracker, tracker.client, run_id, cfg
@@ -556,7 +582,9 @@ class MlflowRun(Callback):
         # A few uint8 test images (N x 32 x 32 x 3): a finished run logs its model with them as the
         # input example; None logs no model.
         self.model_example = model_example
-        self.datasets = datasets or {}  # the data's parts (bench.data.Part) the run trains and evaluates on, by "train", "val", "test"
+        self.datasets = (
+            datasets or {}
+        )  # the data's parts (bench.data.Part) the run trains and evaluates on, by "train", "val", "test"
         self.monitor: SystemMetrics | None = None  # sampling the machine while the run trains (train.system_metrics)
         self._best: Path | None = None  # a best checkpoint written since the last upload
         self._logged_epoch = self._logged_step = 0
@@ -571,7 +599,9 @@ class MlflowRun(Callback):
         held = self.journal.held() if self.journal is not None else []
         in_journal = lambda key: max((m.step for _, batch in held for m in batch if m.key == key), default=0)  # noqa: E731
         self._logged_epoch = max(self.tracker.logged_steps(self.run_id, "train_loss"), in_journal("train_loss"))
-        self._logged_step = max(self.tracker.logged_steps(self.run_id, "train_step_loss"), in_journal("train_step_loss"))
+        self._logged_step = max(
+            self.tracker.logged_steps(self.run_id, "train_step_loss"), in_journal("train_step_loss")
+        )
         for n, batch in held:
             self.writer.submit(self._send_again, batch, weight=len(batch))
             self.writer.submit(self.journal.sent, n)
@@ -589,7 +619,9 @@ class MlflowRun(Callback):
             tags.append(RunTag("bench.resumed_with", ", ".join(f"{k}={v}" for k, v in changed.items())))
         # MLflow caps one batch at 100 params; the resolved config is about 40 keys.
         for i in range(0, len(params), 100):
-            self.writer.submit(self.client.log_batch, self.run_id, params=params[i : i + 100], tags=tags if i == 0 else [])
+            self.writer.submit(
+                self.client.log_batch, self.run_id, params=params[i : i + 100], tags=tags if i == 0 else []
+            )
         # A resumed run has its datasets already (unless its data changed since).
         if dataset_inputs(self.datasets, {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}):
             self.writer.submit(log_datasets, self.client, self.run_id, self.datasets)
@@ -601,19 +633,29 @@ class MlflowRun(Callback):
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:
         ts = int(time.time() * 1000)
-        batch = self._steps + ([Metric(k, float(v), ts, epoch) for k, v in metrics.items()] if epoch > self._logged_epoch else [])
+        batch = self._steps + (
+            [Metric(k, float(v), ts, epoch) for k, v in metrics.items()] if epoch > self._logged_epoch else []
+        )
         self._steps = []
         n = self.journal.add(batch) if self.journal is not None and batch else None
         # MLflow caps one batch at 1000 metrics.
         for i in range(0, len(batch), 1000):
-            self.writer.submit(self.client.log_batch, self.run_id, metrics=batch[i : i + 1000], weight=len(batch[i : i + 1000]))
+            self.writer.submit(
+                self.client.log_batch, self.run_id, metrics=batch[i : i + 1000], weight=len(batch[i : i + 1000])
+            )
         if n is not None:
             self.writer.submit(self.journal.sent, n)
         down = self.writer.down_s()
         if down >= self.writer.limit:
             self._stopped_by_outage = down
-            log.error("%s: the %s %s has not answered for %.0f s: stopping after epoch %d with its checkpoint",
-                      self.run_id, self.tracker.what, redact(self.tracker.uri), down, epoch)
+            log.error(
+                "%s: the %s %s has not answered for %.0f s: stopping after epoch %d with its checkpoint",
+                self.run_id,
+                self.tracker.what,
+                redact(self.tracker.uri),
+                down,
+                epoch,
+            )
             return True
         return False
 
@@ -643,7 +685,12 @@ class MlflowRun(Callback):
 
     def on_fit_end(self, result) -> None:
         if self._stopped_by_outage is not None:  # what is left is sent by the next attempt
-            raise outage.Unavailable(self.tracker.what, self.tracker.uri, max(self._stopped_by_outage, self.writer.down_s()), self.writer.limit)
+            raise outage.Unavailable(
+                self.tracker.what,
+                self.tracker.uri,
+                max(self._stopped_by_outage, self.writer.down_s()),
+                self.writer.limit,
+            )
         config_json = json.dumps(self.cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
         self.writer.submit(_log_text, self.client, self.run_id, config_json, "config.json")
         self._log_summary(result)
@@ -671,7 +718,11 @@ class MlflowRun(Callback):
         except outage.Unavailable:
             raise
         except Exception as exc:
-            log.warning("run %s: its model was not logged (%s); `bench register` logs it from the run's checkpoints", self._run_name(), reason(exc))
+            log.warning(
+                "run %s: its model was not logged (%s); `bench register` logs it from the run's checkpoints",
+                self._run_name(),
+                reason(exc),
+            )
             self.client.set_tag(self.run_id, logged_model.MODEL_ERROR, reason(exc))
 
     def _wait_for(self, uploaded: threading.Event) -> None:
@@ -697,7 +748,10 @@ class MlflowRun(Callback):
         self.writer.submit(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in summary.items()])
         # A run killed after its last epoch is resumed with nothing left to train: its best
         # metrics may already be in the store at the same step.
-        if result.best_epoch is not None and self.tracker.logged_steps(self.run_id, "best_val_acc") != result.best_epoch:
+        if (
+            result.best_epoch is not None
+            and self.tracker.logged_steps(self.run_id, "best_val_acc") != result.best_epoch
+        ):
             ts, step = int(time.time() * 1000), result.best_epoch
             best = {"best_val_acc": result.best_val_acc, "best_test_acc": result.best_test_acc}
             metrics = [Metric(k, float(v), ts, step) for k, v in best.items() if v is not None]

@@ -1,4 +1,31 @@
 """bench.tuning."""
 
 from bench.tuning import database, sampling, study  # noqa: F401
-from bench.tuning.study import FINISHED, OBJECTIVE, Param, search_space, recipe_values, as_sets, tuning_val_size, storage, pruner, open_study, finished, Pruning, TrialContext, objective, STORAGE, STOP_WAIT_S, note_run, ParentRun, Surplus, Repeat, TrialFailed, MAX_FAILURES_IN_A_ROW, optimize, best_command, trial_line, print_trial  # noqa: F401
+from bench.tuning.study import (  # noqa: F401
+    FINISHED,
+    MAX_FAILURES_IN_A_ROW,
+    OBJECTIVE,
+    STOP_WAIT_S,
+    STORAGE,
+    Param,
+    ParentRun,
+    Pruning,
+    Repeat,
+    Surplus,
+    TrialContext,
+    TrialFailed,
+    as_sets,
+    best_command,
+    finished,
+    note_run,
+    objective,
+    open_study,
+    optimize,
+    print_trial,
+    pruner,
+    recipe_values,
+    search_space,
+    storage,
+    trial_line,
+    tuning_val_size,
+)

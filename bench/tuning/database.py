@@ -28,12 +28,31 @@ log = logging.getLogger(__name__)
 # RDBStorage's calls that read or write the study, with those Optuna's cache in front of it
 # (_CachedStorage) calls on it directly; each is retried as a whole.
 CALLS = (
-    "_get_trials", "_get_best_trial_id", "_set_trial_param",
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
-    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies", "set_trial_param", "get_trial_param",
-    "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "get_n_trials",
+    "_get_trials",
+    "_get_best_trial_id",
+    "_set_trial_param",
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "get_n_trials",
 )
 
 
@@ -60,9 +79,13 @@ class Storage(RDBStorage):
 
         try:
             limit = self.limit if limit is None else limit
-            result = outage.retry(call, what="Optuna storage", url=self.url, limit=0 if self._gave_up else limit, before_again=again)
+            result = outage.retry(
+                call, what="Optuna storage", url=self.url, limit=0 if self._gave_up else limit, before_again=again
+            )
         except outage.Unavailable:
-            self._gave_up = self._gave_up or give_up  # what the worker does next (fail the trial, stop) does not wait the limit again
+            self._gave_up = (
+                self._gave_up or give_up
+            )  # what the worker does next (fail the trial, stop) does not wait the limit again
             raise
         self._gave_up = False
         if waited:
@@ -73,14 +96,30 @@ class Storage(RDBStorage):
         token = uuid.uuid4().hex
         if template_trial is None:  # what RDBStorage makes without one: a running trial, started now
             template_trial = FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.datetime.now(), datetime_complete=None,
-                params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1,
+                number=-1,
+                state=TrialState.RUNNING,
+                value=None,
+                datetime_start=datetime.datetime.now(),
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=-1,
             )
         template = FrozenTrial(
-            number=template_trial.number, state=template_trial.state, value=None, values=template_trial.values,
-            datetime_start=template_trial.datetime_start, datetime_complete=template_trial.datetime_complete,
-            params=template_trial.params, distributions=template_trial.distributions, user_attrs=template_trial.user_attrs,
-            system_attrs={**template_trial.system_attrs, TOKEN: token}, intermediate_values=template_trial.intermediate_values,
+            number=template_trial.number,
+            state=template_trial.state,
+            value=None,
+            values=template_trial.values,
+            datetime_start=template_trial.datetime_start,
+            datetime_complete=template_trial.datetime_complete,
+            params=template_trial.params,
+            distributions=template_trial.distributions,
+            user_attrs=template_trial.user_attrs,
+            system_attrs={**template_trial.system_attrs, TOKEN: token},
+            intermediate_values=template_trial.intermediate_values,
             trial_id=template_trial._trial_id,
         )
 
@@ -118,7 +157,9 @@ class Storage(RDBStorage):
         # Right after an outage the trials still running have not beaten again: their heartbeats
         # are as old as the outage. None is stale until a grace period has passed since.
         # At least a heartbeat interval and a backoff: a beat waiting out the outage sleeps that long.
-        grace = max(self.grace_period or 2 * (self.heartbeat_interval or 0), (self.heartbeat_interval or 0) + outage.MAX_DELAY_S)
+        grace = max(
+            self.grace_period or 2 * (self.heartbeat_interval or 0), (self.heartbeat_interval or 0) + outage.MAX_DELAY_S
+        )
         stale = self._retry(lambda: RDBStorage._get_stale_trial_ids(self, study_id))  # may itself wait out the outage
         if self._recovered_at is not None and time.monotonic() - self._recovered_at < grace:
             return []
@@ -130,7 +171,9 @@ class Storage(RDBStorage):
         # A beat waits one interval at most: Optuna joins the heartbeat thread when the trial ends
         # (or is interrupted), and the next beat tries again.
         try:
-            self._retry(lambda: RDBStorage.record_heartbeat(self, trial_id), limit=self.heartbeat_interval, give_up=False)
+            self._retry(
+                lambda: RDBStorage.record_heartbeat(self, trial_id), limit=self.heartbeat_interval, give_up=False
+            )
         except outage.Unavailable as exc:
             log.warning("trial heartbeat: %s", exc)
 
@@ -148,4 +191,3 @@ def _waiting(name: str):
 for _name in CALLS:
     if hasattr(RDBStorage, _name):
         setattr(Storage, _name, _waiting(_name))
-

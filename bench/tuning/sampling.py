@@ -70,7 +70,8 @@ def tried(trials: list[optuna.trial.FrozenTrial], but: int | None = None) -> set
     recipe, a dead trial's retry); a trial turned away before training holds none."""
     return {
         _key(t.params or t.system_attrs.get("fixed_params", {}))
-        for t in trials if t.number != but and (t.params or "fixed_params" in t.system_attrs) and not turned_away(t)
+        for t in trials
+        if t.number != but and (t.params or "fixed_params" in t.system_attrs) and not turned_away(t)
     }
 
 
@@ -127,7 +128,13 @@ class Unrepeated(optuna.samplers.BaseSampler):
         relative = {n: d for n, d in self.base.infer_relative_search_space(study, trial).items() if n in search_space}
         for _ in range(self.BASE_DRAWS):
             values = dict(self.base.sample_relative(study, trial, relative)) if relative else {}
-            values.update({n: self.base.sample_independent(study, trial, n, d) for n, d in search_space.items() if n not in values})
+            values.update(
+                {
+                    n: self.base.sample_independent(study, trial, n, d)
+                    for n, d in search_space.items()
+                    if n not in values
+                }
+            )
             if _key(values) not in taken:
                 return values
         grid = _grid(search_space, self.GRID_LIMIT)
@@ -189,12 +196,19 @@ def queue_interrupted(study: optuna.Study, only: int | None = None) -> list[int]
     queued the retry). `only`: that trial alone (the one this worker ran). The numbers of the
     trials queued."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("bench.retry_of") for t in trials} | {t.system_attrs.get("failed_trial") for t in trials}
+    retried = {t.user_attrs.get("bench.retry_of") for t in trials} | {
+        t.system_attrs.get("failed_trial") for t in trials
+    }
     queued = []
     for t in trials:
         if only is not None and t.number != only:
             continue
-        if t.state == TrialState.FAIL and t.user_attrs.get("bench.failure") in RETRIED and t.number not in retried and t.params:
+        if (
+            t.state == TrialState.FAIL
+            and t.user_attrs.get("bench.failure") in RETRIED
+            and t.number not in retried
+            and t.params
+        ):
             recipe = {k: v for k, v in t.user_attrs.items() if k == "bench.recipe"}
             study.enqueue_trial(t.params, user_attrs={**recipe, "bench.retry_of": t.number})
             queued.append(t.number)

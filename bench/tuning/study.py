@@ -25,13 +25,13 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from bench import config, console, data, engine
-from bench.servers import retry as outage
-from bench.tuning import sampling
 from bench.engine import stops
 from bench.engine.callbacks import Callback, ConsoleProgress
 from bench.errors import UserError, failure_tags, reason, unusable
 from bench.models import create_model
+from bench.servers import retry as outage
 from bench.servers.urls import redact
+from bench.tuning import sampling
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_acc"
@@ -98,7 +98,7 @@ def search_space(experiment: str, cfg: config.RunConfig) -> list[Param]:
         if name not in flat or name == "seed":
             raise UserError(f"{where}: {name!r} is not a config key (see `bench run {experiment} --dry-run`)")
         if not isinstance(spec, dict):
-            raise UserError(f"{where}: {name}: should be a table such as {{ type = \"float\", low = 0.01, high = 0.5 }}")
+            raise UserError(f'{where}: {name}: should be a table such as {{ type = "float", low = 0.01, high = 0.5 }}')
         kind = spec.get("type")
         if kind == "categorical":
             choices = spec.get("choices")
@@ -164,7 +164,10 @@ def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
             return Storage(
-                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry,
+                url,
+                heartbeat_interval=heartbeat_s,
+                grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=retry,
                 engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
             )
     except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
@@ -182,7 +185,15 @@ def pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(
-    store, name: str, *, sampler_, pruner_, first_trial: dict[str, Any], experiment: str, profile: str, base_config_hash: str | None = None,
+    store,
+    name: str,
+    *,
+    sampler_,
+    pruner_,
+    first_trial: dict[str, Any],
+    experiment: str,
+    profile: str,
+    base_config_hash: str | None = None,
 ) -> optuna.Study:
     """Create the study or load it; a new study gets the reported recipe as its first trial.
 
@@ -190,8 +201,12 @@ def open_study(
     it whatever its name, and names its objective val_acc. `base_config_hash`: the config hash of
     what the trials start from (the recipe under the profile and the command's --set), recorded
     as `bench.base_config_hash` so that the report links a study of an ablation's config to it."""
-    study = optuna.create_study(study_name=name, storage=store, sampler=sampler_, pruner=pruner_, direction="maximize", load_if_exists=True)
-    if study.metric_names != [OBJECTIVE]:  # optuna-dashboard's name for the value; also for a study made before it was set
+    study = optuna.create_study(
+        study_name=name, storage=store, sampler=sampler_, pruner=pruner_, direction="maximize", load_if_exists=True
+    )
+    if study.metric_names != [
+        OBJECTIVE
+    ]:  # optuna-dashboard's name for the value; also for a study made before it was set
         with warnings.catch_warnings():  # experimental since Optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE])
@@ -199,12 +214,18 @@ def open_study(
     trials = study.get_trials(deepcopy=False)
     trained = any(t.state != optuna.trial.TrialState.WAITING for t in trials)  # beyond a queued recipe trial
     if base_config_hash and before and before != base_config_hash and trained:
-        raise UserError(f"study {name} tunes another config (hash {before}) than this command's ({base_config_hash}): "
-                        "its trials would mix the two; give this one its own --study NAME")
+        raise UserError(
+            f"study {name} tunes another config (hash {before}) than this command's ({base_config_hash}): "
+            "its trials would mix the two; give this one its own --study NAME"
+        )
     # A study that has trained trials and no recorded base was made by an older bench: what it
     # tuned is unknown. One with only its queued recipe trial (made by --best) has trained nothing.
     known_base = before is not None or not trained
-    attrs = {"bench.experiment": experiment, "bench.profile": profile, "bench.base_config_hash": base_config_hash if known_base else None}
+    attrs = {
+        "bench.experiment": experiment,
+        "bench.profile": profile,
+        "bench.base_config_hash": base_config_hash if known_base else None,
+    }
     for key, value in attrs.items():
         if value is not None and study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
@@ -267,8 +288,13 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     study = trial.study.study_name
     # No cell tags (bench.experiment, .profile, .seed, .config_hash): `bench run` must never take a
     # trial's run for a suite cell's, nor `bench report` count it among the seeds.
-    tags = {"mlflow.parentRunId": ctx.parent_run_id, "optuna.study": study, "optuna.trial": str(trial.number), "bench.kind": "trial",
-            NOTE: f"{config.about_markdown(ctx.experiment)}\n**This run:** trial {trial.number} of study `{study}`, profile `{ctx.profile}`\n"}
+    tags = {
+        "mlflow.parentRunId": ctx.parent_run_id,
+        "optuna.study": study,
+        "optuna.trial": str(trial.number),
+        "bench.kind": "trial",
+        NOTE: f"{config.about_markdown(ctx.experiment)}\n**This run:** trial {trial.number} of study `{study}`, profile `{ctx.profile}`\n",
+    }
     run_name = f"{study}-trial{trial.number}"
     run_id = ctx.tracker.start_run(ctx.experiment_id, run_name, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
@@ -279,7 +305,9 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
     state, failure, status = "FAIL", {}, None
     away = None  # the store that stayed away past the outage limit: no call is made to it
     try:
-        cfg = config.load(ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs)
+        cfg = config.load(
+            ctx.experiment, profile=ctx.profile, seed=ctx.seed, sets=[*ctx.sets, *as_sets(values)], epochs=ctx.epochs
+        )
         trial.set_user_attr("data.val_size", cfg.data.val_size)  # the split the objective was measured on
         engine.seed_everything(cfg.seed, cfg.train.deterministic)
         bundle = data.build(cfg.data, seed=cfg.seed, device=ctx.device, files=ctx.files)
@@ -288,8 +316,14 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         ctx.tracker.log_environment(run_id)
         pruning = Pruning(trial)
         datasets = {k: v for k, v in bundle.parts.items() if k != "test"}  # trials never see the test set
-        callbacks = [MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False, datasets=datasets), pruning, ConsoleProgress(f"trial {trial.number}")]
-        result = engine.fit(model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False, evaluate_test=False)
+        callbacks = [
+            MlflowRun(ctx.tracker, run_id, cfg, env, log_checkpoints=False, datasets=datasets),
+            pruning,
+            ConsoleProgress(f"trial {trial.number}"),
+        ]
+        result = engine.fit(
+            model, bundle, cfg, checkpoint_dir=ckpt, callbacks=callbacks, resume=False, evaluate_test=False
+        )
         if result.status == "nonfinite":
             failure = {"bench.failure": "nonfinite_loss", "bench.failure_reason": "the training loss was not finite"}
         else:
@@ -302,11 +336,19 @@ def objective(trial: optuna.Trial, ctx: TrialContext, limit: int | None = None) 
         # The worker stops; the trial is failed and queued again with its values (the tracking
         # server) or failed by its heartbeat and queued by another worker (the database).
         away = exc.what
-        failure = {"bench.failure": "tracking_unavailable" if away != STORAGE else "storage_unavailable", "bench.failure_reason": str(exc)}
+        failure = {
+            "bench.failure": "tracking_unavailable" if away != STORAGE else "storage_unavailable",
+            "bench.failure_reason": str(exc),
+        }
         raise
     except Exception as exc:  # out of memory at a large batch, values the model cannot take, ...: one trial's failure
         if (stop := stops.within(exc)) is not None:  # an error a library made of a stop: that stop
-            log.warning("trial %d of study %s: stopped; the clean-up after the stop failed: %s", trial.number, study, reason(exc))
+            log.warning(
+                "trial %d of study %s: stopped; the clean-up after the stop failed: %s",
+                trial.number,
+                study,
+                reason(exc),
+            )
             failure, status = _interrupted(stop)
             raise stop from None
         # The same tags as a failed cell's run: bench.failure (out_of_memory or error) and bench.failure_reason.
@@ -335,8 +377,9 @@ STORAGE = "Optuna storage"  # outage.Unavailable.what of the study's database
 STOP_WAIT_S = 10.0  # the longest an interrupted trial waits for the tracking store to hear of it
 
 
-def _end_trial(trial: optuna.Trial, ctx: TrialContext, run_id: str, state: str, failure: dict, status: str | None,
-               away: str | None) -> Exception | None:
+def _end_trial(
+    trial: optuna.Trial, ctx: TrialContext, run_id: str, state: str, failure: dict, status: str | None, away: str | None
+) -> Exception | None:
     """End the trial's MLflow run and record how it ended in both stores, as far as they answer:
     nothing is asked of a store that stayed away past the outage limit (`away`). A tracking
     server that does so now, after the trial trained, is returned as the trial's failure
@@ -391,20 +434,29 @@ class ParentRun:
     The run's tags name the study and its storage (password hidden); the study's user attributes
     mlflow_run_id and mlflow_run_url name the run (`url`, set where the study is opened, not in a worker)."""
 
-    def __init__(self, tracker, experiment_id: str, study: optuna.Study, space: list[Param], *, profile: str, storage_url: str) -> None:
+    def __init__(
+        self, tracker, experiment_id: str, study: optuna.Study, space: list[Param], *, profile: str, storage_url: str
+    ) -> None:
         from bench.tracking import run_url
 
         self.tracker, self.client = tracker, tracker.client
         name = study.study_name
         found = tracker.client.search_runs(
-            [experiment_id], filter_string=f"tags.`optuna.study` = '{name}' and tags.`bench.kind` = 'study'", max_results=1,
+            [experiment_id],
+            filter_string=f"tags.`optuna.study` = '{name}' and tags.`bench.kind` = 'study'",
+            max_results=1,
             order_by=["attributes.start_time ASC"],
         )
         if found:
             self.run_id = found[0].info.run_id
             tracker.reopen_run(self.run_id)
         else:
-            tags = {"optuna.study": name, "bench.kind": "study", "bench.tuned_profile": profile, "optuna.storage": redact(storage_url)}
+            tags = {
+                "optuna.study": name,
+                "bench.kind": "study",
+                "bench.tuned_profile": profile,
+                "optuna.storage": redact(storage_url),
+            }
             self.run_id = tracker.start_run(experiment_id, name, tags)
             for p in space:
                 self.client.log_param(self.run_id, f"search.{p.name}", p.describe())
@@ -414,7 +466,7 @@ class ParentRun:
                 study.set_user_attr(key, value)
 
     @classmethod
-    def attach(cls, tracker, experiment_id: str, run_id: str) -> "ParentRun":
+    def attach(cls, tracker, experiment_id: str, run_id: str) -> ParentRun:
         """The parent run another process created (a worker's view of it), checked to be a study's
         parent run in this experiment."""
         try:
@@ -476,7 +528,9 @@ def _surplus(trial: optuna.Trial, limit: int) -> bool:
     return sum(t.number < trial.number for t in alive) >= limit
 
 
-def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun, poll_s: float) -> str | None:
+def optimize(
+    study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: float | None, parent: ParentRun, poll_s: float
+) -> str | None:
     """Run trials until the study has `trials` finished ones (or `timeout` seconds have passed).
 
     Safe with many workers on one study, on one machine or many: a worker starts a trial only while
@@ -506,7 +560,11 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
             return None
         if done + running >= trials:
             if not waiting:
-                print(f"waiting for {running} running trial(s) to finish (or to be failed by their heartbeat)", file=sys.stderr, flush=True)
+                print(
+                    f"waiting for {running} running trial(s) to finish (or to be failed by their heartbeat)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             waiting = True
             time.sleep(poll_s)
             continue
@@ -515,8 +573,11 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
             return f"every set of values of the search space has been tried: {done} of {trials} trials finished"
         try:
             study.optimize(
-                lambda trial: objective(trial, ctx, limit=trials), n_trials=1, gc_after_trial=True,
-                callbacks=[parent, report, lambda _, trial: ended.append(trial)], catch=(Surplus, Repeat, TrialFailed),
+                lambda trial: objective(trial, ctx, limit=trials),
+                n_trials=1,
+                gc_after_trial=True,
+                callbacks=[parent, report, lambda _, trial: ended.append(trial)],
+                catch=(Surplus, Repeat, TrialFailed),
             )
         # Optuna has failed the trial by now. Only this worker's: every worker of the study stops at
         # the same moment, and each queues its own trial again.
@@ -543,7 +604,15 @@ def optimize(study: optuna.Study, ctx: TrialContext, *, trials: int, timeout: fl
     return None
 
 
-def best_command(experiment: str, profile: str, params: dict[str, Any], *, fixed: list[str] = (), epochs: int | None = None, seeds: int = 3) -> str:
+def best_command(
+    experiment: str,
+    profile: str,
+    params: dict[str, Any],
+    *,
+    fixed: list[str] = (),
+    epochs: int | None = None,
+    seeds: int = 3,
+) -> str:
     """The `bench run` command that trains the trial's values (with the study's fixed overrides)."""
     parts = ["bench", "run", experiment, "--profile", profile, "--seeds", str(seeds)]
     if epochs is not None:
@@ -564,7 +633,9 @@ def trial_line(trial: optuna.trial.FrozenTrial, done: int, total: int) -> str:
         failed = "not run: another trial has these values"
     else:
         failed = "failed" + (f": {attrs['bench.failure_reason']}" if "bench.failure_reason" in attrs else "")
-    state = {"COMPLETE": result, "PRUNED": f"pruned after epoch {last}", "FAIL": failed}.get(trial.state.name, trial.state.name)
+    state = {"COMPLETE": result, "PRUNED": f"pruned after epoch {last}", "FAIL": failed}.get(
+        trial.state.name, trial.state.name
+    )
     return f"trial {trial.number} [{done}/{total}] {values}: {state}"
 
 
