@@ -1121,14 +1121,14 @@ def test_an_evaluation_pass_draws_from_its_seed_alone(hw4_files):
     cfg = hw4_cfg(RECIPE_EVAL, "model.stem_dropout=0.5")
     model, bundle = fresh(cfg, hw4_files)
     before = torch.get_rng_state(), bundle.generator.get_state()
-    first = engine.loop._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1)
+    first = engine.evaluation._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1)
     assert torch.equal(torch.get_rng_state(), before[0]) and torch.equal(bundle.generator.get_state(), before[1])
     torch.manual_seed(SEED + 1)  # the training's streams elsewhere: the pass does not follow them
     bundle.generator.manual_seed(SEED + 1)
-    assert engine.loop._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1) == first
-    assert engine.loop._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=2) != first
-    seeds = {engine.loop._pass_seed(SEED, epoch, split) for epoch in (1, 2) for split in ("train", "val", "test")}
-    assert len(seeds) == 6 and engine.loop._pass_seed(SEED + 1, 1, "val") not in seeds
+    assert engine.evaluation._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=1) == first
+    assert engine.evaluation._evaluate_apart(model, bundle.train, "train", engine.Step(), seed=2) != first
+    seeds = {engine.evaluation._pass_seed(SEED, epoch, split) for epoch in (1, 2) for split in ("train", "val", "test")}
+    assert len(seeds) == 6 and engine.evaluation._pass_seed(SEED + 1, 1, "val") not in seeds
 
 
 def test_an_alternative_logs_what_a_run_with_that_evaluation_logs(hw4_runs):
