@@ -9,9 +9,11 @@
 - datasets: a run's data as MLflow datasets
 - artifacts: checkpoints pinned and linked into a run's artifacts, small texts
 - model: a finished run's logged model, and `bench register`
+- probe: whether a tracking server lets this process in (for `bench.servers.checks.probe`)
 """
 
-from bench.tracking import delivery, model, store  # noqa: F401
+from bench.servers import checks
+from bench.tracking import delivery, model, probe, store  # noqa: F401
 from bench.tracking.artifacts import CHECKPOINTS, drop_pinned, local_artifact_dir  # noqa: F401
 from bench.tracking.datasets import (  # noqa: F401
     CONTEXTS,
@@ -43,3 +45,6 @@ from bench.tracking.store import (  # noqa: F401
     run_url,
     ui_command,
 )
+
+# The tracking server's login is asked with MLflow's client, which bench.servers does not import.
+checks.use_login_probe(probe.login)
