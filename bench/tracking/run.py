@@ -118,7 +118,8 @@ class _FitEnd:
 
 
 class MlflowRun(_FitEnd, Callback):
-    """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints.
+    """Logs one engine fit into one MLflow run: params, per-epoch metrics, checkpoints (what the
+    fit's end sends is `_FitEnd`'s).
 
     Every call goes through the run's background `Writer`: one batched call per epoch, queued, so
     the step never waits for the store. The queue is drained at each checkpoint (what the store
