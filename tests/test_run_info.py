@@ -328,8 +328,8 @@ def test_an_environment_report_that_fails_or_hangs_leaves_the_run_finished(tmp_p
             )  # as collect_env does on some machines
         time.sleep(30)  # a command it starts (nvidia-smi, pip) that hangs
 
-    monkeypatch.setattr(tracking.store, "get_pretty_env_info", report)
-    monkeypatch.setattr(tracking.store, "ENVIRONMENT_WAIT_S", 0.5)
+    monkeypatch.setattr(tracking.environment, "get_pretty_env_info", report)
+    monkeypatch.setattr(tracking.environment, "ENVIRONMENT_WAIT_S", 0.5)
     tracking.environment_report.cache_clear()
     try:
         started = time.monotonic()
@@ -356,7 +356,7 @@ def test_a_run_shorter_than_the_sampling_interval_still_has_its_system_metrics(t
 def test_git_dirty_is_unknown_when_git_cannot_say(monkeypatch):
     from bench import tracking
 
-    monkeypatch.setattr(tracking.store, "_git", lambda *args: "0" * 40 if args[0] == "rev-parse" else None)
+    monkeypatch.setattr(tracking.environment, "_git", lambda *args: "0" * 40 if args[0] == "rev-parse" else None)
     assert tracking.environment_tags("cpu")["bench.git_dirty"] == "unknown"
 
 

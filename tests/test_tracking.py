@@ -187,12 +187,12 @@ def test_a_checkpoint_that_cannot_be_linked_is_copied(in_tmp, monkeypatch):
     def cross_device(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(tracking.store.os, "link", cross_device)
+    monkeypatch.setattr(tracking.artifacts.os, "link", cross_device)
     for content in (b"first", b"second"):
         folder = tmp_path / f"pinned-{content.decode()}"
         folder.mkdir()
         (folder / "last.pt").write_bytes(content)
-        tracking.store._log_pinned(tracker.client, run_id, folder / "last.pt", "checkpoints")
+        tracking.artifacts._log_pinned(tracker.client, run_id, folder / "last.pt", "checkpoints")
         assert not folder.exists()  # the pinned copy is removed once uploaded
         stored = local_artifact_dir(tracker.client.get_run(run_id).info.artifact_uri) / "checkpoints" / "last.pt"
         assert stored.read_bytes() == content

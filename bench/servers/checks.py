@@ -8,6 +8,7 @@ creates a database or a file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +24,18 @@ EXAMPLES = {
     "tracking store": "sqlite:///mlflow.db, postgresql://USER:PASSWORD@HOST/DB or http://HOST:PORT",
     "Optuna storage": "sqlite:///optuna.db or postgresql://USER:PASSWORD@HOST/DB",
 }
+
+# Whether a tracking server lets this process in is asked the way its client logs in (users,
+# tokens, ~/.mlflow/credentials): MLflow's, which only bench.tracking imports. It installs its probe
+# here when imported (`use_login_probe`), as every command has before it probes a tracking server.
+_login_probe: Callable[[str, str], None] | None = None
+
+
+def use_login_probe(probe: Callable[[str, str], None]) -> None:
+    """`probe(what, url)`: a UserError unless the server at `url` (its /health answered) lets this
+    process read it."""
+    global _login_probe
+    _login_probe = probe
 
 
 def _scheme(url: str) -> str:
@@ -91,46 +104,9 @@ def _probe_http(what: str, url: str) -> None:
         ) from None
     if answer.status_code >= 500:
         raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} at /health")
-    _probe_login(what, url)
-
-
-def _probe_login(what: str, url: str) -> None:
-    """A UserError unless the server lets this process read its experiments: /health answers
-    everyone, also where the server requires a login (`mlflow server --app-name basic-auth`).
-    The request carries what MLflow's client would send (MLFLOW_TRACKING_USERNAME and
-    MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, ~/.mlflow/credentials, or a user in the URL)."""
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
-    creds = get_default_host_creds(url.rstrip("/"))
-    try:
-        # The server is up (/health answered): its first API call may wait a while for its database.
-        answer = http_request(
-            creds,
-            "/api/2.0/mlflow/experiments/search",
-            "GET",
-            params={"max_results": 1},
-            max_retries=0,
-            timeout=(TIMEOUT_S, 60),
-            raise_on_status=False,
-        )
-    except Exception:  # MLflow wraps what requests raises; its message would quote the URL as given
-        raise UserError(
-            f"{what} {redact(url)} does not answer a search of its experiments; is it an MLflow server?"
-        ) from None
-    given = creds.username or creds.token or urlsplit(url).username
-    if answer.status_code == 401 and given:
-        raise UserError(
-            f"{what} {redact(url)} refuses the login (HTTP 401): check the user and password "
-            "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
-        )
-    if answer.status_code == 401:
-        raise UserError(
-            f"{what} {redact(url)} requires a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD to a user of the server"
-        )
-    if answer.status_code >= 400:
-        raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} to a search of its experiments")
+    if _login_probe is None:
+        raise RuntimeError("no login probe for a tracking server: bench.tracking installs it when imported")
+    _login_probe(what, url)
 
 
 def _probe_database(what: str, url: str) -> None:

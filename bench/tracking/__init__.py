@@ -1,32 +1,50 @@
-"""bench.tracking."""
+"""bench.tracking: MLflow, and the only package that imports it.
 
-from bench.tracking import delivery, model, store  # noqa: F401
-from bench.tracking.store import (  # noqa: F401
-    CELL_TAGS,
-    CHECKPOINTS,
+- store: the tracking store (URIs, a new SQLite store made safely, experiments, runs, searches):
+  `Tracker`
+- run: `MlflowRun`, the callback that logs a fit (params, metrics each epoch, checkpoints, the
+  model, datasets)
+- delivery: a run's calls in order, journaled, through outages of the store
+- environment: environment tags, collect_env's report, system metrics
+- datasets: a run's data as MLflow datasets
+- artifacts: checkpoints pinned and linked into a run's artifacts, small texts
+- model: a finished run's logged model, and `bench register`
+- probe: whether a tracking server lets this process in (for `bench.servers.checks.probe`)
+"""
+
+from bench.servers import checks
+from bench.tracking import delivery, model, probe, store  # noqa: F401
+from bench.tracking.artifacts import CHECKPOINTS, drop_pinned, local_artifact_dir  # noqa: F401
+from bench.tracking.datasets import (  # noqa: F401
     CONTEXTS,
-    DEFAULT_URI,
     DUPLICATE_KEY,
-    ENVIRONMENT_WAIT_S,
-    HTTP_RETRIES,
     INPUT_ATTEMPTS,
-    NOTE,
-    NOTE_DIGEST,
-    OUTCOME_TAGS,
     ImageSplit,
-    MlflowRun,
-    SystemMetrics,
-    Tracker,
-    absolute_uri,
     dataset_inputs,
-    drop_pinned,
+    log_datasets,
+)
+from bench.tracking.environment import (  # noqa: F401
+    ENVIRONMENT_WAIT_S,
+    SystemMetrics,
     environment_report,
     environment_tags,
     environment_text,
     git_commit,
-    local_artifact_dir,
-    log_datasets,
+)
+from bench.tracking.run import MlflowRun  # noqa: F401
+from bench.tracking.store import (  # noqa: F401
+    CELL_TAGS,
+    DEFAULT_URI,
+    HTTP_RETRIES,
+    NOTE,
+    NOTE_DIGEST,
+    OUTCOME_TAGS,
+    Tracker,
+    absolute_uri,
     resolve_uri,
     run_url,
     ui_command,
 )
+
+# The tracking server's login is asked with MLflow's client, which bench.servers does not import.
+checks.use_login_probe(probe.login)

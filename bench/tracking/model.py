@@ -33,12 +33,13 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types import Schema, TensorSpec
 
 import bench.models
-from bench import config, engine, tracking
+from bench import config, engine
 from bench.data.cifar import NUM_CLASSES, load_cifar
 from bench.errors import UserError, reason
 from bench.models import create_model
 from bench.models.packaged import ImageClassifier
 from bench.servers import retry as outage
+from bench.tracking.artifacts import CHECKPOINTS
 
 NAME = "model"
 EXAMPLE_IMAGES = 4  # test images stored with the model as its input example
@@ -120,6 +121,16 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
         client.log_outputs(run_id, [LoggedModelOutput(model_id, step=epoch)])
     if not found.metrics:  # a model found by search_logged_models carries its metrics
         _link_metrics(client, run, model_id, epoch)
+    _save(client, run_id, cfg, found, state["model"], example)
+    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    if MODEL_ERROR in run.data.tags:
+        client.delete_tag(run_id, MODEL_ERROR)
+
+
+def _save(client: MlflowClient, run_id: str, cfg, found, weights: dict[str, torch.Tensor], example: np.ndarray) -> None:
+    """The packaged network saved as the model `found` and uploaded into it; the model marked
+    FAILED where that fails (unless the store is away)."""
+    model_id = found.model_id
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *example.shape[1:]))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES[cfg.data.dataset]))]),
@@ -135,7 +146,7 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
         with tempfile.TemporaryDirectory() as tmp, _bench_models_by_value(), _pickle_warning_muted():
             path = Path(tmp) / NAME
             mlflow.pytorch.save_model(
-                package(cfg, state["model"]),
+                package(cfg, weights),
                 path,
                 mlflow_model=mlmodel,
                 signature=signature,
@@ -150,9 +161,6 @@ def log(client: MlflowClient, run_id: str, cfg, checkpoint_file, epoch: int, exa
             with contextlib.suppress(Exception):  # the store may be what failed: the next call finishes it anyway
                 client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
         raise
-    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-    if MODEL_ERROR in run.data.tags:
-        client.delete_tag(run_id, MODEL_ERROR)
 
 
 def _link_metrics(client: MlflowClient, run, model_id: str, step: int) -> None:
@@ -187,10 +195,10 @@ def log_from_artifacts(client: MlflowClient, run, cfg) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            file = client.download_artifacts(run.info.run_id, f"{tracking.CHECKPOINTS}/{name}", tmp)
+            file = client.download_artifacts(run.info.run_id, f"{CHECKPOINTS}/{name}", tmp)
         except (MlflowException, OSError) as exc:
             raise UserError(
-                f"run {run.info.run_name} ({run.info.run_id}) has no logged model and no {tracking.CHECKPOINTS}/{name} to log one from: {reason(exc)}"
+                f"run {run.info.run_name} ({run.info.run_id}) has no logged model and no {CHECKPOINTS}/{name} to log one from: {reason(exc)}"
             ) from None
         images = load_cifar(cfg.data.dataset, None).test.images[:EXAMPLE_IMAGES]
         log(client, run.info.run_id, cfg, file, int(epoch), images.permute(0, 2, 3, 1).numpy())
