@@ -147,7 +147,7 @@ def test_workers_get_the_debug_flag_of_their_command():
     from bench import cli
 
     args = cli._parser().parse_args(["tune", "resnetb-cifar10", "--profile", "smoke", "--debug"])
-    assert "--debug" in cli._worker_args(args, "study", "parent", 0)
+    assert "--debug" in tuning.command.worker_args(args, "study", "parent", 0)
     assert cli._parser().parse_args(["--debug", "tune", "resnetb-cifar10"]).debug
     args = cli._parser().parse_args(["tune", "resnetb-cifar10"])
-    assert not args.debug and "--debug" not in cli._worker_args(args, "study", "parent", 0)
+    assert not args.debug and "--debug" not in tuning.command.worker_args(args, "study", "parent", 0)

@@ -242,7 +242,7 @@ def test_workers_are_counted_and_shown_before_anything_runs(in_tmp, capsys):
 def test_the_dispatch_puts_busy_cells_off_and_stops_at_an_outage(in_tmp, monkeypatch, capsys):
     cells = suite.plan(["resnetb-cifar10"], profile="smoke", seeds=4)
     clock = [100.0]
-    monkeypatch.setattr(suite.cell.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(suite.dispatch.time, "monotonic", lambda: clock[0])
     d = suite.Dispatch(cells, bar=False)
 
     def outcome(i: int, status: str) -> suite.CellOutcome:

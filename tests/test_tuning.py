@@ -548,7 +548,7 @@ def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(
         assert run.data.tags["bench.failure_reason"] == t.user_attrs["bench.failure_reason"]
     assert f"trial {failed[0].number} " in capsys.readouterr().err
     # Where it failed, without --debug (optuna's own warning with the traceback is hidden).
-    shown = [r.getMessage() for r in caplog.records if r.name == "bench.tuning.study" and r.levelno == logging.ERROR]
+    shown = [r.getMessage() for r in caplog.records if r.name == "bench.tuning.trial" and r.levelno == logging.ERROR]
     assert any(
         m.startswith(f"trial {failed[0].number} of study hw4-resnet-cifar100-smoke failed:") and "Traceback" in m
         for m in shown

@@ -1,31 +1,22 @@
-"""bench.tuning."""
+"""bench.tuning: the search space (space), the study and its parent run (study), one trial through
+bench.job (trial), a worker's trial loop (loop), `bench tune` (command); the sampler (sampling) and
+the storage's database (database)."""
 
-from bench.tuning import database, sampling, study  # noqa: F401
+from bench.tuning import command, database, loop, sampling, space, study, trial  # noqa: F401
+from bench.tuning.loop import MAX_FAILURES_IN_A_ROW, optimize  # noqa: F401
+from bench.tuning.space import Param, as_sets, recipe_values, search_space, tuning_val_size  # noqa: F401
 from bench.tuning.study import (  # noqa: F401
     FINISHED,
-    MAX_FAILURES_IN_A_ROW,
     OBJECTIVE,
-    STOP_WAIT_S,
     STORAGE,
-    Param,
     ParentRun,
-    Pruning,
-    Repeat,
-    Surplus,
-    TrialContext,
-    TrialFailed,
-    as_sets,
     best_command,
     finished,
     note_run,
-    objective,
     open_study,
-    optimize,
     print_trial,
     pruner,
-    recipe_values,
-    search_space,
     storage,
     trial_line,
-    tuning_val_size,
 )
+from bench.tuning.trial import Pruning, Repeat, Surplus, TrialContext, TrialFailed, objective  # noqa: F401
