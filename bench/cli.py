@@ -4,20 +4,20 @@ database stayed away past the outage limit: run the same command again later).""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from bench import config, console, hostmem
-from bench.errors import UserError, reason, unusable
+from bench import config, process
+from bench.errors import UserError
 from bench.paths import check_writable
+from bench.process import Terminated  # noqa: F401  (a stop's class, as `cli.Terminated` too)
 from bench.servers import checks as stores
 from bench.servers import retry as outage
-from bench.servers.urls import password, redact, scrub
+from bench.servers.urls import redact, scrub
+
+# A command's stop on SIGTERM, under the names it has had here (tests install and compare them).
+_stopping_on_sigterm, _terminated = process.stopping_on_sigterm, process.terminated
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a scheduler may run the job again
@@ -34,7 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="experiments, suites, profiles and models")
+    _run_parser(sub)
+    _tune_parser(sub)
+    _report_parser(sub)
+    _register_parser(sub)
+    _perf_parser(sub)
+    for command in sub.choices.values():  # --debug also after the command's name, where it is usually typed
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
+    return p
 
+
+def _run_parser(sub) -> None:
     r = sub.add_parser("run", help="train experiments or a suite, several seeds, tracked in MLflow")
     r.add_argument("experiments", nargs="*", metavar="EXPERIMENT", help="experiment names (see `bench list`)")
     r.add_argument("--suite", help="a suite of experiments, e.g. all")
@@ -81,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         help="list the cells and their recipes (with --ablate, each variant's cost), train nothing",
     )
 
+
+def _tune_parser(sub) -> None:
     t = sub.add_parser("tune", help="search lr, weight decay and batch size with Optuna, pruned, tracked in MLflow")
     t.add_argument("experiment", metavar="EXPERIMENT", help="the experiment to tune (see `bench list`)")
     t.add_argument("--profile", default="paper", help="paper (default) or smoke")
@@ -132,6 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         help="scratch checkpoints of running trials (default ./checkpoints)",
     )
 
+
+def _report_parser(sub) -> None:
     rep = sub.add_parser("report", help="markdown and figures: the suite's runs beside the reported ones")
     rep.add_argument("--suite", default="all", help="the suite to report on (default all)")
     rep.add_argument(
@@ -146,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
         f"(default $BENCH_OPTUNA_STORAGE, else {DEFAULT_OPTUNA} when ./optuna.db exists; none: no tuning section)",
     )
 
+
+def _register_parser(sub) -> None:
     reg = sub.add_parser(
         "register", help="register the best seed's trained model of a config in MLflow's Model Registry"
     )
@@ -166,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--epochs", type=int, help="train.epochs, as `bench run` was given it")
     reg.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 
+
+def _perf_parser(sub) -> None:
     pf = sub.add_parser("perf", help="throughput of the data pipeline, the engine and tracking against plain PyTorch")
     pf.add_argument(
         "--model",
@@ -192,9 +210,6 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: the throughput of K trainers at once on the device, "
         "for each K, and the K that trains one seed of the paper suite fastest (an estimate)",
     )
-    for command in sub.choices.values():  # --debug also after the command's name, where it is usually typed
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
-    return p
 
 
 def _count(n: int, noun: str) -> str:
@@ -233,66 +248,9 @@ def cmd_tune(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from bench import report, results
-    from bench.tracking import resolve_uri
+    from bench.report import command
 
-    names = config.suite_experiments(args.suite)
-    if args.profile and args.profile not in config.list_profiles():
-        raise UserError(f"unknown profile {args.profile!r}; known: {', '.join(config.list_profiles())}")
-    uri = resolve_uri(args.tracking_uri)
-    stores.check("tracking store", uri)
-    out = args.out or Path("reports") / args.suite
-    check_writable(out, "--out")
-    studies = _studies(args.storage, names)
-    stores.probe("tracking store", uri)
-    found = results.load(uri, names)
-    if found.runs.empty:
-        raise UserError(
-            f"no runs of suite {args.suite!r} in {redact(uri)}; train them first: bench run --suite {args.suite}"
-        )
-    summary = report.summarize(found, names, suite=args.suite, profile=args.profile)
-    try:
-        path = report.write(summary, out, studies)
-    except OSError as exc:
-        raise UserError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
-    for row in summary.rows:
-        name = row.experiment if row.is_recipe else f"{row.experiment}, {row.label}"
-        print(
-            f"  {name:30s} {_count(row.final.n, 'seed')}  {row.verdict}"
-            + (f" ({row.why_not_comparable})" if row.why_not_comparable else "")
-        )
-    if studies is not None and studies.handles:
-        print(f"  tuning: {', '.join(sorted(studies.handles))}")
-    print(f"Report: {path}")
-    return 0
-
-
-def _studies(storage: str | None, experiments: list[str]):
-    """The tuning studies for the report, or None when there is no storage to read."""
-    import os
-
-    from bench import results
-
-    url = storage or os.environ.get("BENCH_OPTUNA_STORAGE")
-    if url is None and Path("optuna.db").is_file():
-        url = DEFAULT_OPTUNA
-    if url is None or url == "none":
-        return None
-    stores.check("Optuna storage", url)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
-        raise UserError(
-            f"no Optuna storage at {redact(url)}: pass --storage with the URL `bench tune` used, or --storage none"
-        )
-    stores.probe("Optuna storage", url)
-    try:
-        return results.load_studies(url, experiments)
-    except Exception as exc:  # SQLAlchemy and optuna raise many types for a bad or unreachable URL
-        hint = (
-            " (not an Optuna database: pass the --storage that `bench tune` used)"
-            if "no such table" in reason(exc)
-            else ""
-        )
-        raise unusable("Optuna storage", url, exc, hint) from None
+    return command.main(args, default_storage=DEFAULT_OPTUNA)
 
 
 def cmd_register(args) -> int:
@@ -317,43 +275,9 @@ def cmd_register(args) -> int:
 
 
 def cmd_perf(args) -> int:
-    import json
+    from bench import perf
 
-    from bench import engine, perf
-    from bench.models import list_models
-    from bench.perf import workers as perf_workers
-
-    if args.workers is not None and min(args.workers) < 1:
-        raise UserError(f"--workers must be at least 1, got {min(args.workers)}")
-    models = args.models or list_models()
-    unknown = sorted(set(models) - set(list_models()))
-    if unknown:
-        raise UserError(f"--model {unknown[0]}: no such model; choose from {', '.join(list_models())}")
-    config.read_profile(args.profile)
-    if args.json is not None:
-        _check_writable(args.json)
-    device = engine.resolve_device(args.device)
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if args.workers is not None:
-        results = perf_workers.run(
-            models, sorted(set(args.workers)), profile=args.profile, device=device, quick=args.quick, say=say
-        )
-        print(perf_workers.table(results))
-    else:
-        results = perf.run(models, profile=args.profile, device=device, quick=args.quick, say=say)
-        print(perf.table(results))
-        print(f"\nWhere a training step's time goes:\n{perf.breakdown_table(results)}")
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"figures written to {args.json}")
-    return 0
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before hours of measuring, not after: the file's directory must exist and take files."""
-    folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UserError(f"--json {path}: {folder} is not a writable directory")
+    return perf.main(args)
 
 
 COMMANDS = {
@@ -366,84 +290,10 @@ COMMANDS = {
 }
 
 
-_shown_urls: list[str] = []  # the store URLs of the running command, whose passwords logs must not show
-
-
-def _hiding_passwords(make_record):
-    """A log record factory that replaces those passwords in every record, tracebacks included,
-    whichever library logs it (a driver's or MLflow's message may quote a URL)."""
-
-    def make(*args, **kwargs) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        if _shown_urls:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
-            clean = scrub(text, _shown_urls)
-            if clean != text:
-                record.msg, record.args, record.exc_info, record.exc_text = clean, None, None, None
-        return record
-
-    make.hides_passwords = True
-    return make
-
-
-def _guard_passwords(args) -> list[str]:
-    """Registers the store URLs this command may show; returns them."""
-    urls = [
-        getattr(args, "tracking_uri", None),
-        getattr(args, "storage", None),
-        os.environ.get("MLFLOW_TRACKING_URI"),
-        os.environ.get("BENCH_OPTUNA_STORAGE"),
-    ]
-    _shown_urls[:] = [u for u in urls if u]
-    if not getattr(logging.getLogRecordFactory(), "hides_passwords", False):
-        logging.setLogRecordFactory(_hiding_passwords(logging.getLogRecordFactory()))
-    return list(_shown_urls)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, as SLURM and Kubernetes send it some time before they kill: the work in progress
-    stops as it does on Ctrl-C (the last finished epoch kept, metrics flushed, the run KILLED)."""
-
-    signal_name = "SIGTERM"
-
-
-def _terminated(signum, frame) -> None:
-    # One clean stop: a second SIGTERM while it runs does not cut it short (SIGKILL still does).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def _stopping_on_sigterm():
-    """SIGTERM raises Terminated while the command runs (in the main thread only, where Python
-    delivers signals); the handler before it comes back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with process(args) as urls:
+    with process.setup(args) as urls:
         return _dispatch(args, urls)
-
-
-@contextlib.contextmanager
-def process(args):
-    """A bench process's setup for the command `args`, the worker processes of `bench run --workers`
-    included: the log, passwords hidden, memory, SIGTERM, the console. Yields the store URLs to hide."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    urls = _guard_passwords(args)
-    hostmem.keep_freed_memory()  # before any work: training re-uses its memory every step
-    with _stopping_on_sigterm(), console.terminal(args.debug, secret=any(password(u) for u in urls)):
-        yield urls
 
 
 def _dispatch(args, urls: list[str]) -> int:
@@ -476,4 +326,4 @@ def _dispatch(args, urls: list[str]) -> int:
     except KeyboardInterrupt as exc:
         name = getattr(exc, "signal_name", "SIGINT")
         print(f"bench: interrupted ({name}); the same command resumes where it stopped", file=sys.stderr)
-        return 143 if name == "SIGTERM" else 130
+        return process.exit_code(exc)

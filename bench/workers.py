@@ -1,17 +1,35 @@
-"""Worker processes on one machine: K copies of `bench tune` sharing one study through its storage.
+"""The one way to start, stop and collect K worker processes on this machine: `bench run --workers`
+(spawned processes that take cells through a pipe each), `bench tune --workers` (K copies of
+`python -m bench tune` sharing one study through its storage) and `bench perf --workers` (spawned
+trainers that report through a queue) all use a `Pool`.
 
-Each worker is a plain `python -m bench tune ...` process with its own device and its share of
-the CPU threads; Optuna's storage hands out the trials, so there is no queue here. Workers on other
+Each worker has its device (GPUs in turn, several workers on one GPU allowed) and its share of the
+CPU threads. A stop reaches each worker once (SIGINT or SIGTERM, or no more work); the workers get
+STOP_WAIT_S to end what they run, and those still running then are killed. Workers on other
 machines run the same command against the same storage.
+
+A worker process of its own (`stop_once`) stops once, whichever and however many of the stop
+signals come (the terminal's Ctrl-C reaches every process of the command, and the parent forwards
+what it gets in case they did not get it too), and stops as on SIGTERM when its parent is killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
+
+from bench.process import Terminated
+
+STOP_WAIT_S = 30.0  # how long stopped workers get to end their work before they are killed
+ORPHAN_CHECK_S = 1.0
+SPAWN = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked process
 
 
 def visible_gpus() -> int:
@@ -51,26 +69,183 @@ def thread_env(workers: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
+class _Command:
+    """A `python -m bench` subprocess with the face of multiprocessing's processes (pid,
+    exitcode, join, kill), so that a pool handles both alike."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.popen = subprocess.Popen([sys.executable, "-m", "bench", *argv], env=env)
+        self.pid = self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
+class Pool:
+    """K worker processes: started together, stopped once, collected (their exit codes)."""
+
+    def __init__(self) -> None:
+        self.processes: list = []  # multiprocessing's processes or _Commands, in the workers' order
+
+    def spawn(
+        self,
+        target: Callable,
+        args: Sequence[tuple],
+        *,
+        env: dict[str, str] | None = None,
+        held: bool = False,
+        names: Sequence[str] | None = None,
+        daemon: bool | None = None,
+    ) -> list:
+        """One spawned process of `target` for each tuple of `args`, with `env` in its environment.
+        `held`: it starts with SIGINT ignored, until it puts its own handler in place (a Ctrl-C while
+        it imports torch would end it with a traceback); one that keeps Python's handler must not."""
+        started = []
+        with _environment(env or {}), _ignoring(signal.SIGINT) if held else contextlib.nullcontext():
+            for i, a in enumerate(args):
+                process = SPAWN.Process(target=target, args=a, name=names[i] if names else None, daemon=daemon)
+                process.start()
+                started.append(process)
+        self.processes += started
+        return started
+
+    def commands(self, commands: Sequence[list[str]], env: dict[str, str]) -> None:
+        """One `python -m bench` subprocess for each argument list, with `env` as its environment
+        (it keeps Python's SIGINT handler: started with SIGINT ignored, it would keep that)."""
+        self.processes += [_Command(argv, env) for argv in commands]
+
+    def wait(self) -> list[int]:
+        """Waits for every worker to end of itself; their exit codes."""
+        for p in self.processes:
+            p.join()
+        return self.exit_codes()
+
+    def exit_codes(self) -> list[int | None]:
+        """Each worker's exit code, None while it runs (a negative one: the signal that ended it)."""
+        return [p.exitcode for p in self.processes]
+
+    def stop(
+        self,
+        signum: int | None,
+        *,
+        tell: Callable[[int], None] | None = None,
+        on_kill: Callable[[int], None] | None = None,
+    ) -> list[int | None]:
+        """Ends the workers: `signum` to each still running (they stop what they run), or, with no
+        signum, `tell(i)` to each (no more work: they end of themselves); waits STOP_WAIT_S in all
+        and kills those still running then, `on_kill(i)` first. Returns the exit codes."""
+        with _ignoring(signal.SIGINT):  # a second Ctrl-C must not cut the wait short and leave workers behind
+            for i, p in enumerate(self.processes):
+                if p.exitcode is not None:
+                    continue
+                if signum is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signum)
+                elif tell is not None:
+                    tell(i)
+            deadline = time.monotonic() + STOP_WAIT_S
+            for i, p in enumerate(self.processes):
+                p.join(max(0.1, deadline - time.monotonic()))
+                if p.exitcode is None:
+                    if on_kill is not None:
+                        on_kill(i)
+                    p.kill()
+                    p.join()
+        return self.exit_codes()
+
+
 def run_all(commands: list[list[str]], env: dict[str, str]) -> list[int]:
     """Start every command, wait for all; Ctrl-C or SIGTERM stops them all. Returns exit codes."""
-    procs = [subprocess.Popen([sys.executable, "-m", "bench", *cmd], env=env) for cmd in commands]
-
-    def stop(*_):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 30
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(143)))
+    pool = Pool()
+    pool.commands(commands, env)
+    # Each worker is a whole `bench tune`: SIGINT stops its trial as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, lambda *_: (pool.stop(signal.SIGINT), sys.exit(143)))
     try:
-        return [p.wait() for p in procs]
+        return pool.wait()
     except KeyboardInterrupt:
-        stop()
+        pool.stop(signal.SIGINT)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _ignoring(signum: int):
+    previous = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+# --- in a worker process ---------------------------------------------------------------------------
+
+_stopping: list[int] = []  # the signal that stops this worker, once one has come
+
+
+def stop_once() -> None:
+    """In a worker process: SIGINT and SIGTERM stop it once (KeyboardInterrupt, Terminated), a stop
+    that Python drops in a finalizer comes again, and a killed parent stops it as SIGTERM does."""
+    signal.signal(signal.SIGINT, _stop_once)
+    signal.signal(signal.SIGTERM, _stop_once)
+    sys.unraisablehook = _stop_again_if_lost
+    _stop_when_orphaned(os.getppid())
+
+
+def stopped_by() -> int | None:
+    """The signal that stopped this worker, once one has come (a library may have swallowed the
+    stop it raised)."""
+    return _stopping[0] if _stopping else None
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """A parent killed (SIGKILL) cannot pass a stop on: the worker stops its work as on SIGTERM
+    (a cell's run KILLED, its checkpoint kept) instead of training on with the GPU and the cell's lease held."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _stop_once(signum, frame) -> None:
+    # The terminal's Ctrl-C and the parent's forwarded signal both arrive: the first stops the
+    # work, a later one must not cut that stop short.
+    if _stopping:
+        return
+    _stopping.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _stop_again_if_lost(unraisable) -> None:
+    """sys.unraisablehook: a stop raised while a finalizer or weakref callback ran is dropped by
+    Python, and the work would go on with the later signals ignored: the signal comes again a
+    moment later, once this hook and that finalizer are done."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopping:
+        threading.Timer(0.05, os.kill, (os.getpid(), _stopping.pop())).start()
+    else:
+        sys.__unraisablehook__(unraisable)

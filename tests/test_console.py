@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna_dashboard import get_note
 from servers import MlflowServer
 
-from bench import console, tuning
+from bench import process, tuning
 
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 
@@ -121,7 +121,7 @@ def _warn_from(module: str, message: str) -> None:
 def test_the_console_hides_the_libraries_output_unless_debug_and_comes_back_after(recwarn, monkeypatch):
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
     optuna_log = logging.getLogger("optuna.study")
-    with console.terminal(debug=False):
+    with process.terminal(debug=False):
         _warn_from("mlflow.store.tracking", "a library's warning")
         _warn_from("bench.tuning", "RetryFailedTrialCallback is experimental (supported from v2.8.0).")
         # torch's warnings stay: with warn_only, one is the only sign of a nondeterministic operation.
@@ -132,13 +132,13 @@ def test_the_console_hides_the_libraries_output_unless_debug_and_comes_back_afte
     assert [str(w.message) for w in recwarn.list] == ["put_ does not have a deterministic implementation"]
     assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
     recwarn.clear()
-    with console.terminal(debug=True):
+    with process.terminal(debug=True):
         _warn_from("mlflow.store.tracking", "a library's warning")
         assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
         assert optuna_log.isEnabledFor(logging.INFO) and logging.getLogger("bench.tuning").isEnabledFor(logging.DEBUG)
     assert [str(w.message) for w in recwarn.list] == ["a library's warning"]
     # MLflow's link lines are print() calls that would show a URL's password: hidden under --debug too.
-    with console.terminal(debug=True, secret=True):
+    with process.terminal(debug=True, secret=True):
         assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
     assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bench import hostmem
+from bench import process
 
 # Four rounds of what a training step does to memory: allocate blocks, write them, free them.
 # Prints the page faults of each round, in 4-KiB pages (transparent huge pages off for the process,
@@ -36,11 +36,11 @@ for _ in range(4):
 print(json.dumps(faults))
 """
 
-needs_glibc = pytest.mark.skipif(hostmem.glibc_version() is None, reason="malloc's thresholds are glibc's")
+needs_glibc = pytest.mark.skipif(process.glibc_version() is None, reason="malloc's thresholds are glibc's")
 
 
 def faults_per_round(setup: str, **env: str) -> list[int]:
-    clean = {k: v for k, v in os.environ.items() if k not in (*hostmem._USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")}
+    clean = {k: v for k, v in os.environ.items() if k not in (*process._USER_SETTINGS, "GLIBC_TUNABLES", "LD_PRELOAD")}
     out = subprocess.run(
         [sys.executable, "-c", setup + ROUNDS], env={**clean, **env}, capture_output=True, text=True, check=True
     ).stdout
@@ -61,7 +61,7 @@ def default_refaults():
 
 @needs_glibc
 def test_kept_memory_is_not_faulted_in_again(default_refaults):
-    faults = faults_per_round("from bench import hostmem; print(hostmem.keep_freed_memory())\n")
+    faults = faults_per_round("from bench import process; print(process.keep_freed_memory())\n")
     assert faults[0] > 20 * (4 << 20) // 4096 // 2  # the first round wrote 80 MiB of new pages
     assert max(faults[1:]) < faults[0] // 20
 
@@ -74,7 +74,7 @@ def test_the_command_line_keeps_freed_memory(default_refaults):
 
 @needs_glibc
 def test_the_environments_malloc_settings_win(default_refaults):
-    setup = "from bench import hostmem; print(hostmem.keep_freed_memory())\n"
+    setup = "from bench import process; print(process.keep_freed_memory())\n"
     assert refaulted(faults_per_round(setup, MALLOC_TRIM_THRESHOLD_="131072"))
     assert refaulted(faults_per_round(setup, GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072"))
     # A tunable of something else leaves the thresholds to the suite.
@@ -83,12 +83,12 @@ def test_the_environments_malloc_settings_win(default_refaults):
 
 def test_what_the_allocator_is_is_said(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    for name in (*hostmem._USER_SETTINGS, "LD_PRELOAD"):
+    for name in (*process._USER_SETTINGS, "LD_PRELOAD"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
-    if hostmem.glibc_version() is not None:
-        assert hostmem.keep_freed_memory().endswith("as set by MALLOC_TOP_PAD_")
+    if process.glibc_version() is not None:
+        assert process.keep_freed_memory().endswith("as set by MALLOC_TOP_PAD_")
         monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libfoo.so /usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-        assert hostmem.keep_freed_memory() == "libjemalloc.so.2, preloaded"
-    monkeypatch.setattr(hostmem, "glibc_version", lambda: None)
-    assert hostmem.keep_freed_memory() == "the C library's default"
+        assert process.keep_freed_memory() == "libjemalloc.so.2, preloaded"
+    monkeypatch.setattr(process, "glibc_version", lambda: None)
+    assert process.keep_freed_memory() == "the C library's default"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from bench import cli, config, engine, hostmem, perf
+from bench import cli, config, engine, perf, process
 
 CPU = torch.device("cpu")
 TINY = perf.Budget(pipeline_images=256, train_images=128, epochs=2, repeats=1)
@@ -131,7 +131,7 @@ def test_bench_perf_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys
     figures = json.loads(out.read_text())
     assert set(figures) == {"device", "resnet_b"}
     assert figures["device"]["type"] == "cpu" and figures["device"]["matmul_flops_per_s"] > 0
-    assert figures["device"]["host_allocator"] == hostmem.keep_freed_memory()  # the setting it measured under
+    assert figures["device"]["host_allocator"] == process.keep_freed_memory()  # the setting it measured under
     assert PER_MODEL <= figures["resnet_b"].keys()
     # Utilization is against the faster of the two matrix-multiply probes, the one in `device`.
     model = figures["resnet_b"]

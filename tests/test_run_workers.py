@@ -280,9 +280,9 @@ def test_a_stop_that_lands_in_a_finalizer_comes_again(subprocess_env):
     # and the worker trained on): the worker's hook sends the signal again.
     script = """
 import os, signal, sys, time, weakref
-from bench.suite import workers as run_workers
-signal.signal(signal.SIGINT, run_workers._stop_once)
-sys.unraisablehook = run_workers._stop_again_if_lost
+from bench import workers
+signal.signal(signal.SIGINT, workers._stop_once)
+sys.unraisablehook = workers._stop_again_if_lost
 class Box: pass
 box = Box()
 ref = weakref.ref(box, lambda _: os.kill(os.getpid(), signal.SIGINT))

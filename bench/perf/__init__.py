@@ -1,29 +1,32 @@
-"""bench.perf."""
+"""bench.perf: `bench perf`, what the harness costs beside the model's own compute (`harness`,
+`pipeline`, `training`), and K trainers at once on one device (`workers`). FLOPs are counted by
+`bench.models.cost`, whose counts are named here too."""
 
-from bench.perf import harness, workers  # noqa: F401
+from bench.models.cost import CIFAR_TEST, CIFAR_TRAIN, run_flops, step_flops  # noqa: F401
+from bench.perf import harness, pipeline, tables, training, workers  # noqa: F401
+from bench.perf.command import main  # noqa: F401
 from bench.perf.harness import (  # noqa: F401
-    CIFAR_TEST,
-    CIFAR_TRAIN,
     FULL,
-    PIPELINE_PASSES,
     QUICK,
-    TRACKING_THREADS,
     Budget,
-    SuiteTiming,
-    bare_training,
-    breakdown_table,
-    embedded_files,
     matmul_probe,
     measure_model,
     models_and_experiments,
     paper_flops,
-    perf_config,
+    run,
+)
+from bench.perf.pipeline import (  # noqa: F401
+    PIPELINE_PASSES,
+    embedded_files,
     reference_pipeline_rate,
     reference_transform,
-    run,
-    run_flops,
-    step_flops,
     suite_pipeline_rate,
+)
+from bench.perf.tables import breakdown_table, table, workers_table  # noqa: F401
+from bench.perf.training import (  # noqa: F401
+    TRACKING_THREADS,
+    SuiteTiming,
+    bare_training,
+    perf_config,
     suite_training,
-    table,
 )

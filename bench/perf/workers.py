@@ -18,7 +18,6 @@ free of K workers, as the suite's dispatcher hands them out; the last to finish 
 from __future__ import annotations
 
 import heapq
-import multiprocessing
 import os
 import queue
 import signal
@@ -31,10 +30,13 @@ from typing import Any
 
 import torch
 
-from bench import config, data, engine, hostmem, perf
-from bench import workers as shares
+from bench import config, data, engine, process
 from bench.engine.callbacks import Callback
-from bench.models import create_model
+from bench.models import cost, create_model
+from bench.perf.harness import models_and_experiments, paper_flops
+from bench.perf.pipeline import embedded_files
+from bench.perf.training import perf_config
+from bench.workers import SPAWN, Pool, thread_share
 
 PAPER_SUITE = "all"
 ASSUMPTION = (
@@ -115,8 +117,8 @@ def _train(
 ) -> TrainerTiming:
     from bench.tracking import MlflowRun
 
-    cfg = perf.perf_config(experiment, profile, budget)
-    files = perf.embedded_files(cfg.data.dataset, budget.train_images)
+    cfg = perf_config(experiment, profile, budget)
+    files = embedded_files(cfg.data.dataset, budget.train_images)
     engine.seed_everything(cfg.seed, cfg.train.deterministic)
     bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
     model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
@@ -153,8 +155,8 @@ def _trainer(workers: int, experiments: list[str], profile: str, device: str, bu
     `reports`, or (None, the error) when it fails, after releasing the others from the barrier."""
     try:
         # Each trainer's share of the cores, as `bench run --workers` gives each worker.
-        torch.set_num_threads(shares.thread_share(workers))
-        hostmem.keep_freed_memory()  # as the command line sets it for every run
+        torch.set_num_threads(thread_share(workers))
+        process.keep_freed_memory()  # as the command line sets it for every run
         from bench.tracking import Tracker
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -187,33 +189,21 @@ def measure(
 ) -> dict[str, list[TrainerTiming]]:
     """Model name -> the timings of `workers` trainers of `experiments` (model name -> experiment)
     at once on `device`; `on_model` hears of each model once all its trainers have reported."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, reports = ctx.Barrier(workers), ctx.Queue()
+    barrier, reports = SPAWN.Barrier(workers), SPAWN.Queue()
     model_of = {e: m for m, e in experiments.items()}
-    procs = [
-        ctx.Process(
-            target=_trainer,
-            args=(workers, list(experiments.values()), profile, str(device), budget, barrier, reports),
-            daemon=True,
-        )
-        for _ in range(workers)
-    ]
-    for p in procs:
-        p.start()
+    trainers = Pool()
+    trainers.spawn(
+        _trainer,
+        [(workers, list(experiments.values()), profile, str(device), budget, barrier, reports)] * workers,
+        daemon=True,
+    )
     timings: dict[str, list[TrainerTiming]] = {m: [] for m in experiments}
     try:
         while any(len(t) < workers for t in timings.values()):
             try:
                 experiment, timing = reports.get(timeout=1)
             except queue.Empty:
-                # A process that ended cleanly has put all its reports; one that did not, or all
-                # ended with reports missing, is a failure.
-                failed = [p.exitcode for p in procs if p.exitcode]
-                if failed or (all(p.exitcode is not None for p in procs) and reports.empty()):
-                    raise RuntimeError(
-                        f"a trainer of {workers} ended (exit code {failed[0] if failed else 0}) before "
-                        "reporting every model; its error is above"
-                    ) from None
+                _check_alive(trainers, reports, workers)
                 continue
             if experiment is None:
                 raise RuntimeError(f"a trainer of {workers} failed: {timing}")
@@ -222,16 +212,21 @@ def measure(
                 on_model(model_of[experiment], timings[model_of[experiment]])
     finally:
         barrier.abort()  # releases any trainer still waiting, after a failure or Ctrl-C
-        if any(len(t) < workers for t in timings.values()):
-            for p in procs:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGINT)  # stops its training; its temporary store is removed
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        # Unfinished, SIGINT stops each one's training (its temporary store is removed); else they end of themselves.
+        trainers.stop(signal.SIGINT if any(len(t) < workers for t in timings.values()) else None)
     return timings
+
+
+def _check_alive(trainers: Pool, reports, workers: int) -> None:
+    """A process that ended cleanly has put all its reports; one that did not, or all ended with
+    reports missing, is a failure."""
+    codes = trainers.exit_codes()
+    failed = [code for code in codes if code]
+    if failed or (all(code is not None for code in codes) and reports.empty()):
+        raise RuntimeError(
+            f"a trainer of {workers} ended (exit code {failed[0] if failed else 0}) before "
+            "reporting every model; its error is above"
+        ) from None
 
 
 def run(
@@ -246,11 +241,9 @@ def run(
     budget = budget_for(device, quick)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)  # every trainer on the same GPU
-    experiments = {m: e for m, e in perf.models_and_experiments().items() if m in models}
+    experiments = {m: e for m, e in models_and_experiments().items() if m in models}
     meta = torch.device("meta")  # FLOPs are counted on shapes alone
-    flops_per_image = {
-        m: perf.step_flops(perf.perf_config(e, profile, budget), meta)[0] for m, e in experiments.items()
-    }
+    flops_per_image = {m: cost.step_flops(perf_config(e, profile, budget), meta)[0] for m, e in experiments.items()}
     results: dict[str, Any] = {
         "device": {
             "name": engine.device_name(device),
@@ -296,7 +289,7 @@ def estimate(measured: dict[str, dict[str, Any]], experiments: dict[str, str], p
     meta = torch.device("meta")
     cells = [e for e in config.suite_experiments(PAPER_SUITE) if e in experiments.values()]
     model_of = {e: m for m, e in experiments.items()}
-    flops = {e: perf.paper_flops(e, meta) for e in cells}
+    flops = {e: paper_flops(e, meta) for e in cells}
     cell_s: dict[str, dict[str, float]] = {}
     minutes: dict[str, float | None] = {}
     for k, models in measured.items():
@@ -324,39 +317,3 @@ def estimate(measured: dict[str, dict[str, Any]], experiments: dict[str, str], p
         "fastest_workers": fastest,
         "assumption": ASSUMPTION.format(profile=profile),
     }
-
-
-def table(results: dict[str, Any]) -> str:
-    measured, est = results["workers"], results["estimate"]
-    models = list(next(iter(measured.values())))
-    first = next(iter(measured))
-    rows = [("K", *(f"{m} img/s" for m in models), "paper suite min")]
-    for k, figures in measured.items():
-        cells = [
-            f"{figures[m]['images_per_s']:,.1f}"
-            + (f" x{figures[m]['relative_to_smallest_k']:.2f}" if k != first else "")
-            for m in models
-        ]
-        rows.append((k, *cells, "-" if est["minutes"][k] is None else f"{est['minutes'][k]:,.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    what = (
-        "one seed of the paper suite"
-        if est["complete"]
-        else f"one seed of the paper suite's {', '.join(est['cells'])} (the models measured)"
-    )
-    if est["fastest_workers"] is None:
-        lines.append(
-            f"fastest: none estimated: every K measured is more than the {len(est['cells'])} cells (bench run starts one worker a cell)"
-        )
-    else:
-        k = str(est["fastest_workers"])
-        lines.append(f"fastest: K={k}, {what} in about {est['minutes'][k]:,.0f} min (estimate)")
-    if any(m is None for m in est["minutes"].values()):
-        lines.append(f"-: more workers than the {len(est['cells'])} cells; bench run would start one worker a cell")
-    lines.append(
-        f"img/s: all K trainers together, their images over the span of their timed epochs (x: against K={first}); "
-        f"assumed: {est['assumption']}"
-    )
-    return "\n".join(lines)
