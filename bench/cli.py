@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 from bench import config, process
-from bench.errors import UserError
-from bench.paths import check_writable
+from bench.errors import UserError, redact, scrub
 from bench.process import Terminated  # noqa: F401  (a stop's class, as `cli.Terminated` too)
 from bench.servers import checks as stores
 from bench.servers import retry as outage
-from bench.servers.urls import redact, scrub
 
 # A command's stop on SIGTERM, under the names it has had here (tests install and compare them).
 _stopping_on_sigterm, _terminated = process.stopping_on_sigterm, process.terminated

@@ -32,7 +32,7 @@ from bench.experiments import (  # noqa: F401 (the files on disk: config.X as ca
 )
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -354,14 +354,3 @@ def load(
     tree["experiment"] = experiment
     tree["seed"] = seed
     return validate(tree, f"{experiment} (profile {profile})")
-
-
-def resolve_device(name: str) -> torch.device:
-    """`engine.resolve_device` for the command line: the same checks, the messages naming the
-    `--device` flag ("--device 'tpu' is not supported; ...")."""
-    from bench import engine
-
-    try:
-        return engine.resolve_device(name)
-    except UserError as exc:
-        raise UserError("--" + str(exc).replace("; use device ", "; use --device ")) from None

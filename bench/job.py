@@ -24,7 +24,7 @@ from bench import config, data, engine
 from bench.data import cifar
 from bench.engine import stops
 from bench.engine.callbacks import Callback
-from bench.errors import reason
+from bench.errors import UserError, reason
 from bench.models import create_model
 from bench.servers import retry as outage
 from bench.tracking import MlflowRun, Tracker, drop_pinned, environment_tags
@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")  # the data's parts a run logs as its datasets, where the data has them
 STOP_WAIT_S = 10.0  # the longest a stop waits for the tracking store to hear of it
+
+
+def resolve_device(name: str) -> torch.device:
+    """`engine.resolve_device` for a command: the same checks, the messages naming the
+    `--device` flag ("--device 'tpu' is not supported; ...")."""
+    try:
+        return engine.resolve_device(name)
+    except UserError as exc:
+        raise UserError("--" + str(exc).replace("; use device ", "; use --device ")) from None
 
 
 @dataclass

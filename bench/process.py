@@ -34,7 +34,7 @@ import sys
 import threading
 import warnings
 
-from bench.servers.urls import password, scrub
+from bench.errors import password, scrub
 
 
 @contextlib.contextmanager

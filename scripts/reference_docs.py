@@ -18,15 +18,13 @@ sys.path.insert(0, str(ROOT))
 # argparse wraps usage lines at the terminal's width: a fixed one makes the page the same everywhere.
 os.environ["COLUMNS"] = "100"
 
-from bench import cli
+from bench import cli  # noqa: E402 (after COLUMNS is set)
 
 
 def _load_names():
     """bench/tracking/names.py by its path: it imports nothing from bench, and importing it as
     bench.tracking.names would import the tracking package, MLflow and torch with it (seconds)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_names", ROOT / "bench" / "tracking" / "names.py"
-    )
+    spec = importlib.util.spec_from_file_location("bench_names", ROOT / "bench" / "tracking" / "names.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,15 +53,10 @@ def _option(action: argparse.Action) -> str:
     return f"`{flags} {metavar}{more}`"
 
 
-def _options_table(
-    parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
-) -> list[str]:
+def _options_table(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> list[str]:
     rows = ["| option | what it does |", "|---|---|"]
     for action in parser._actions:
-        if (
-            isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
-            or action.help == argparse.SUPPRESS
-        ):
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
             continue
         if action.dest in skip:
             continue
@@ -105,9 +98,7 @@ def cli_page() -> str:
             command.format_usage().strip(),
             "```",
         ]
-        table = _options_table(
-            command, skip=("debug",)
-        )  # the same for every command: above
+        table = _options_table(command, skip=("debug",))  # the same for every command: above
         if len(table) > 2:
             lines += ["", *table]
     lines += ["", "Exit codes: see [Reliability](../reliability.md#exit-codes)."]
@@ -128,12 +119,8 @@ def metrics_page() -> str:
         "|---|---|---|---|---|",
     ]
     for name, (unit, step, what) in names.METRICS.items():
-        where = names.ONLY_IN.get(
-            name, "every cell run (and trial runs, test metrics aside)"
-        )
-        lines.append(
-            f"| `{name}` | {_cell(unit)} | {_cell(step)} | {_cell(what)} | {_cell(where)} |"
-        )
+        where = names.ONLY_IN.get(name, "every cell run (and trial runs, test metrics aside)")
+        lines.append(f"| `{name}` | {_cell(unit)} | {_cell(step)} | {_cell(what)} | {_cell(where)} |")
     lines += [
         "",
         "Tuning trials never evaluate the test set: their runs have no `test_*` metrics and no `best_test_acc`.",
@@ -156,9 +143,7 @@ def tags_page() -> str:
         "|---|---|---|",
     ]
     for name, what in names.TAGS.items():
-        lines.append(
-            f"| `{name}` | {', '.join(names.TAG_PLACES[name])} | {_cell(what)} |"
-        )
+        lines.append(f"| `{name}` | {', '.join(names.TAG_PLACES[name])} | {_cell(what)} |")
     lines += [
         "",
         "A study's parent run also has the search space as params `search.<key>`.",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.servers.urls import redact
+from bench.errors import redact
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_passwords_are_replaced_and_everything_else_kept(url, shown):
     ],
 )
 def test_the_password_is_found_in_the_user_information_or_the_query(url, secret):
-    from bench.servers.urls import password, scrub
+    from bench.errors import password, scrub
 
     assert password(url) == secret
     if secret:

@@ -28,7 +28,7 @@ from bench.errors import UserError
 
 def resolve_device(name: str) -> torch.device:
     """The torch device `name` stands for ("auto": the best this machine has), or a UserError that
-    calls it "device NAME" (the command line names its flag: `config.resolve_device`)."""
+    calls it "device NAME" (the command line names its flag: `job.resolve_device`)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

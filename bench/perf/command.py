@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench import config, engine
+from bench import config, job
 from bench.errors import UserError
 from bench.models import list_models
 from bench.perf import harness, tables
@@ -26,7 +26,7 @@ def main(args) -> int:
     config.read_profile(args.profile)
     if args.json is not None:
         _check_writable(args.json)
-    device = engine.resolve_device(args.device)
+    device = job.resolve_device(args.device)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.workers is not None:
         results = perf_workers.run(

@@ -8,11 +8,10 @@ import os
 from pathlib import Path
 
 from bench import config, results
-from bench.errors import UserError, reason, unusable
+from bench.errors import UserError, reason, redact, unusable
 from bench.paths import check_writable
 from bench.report import summarize, write
 from bench.servers import checks as stores
-from bench.servers.urls import redact
 
 
 def main(args, default_storage: str) -> int:

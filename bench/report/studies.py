@@ -17,11 +17,11 @@ import matplotlib
 import optuna
 import pandas as pd
 
-from bench import console
+from bench import process
 from bench.report import pct, table
 from bench.results import TRIAL_COLUMNS, Studies
 
-console.quiet("optuna")  # its import resets its logger; the in-memory copies of a study would each log a line
+process.quiet("optuna")  # its import resets its logger; the in-memory copies of a study would each log a line
 
 TOP = 5  # best trials in each study's table
 PLOTS = {

@@ -12,9 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.errors import UserError, reason, unusable
+from bench.errors import UserError, reason, redact, unusable
 from bench.paths import check_writable
-from bench.servers.urls import redact
 
 TIMEOUT_S = 5
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql", "oracle")

@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.errors import UserError
-from bench.servers.urls import redact
+from bench.errors import UserError, redact
 
 log = logging.getLogger(__name__)
 

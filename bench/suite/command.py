@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import config, engine, tracking
-from bench.errors import UserError
+from bench import config, job, tracking
+from bench.errors import UserError, redact
 from bench.paths import check_writable
 from bench.servers import checks as stores
-from bench.servers.urls import redact
 from bench.suite import workers as run_workers
 from bench.suite.cell import CellOutcome, create_experiments
 from bench.suite.dispatch import UNREACHABLE, run_cells
@@ -32,7 +31,7 @@ def run(args, *, exit_unavailable: int, plural: Callable[[int, str], str]) -> in
     if args.dry_run:
         _dry_run(args, names, cells, total, seeds, count, plural)
         return 0
-    device = engine.resolve_device(args.device)
+    device = job.resolve_device(args.device)
     stores.probe("tracking store", uri)
     preflight(cells, args.data_dir)
     if count > 1:

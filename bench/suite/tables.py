@@ -51,7 +51,7 @@ def dry_run_table(cells: list[Cell]) -> str:
 def ablation_table(experiments: list[str], *, profile: str, seeds: int, data_dir: Path | None) -> str:
     """What `--ablate` costs: per experiment and variant, its training cells, epochs and compute
     (forward and backward passes, evaluation passes included, counted on the model's shapes)."""
-    from bench import perf
+    from bench.models import cost
 
     meta = torch.device("meta")
     rows = [("variant", "changes", "kind", "cells", "epochs", "PFLOP")]
@@ -66,11 +66,11 @@ def ablation_table(experiments: list[str], *, profile: str, seeds: int, data_dir
                 continue
             cfg = config.load(name, profile=profile, sets=list(v.sets))
             counts = (
-                (perf.CIFAR_TRAIN, perf.CIFAR_TEST)
+                (cost.CIFAR_TRAIN, cost.CIFAR_TEST)
                 if cfg.data.source == "official"
                 else tuple(len(getattr(files_for(cfg, data_dir), part)) for part in ("train", "test"))
             )
-            flops = seeds * perf.run_flops(cfg, meta, *counts, alternatives=ablation.alternatives(name, cfg))
+            flops = seeds * cost.run_flops(cfg, meta, *counts, alternatives=ablation.alternatives(name, cfg))
             epochs = seeds * cfg.train.epochs
             total_epochs, total_flops = total_epochs + epochs, total_flops + flops
             rows.append((f"  {v.name}", v.label, kind, str(seeds), str(epochs), f"{flops / 1e15:.3g}"))

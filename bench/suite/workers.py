@@ -45,9 +45,9 @@ class Worker:
 
 def devices(device: str, count: int) -> list[str]:
     """Each worker's device, resolved (`auto` becomes what it is on this machine)."""
-    from bench import engine
+    from bench import job
 
-    return [str(engine.resolve_device(workers.device_for(device, i))) for i in range(count)]
+    return [str(job.resolve_device(workers.device_for(device, i))) for i in range(count)]
 
 
 def run(cells, *, args, count: int) -> list:
@@ -170,7 +170,7 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
     cell is reported and the worker waits for the next message (the parent sends no more cells)."""
     import torch
 
-    from bench import engine
+    from bench import job
     from bench.tracking import Tracker, resolve_uri
 
     torch.set_num_threads(threads)
@@ -178,7 +178,7 @@ def work(threads: int, device: str, cells, args, conn: Connection) -> None:
         workers.stop_once()
         try:
             tracker = Tracker(resolve_uri(args.tracking_uri))
-            where = engine.resolve_device(device)
+            where = job.resolve_device(device)
             if where.type == "cuda":
                 torch.cuda.set_device(where)  # no context on cuda:0 from code that uses the current device
             conn.send(("ready",))

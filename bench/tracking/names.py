@@ -205,9 +205,7 @@ TAGS: dict[str, str] = {
 
 # Where each tag is set (every key of TAGS, and only those).
 TAG_PLACES: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        ("bench.experiment", "bench.profile", "bench.config_hash"), (CELL,)
-    ),
+    **dict.fromkeys(("bench.experiment", "bench.profile", "bench.config_hash"), (CELL,)),
     "bench.seed": (CELL, VERSION),
     "bench.config_hash_before": (CELL,),
     "bench.ablation": (CELL,),
@@ -243,9 +241,7 @@ TAG_PLACES: dict[str, tuple[str, ...]] = {
         ("bench.status", "bench.epochs_done", "bench.best_epoch", "bench.best_split"),
         (CELL, TRIAL),
     ),
-    **dict.fromkeys(
-        ("bench.failure", "bench.failure_reason", "bench.interrupted_by"), (CELL, TRIAL)
-    ),
+    **dict.fromkeys(("bench.failure", "bench.failure_reason", "bench.interrupted_by"), (CELL, TRIAL)),
     "bench.failure_epoch": (CELL, TRIAL),
     "bench.model_error": (CELL,),
     "bench.kind": (TRIAL, STUDY, LEASE),

@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
-from bench.errors import UserError
+from bench.errors import UserError, redact
 from bench.servers.checks import TIMEOUT_S
-from bench.servers.urls import redact
 
 
 def login(what: str, url: str) -> None:

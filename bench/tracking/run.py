@@ -15,9 +15,8 @@ from mlflow.entities import Metric, Param, RunTag
 
 from bench import engine
 from bench.engine.callbacks import Callback
-from bench.errors import reason
+from bench.errors import reason, redact
 from bench.servers import retry as outage
-from bench.servers.urls import redact
 from bench.tracking import delivery
 from bench.tracking import model as logged_model
 from bench.tracking.artifacts import CHECKPOINTS, _log_pinned, _log_text, _pin

@@ -21,7 +21,7 @@ from mlflow.entities import RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bench import console
+from bench import process
 from bench.errors import unusable
 from bench.servers import retry as outage
 from bench.tracking import delivery
@@ -35,7 +35,7 @@ CELL_TAGS = ("bench.experiment", "bench.profile", "bench.seed", "bench.config_ha
 OUTCOME_TAGS = ("bench.failure", "bench.failure_reason", "bench.failure_epoch", "bench.interrupted_by")
 
 for noisy in ("alembic", "mlflow"):
-    console.quiet(noisy)
+    process.quiet(noisy)
 
 
 def resolve_uri(arg: str | None) -> str:

@@ -8,11 +8,10 @@ import sys
 
 import optuna
 
-from bench import config, engine, suite, tracking, workers
-from bench.errors import UserError
+from bench import config, job, suite, tracking, workers
+from bench.errors import UserError, redact
 from bench.paths import check_writable
 from bench.servers import checks as stores
-from bench.servers.urls import redact
 from bench.tuning import sampling
 from bench.tuning.loop import optimize
 from bench.tuning.space import recipe_values, search_space, tuning_val_size
@@ -39,7 +38,7 @@ def tune(args, *, default_storage: str, exit_unavailable: int) -> int:
     stores.probe("tracking store", uri)
     tracker = tracking.Tracker(uri)
     exp_id = tracker.experiment_id(args.experiment, config.about_markdown(args.experiment))
-    engine.resolve_device(args.device)  # a device that is not there stops here, before any worker starts
+    job.resolve_device(args.device)  # a device that is not there stops here, before any worker starts
     suite.preflight([suite.Cell(args.profile, base)], args.data_dir)
     parent = _parent(args, tracker, exp_id, study, space, url)
     count = 1 if args.worker_of else args.workers if args.workers is not None else workers.default_count(args.device)
@@ -126,7 +125,7 @@ def _context(
         sets=[*args.sets, *held_out],
         epochs=args.epochs,
         space=space,
-        device=engine.resolve_device(args.device),
+        device=job.resolve_device(args.device),
         files=suite.files_for(base, args.data_dir),
         checkpoint_root=args.checkpoint_dir / "tune",
         tracker=tracker,

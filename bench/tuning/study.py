@@ -17,15 +17,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench import console
-from bench.errors import UserError, unusable
-from bench.servers.urls import redact
+from bench import process
+from bench.errors import UserError, redact, unusable
 from bench.tuning.space import Param, as_sets
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_acc"
 STORAGE = "Optuna storage"  # outage.Unavailable.what of the study's database
-console.quiet("optuna")
+process.quiet("optuna")
 
 
 def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
