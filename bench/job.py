@@ -174,32 +174,39 @@ def stopped_by(stop: KeyboardInterrupt) -> str:
 
 
 def end_stopped(
-    tracker: Tracker, run_id: str | None, stop: KeyboardInterrupt, tags: dict[str, str]
+    tracker: Tracker, run_id: str | None, stop: KeyboardInterrupt, tags: dict[str, str], *, abandon: bool = False
 ) -> outage.Unavailable | None:
     """The run (if there is one) KILLED by `stop`, resumable, with `tags` and bench.interrupted_by.
     Returns the outage that kept the store from hearing of it, if one did (the run is then left
     RUNNING, and taken up again)."""
     if run_id is None:
         return None
-    return end_quietly(tracker, run_id, "KILLED", {**tags, "bench.interrupted_by": stopped_by(stop)})
+    return end_quietly(tracker, run_id, "KILLED", {**tags, "bench.interrupted_by": stopped_by(stop)}, abandon=abandon)
 
 
-def end_quietly(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> outage.Unavailable | None:
+def end_quietly(
+    tracker: Tracker, run_id: str, status: str, tags: dict[str, str], *, abandon: bool = False
+) -> outage.Unavailable | None:
     """End the run with `status` and `tags`, as far as the store lets us: the job has failed or
     been interrupted already, and a second error (the store down too) must not hide the first,
     nor an outage hold the stop up (a run the store did not hear end is taken up again). Returns
     the outage met, if any."""
     with tracker.limited(STOP_WAIT_S):
-        return _end(tracker, run_id, status, tags)
+        return _end(tracker, run_id, status, tags, abandon)
 
 
-def _end(tracker: Tracker, run_id: str, status: str, tags: dict[str, str]) -> outage.Unavailable | None:
+def _end(tracker: Tracker, run_id: str, status: str, tags: dict[str, str], abandon: bool) -> outage.Unavailable | None:
     away = None
     try:
         tracker.set_tags(run_id, tags)
+    except outage.Unavailable as exc:
+        if abandon:  # left RUNNING, its writer dropped: whoever next finds it stale ends it
+            tracker.abandon(run_id)
+            return exc
+        log.warning("could not tag run %s: %s", run_id, reason(exc))
+        away = exc
     except Exception as exc:
         log.warning("could not tag run %s: %s", run_id, reason(exc))
-        away = exc if isinstance(exc, outage.Unavailable) else None
     try:
         tracker.end_run(run_id, status)
     except Exception as exc:

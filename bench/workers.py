@@ -109,12 +109,14 @@ class Pool:
         `held`: it starts with SIGINT ignored, until it puts its own handler in place (a Ctrl-C while
         it imports torch would end it with a traceback); one that keeps Python's handler must not."""
         started = []
-        with _environment(env or {}), _ignoring(signal.SIGINT) if held else contextlib.nullcontext():
+        with _environment(env or {}), ignoring(signal.SIGINT) if held else contextlib.nullcontext():
             for i, a in enumerate(args):
                 process = SPAWN.Process(target=target, args=a, name=names[i] if names else None, daemon=daemon)
                 process.start()
+                # In the pool as soon as it runs: a failure or a stop before the last one starts
+                # still stops the ones that did.
+                self.processes.append(process)
                 started.append(process)
-        self.processes += started
         return started
 
     def commands(self, commands: Sequence[list[str]], env: dict[str, str]) -> None:
@@ -142,7 +144,7 @@ class Pool:
         """Ends the workers: `signum` to each still running (they stop what they run), or, with no
         signum, `tell(i)` to each (no more work: they end of themselves); waits STOP_WAIT_S in all
         and kills those still running then, `on_kill(i)` first. Returns the exit codes."""
-        with _ignoring(signal.SIGINT):  # a second Ctrl-C must not cut the wait short and leave workers behind
+        with ignoring(signal.SIGINT):  # a second Ctrl-C must not cut the wait short and leave workers behind
             for i, p in enumerate(self.processes):
                 if p.exitcode is not None:
                     continue
@@ -192,7 +194,7 @@ def _environment(values: dict[str, str]):
 
 
 @contextlib.contextmanager
-def _ignoring(signum: int):
+def ignoring(signum: int):
     previous = signal.signal(signum, signal.SIG_IGN)
     try:
         yield

@@ -232,6 +232,7 @@ def _weights_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_ablate_runs_every_trained_variant_once_and_measures_the_evaluation_only_ones_on_the_recipes_weights(
     in_tmp, monkeypatch, capsys
 ):

@@ -31,6 +31,8 @@ from servers import DIRECT, MlflowServer, Postgres, pg_bindir
 
 from bench import tuning
 
+pytestmark = pytest.mark.slow  # servers, processes or kills: left out of the fast lane
+
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 PG_PASSWORD = "p@ss:w/rd%-pg-Tq81zw"
 ADMIN_PASSWORD = "p@ss:w/rd%-admin-Hv27xk"

@@ -460,6 +460,7 @@ def test_a_bad_experiment_profile_or_suite_file_exits_2(offline, experiments_cop
         ),
     ],
 )
+@pytest.mark.slow
 def test_as_a_process_exits_2_with_one_line(args, names, tmp_path, subprocess_env):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", *args],

@@ -65,6 +65,7 @@ def test_list_in_process(in_tmp, capsys):
     assert "(3 seeds)" in out
 
 
+@pytest.mark.slow
 def test_list_as_a_module(tmp_path, subprocess_env):
     proc = bench(["list"], tmp_path, subprocess_env)
     assert proc.returncode == 0, proc.stderr
@@ -143,6 +144,7 @@ def test_shards_cover_every_cell_exactly_once(in_tmp, capsys):
 # --- errors ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_missing_data_stops_before_training_with_advice(tmp_path, subprocess_env):
     proc = bench(["run", "--suite", "all", "--profile", "paper"], tmp_path, subprocess_env)
     assert proc.returncode == 2, proc.stderr
@@ -212,6 +214,7 @@ def test_unusable_tracking_uri_exits_2(in_tmp, capsys):
     assert not (in_tmp / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_as_a_module_exits_2_without_traceback(tmp_path, subprocess_env):
     proc = bench(["run", "resnetb-cifar10", "--set", "optim.lr=-1"], tmp_path, subprocess_env)
     assert_one_line_error(proc.returncode, proc.stderr, "optim.lr")
@@ -285,6 +288,7 @@ def test_a_cell_whose_checkpoint_directory_cannot_be_made_fails_and_the_suite_go
 # --- end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_run_then_skip(tmp_path, subprocess_env):
     args = ["run", "resnetb-cifar10", "--profile", "smoke", "--epochs", "1", *TINY_ARGS]
     proc = bench(args, tmp_path, subprocess_env)
@@ -308,6 +312,7 @@ def test_end_to_end_run_then_skip(tmp_path, subprocess_env):
 # --- report ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_then_report_writes_markdown_and_figures_that_resolve(in_tmp, subprocess_env, capsys):
     run = ["run", "--suite", "cifar10", "--profile", "smoke", "--seeds", "2", "--epochs", "2", *TINY_ARGS]
     assert cli.main(run) == 0

@@ -39,6 +39,7 @@ def bench(args, cwd, env) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_tune_with_workers_prints_its_own_lines_and_links_each_trial_to_its_run(server, tmp_path, subprocess_env):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = bench(
@@ -93,6 +94,7 @@ def test_tune_with_workers_prints_its_own_lines_and_links_each_trial_to_its_run(
         assert f"[{run.info.run_name}]({t.user_attrs['mlflow_run_url']})" in note
 
 
+@pytest.mark.slow
 def test_run_against_a_server_shows_mlflows_lines_only_with_debug(server, tmp_path, subprocess_env):
     args = [
         "run",

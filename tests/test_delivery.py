@@ -184,6 +184,7 @@ def cell(epochs: int):
     return c
 
 
+@pytest.mark.slow
 def test_a_cell_stopped_by_an_outage_keeps_its_metrics_and_the_same_command_finishes_its_run(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = Tracker(uri, limit=2)
@@ -430,6 +431,7 @@ def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_fini
     assert run.info.status == "FINISHED" and steps(made[-1], run.info.run_id, "train_loss") == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_trial_stopped_by_an_outage_is_failed_and_run_again_by_the_same_command(tmp_path, monkeypatch, capsys):
     from bench import cli
 

@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from bench.engine import checkpoint
 
+pytestmark = pytest.mark.slow  # servers, processes or kills: left out of the fast lane
+
 EPOCHS = 16
 ARGS = [
     "run",

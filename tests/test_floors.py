@@ -63,6 +63,9 @@ NEEDS: dict[str, tuple[str, str]] = {
     "psycopg": ("3.1.4", "the first 3.1 with binary wheels for Python 3.11"),
     "pgserver": ("0.1", "PostgreSQL server binaries for the scale-out tests"),
     "packaging": ("22", "Requirement and Version as this test reads them (strict PEP 440 versions)"),
+    "ruff": ("0.17.6", "the rules and format style the code is kept clean with (a later minor may restyle)"),
+    "mkdocs": ("1.6", "validation of anchors and links, which `mkdocs build --strict` fails on"),
+    "mkdocs-material": ("9.5", "the theme the manual is built with"),
 }
 
 

@@ -66,6 +66,7 @@ def test_kept_memory_is_not_faulted_in_again(default_refaults):
     assert max(faults[1:]) < faults[0] // 20
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_the_command_line_keeps_freed_memory(default_refaults):
     faults = faults_per_round("from bench import cli; cli.main(['list'])\n")

@@ -209,6 +209,7 @@ def test_the_file_lock_keeps_a_second_holder_out_on_one_machine(tracker, tmp_pat
         assert again
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_suite_train_every_cell_once(tmp_path, subprocess_env):
     """Separate checkpoint directories, as on two machines: only the lease in MLflow keeps them apart."""
     args = ["run", "--suite", "cifar10", "--profile", "smoke", "--seeds", "2", "--epochs", "1", "--device", "cpu"]

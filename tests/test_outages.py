@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from servers import pair
 from test_scale_out import TINY_ARGS, bench, check_study, runs_by_experiment, tune_args
 
+pytestmark = pytest.mark.slow  # servers, processes or kills: left out of the fast lane
+
 EPOCHS = 8
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
 

@@ -87,6 +87,7 @@ def test_paper_flops_cover_every_epoch_and_evaluation_pass():
     assert perf.paper_flops("resnetb-cifar10", CPU) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lines: list[str] = []

@@ -51,6 +51,7 @@ def test_the_estimate_is_each_cells_flops_at_its_models_rate_per_trainer():
     assert est["minutes"]["8"] is None and "8" not in est["cell_s"]
 
 
+@pytest.mark.slow
 def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys):
     monkeypatch.setattr(perf_workers, "CPU_QUICK", TINY)
     out = in_tmp / "perf.json"
@@ -103,6 +104,7 @@ def test_bench_perf_workers_runs_k_trainers_at_once(in_tmp, monkeypatch, capsys)
     assert len(progress) == 2 and f"{threads} thread{'s' * (threads > 1)} each" in progress[1]
 
 
+@pytest.mark.slow
 def test_a_failing_trainer_fails_the_measurement_without_hanging_the_others(monkeypatch):
     # An experiment no trainer can load: each fails before its barrier, the others are released.
     with pytest.raises(RuntimeError, match="a trainer of 2 failed: .*no-such-experiment"):

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import TINY_SETS
 from mlflow.tracking import MlflowClient
 
@@ -78,6 +79,7 @@ def statuses(out: str) -> Counter:
     return Counter(re.findall(r"^\S+/smoke/seed\d\s+(\w+(?: run)?)", out, re.M))
 
 
+@pytest.mark.slow
 def test_two_workers_train_every_cell_once_as_one_process_does(tmp_path, subprocess_env):
     args = [*SUITE, "--epochs", "2"]
     alone = tmp_path / "alone"
@@ -166,6 +168,7 @@ def killed_runs(cwd: Path, by: str) -> None:
     assert all(r.info.status in ("KILLED", "FINISHED") for r in runs)
 
 
+@pytest.mark.slow
 def test_stops_end_every_worker_and_the_same_command_resumes_every_cell_once(tmp_path, subprocess_env):
     for sig, to_group, code, name in (
         (signal.SIGINT, True, 130, "SIGINT"),  # Ctrl-C in a terminal: every process gets it
@@ -193,6 +196,7 @@ def test_stops_end_every_worker_and_the_same_command_resumes_every_cell_once(tmp
     check_every_cell_once(tmp_path, EPOCHS)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_its_cell_the_others_finish_and_it_resumes(tmp_path, subprocess_env):
     proc, lines, workers = start_training(tmp_path, subprocess_env)
     os.kill(workers[0], signal.SIGKILL)
@@ -211,6 +215,7 @@ def test_a_killed_worker_fails_its_cell_the_others_finish_and_it_resumes(tmp_pat
     check_every_cell_once(tmp_path, EPOCHS)
 
 
+@pytest.mark.slow
 def test_a_cell_that_fails_in_a_worker_fails_alone(tmp_path, subprocess_env):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "bottleneck-cifar10").write_text("not a directory")  # its cells' leases cannot be made
@@ -275,6 +280,7 @@ def test_a_cell_running_elsewhere_when_the_store_went_away_is_not_run_if_it_come
     assert d.over and [o.status for o in d.results()] == [suite.UNREACHABLE, suite.NOT_RUN]
 
 
+@pytest.mark.slow
 def test_a_stop_that_lands_in_a_finalizer_comes_again(subprocess_env):
     # Python drops an exception raised while a weakref callback runs (as a worker's stop once was,
     # and the worker trained on): the worker's hook sends the signal again.
@@ -301,6 +307,7 @@ except KeyboardInterrupt:
     assert done.stdout.strip() == "stopped once", done.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_whose_stop_was_swallowed_ends_after_its_outcome(tmp_path, subprocess_env):
     # A library may catch a stop and return as if nothing happened (the cell ends "failed"): the
     # worker sends that outcome and exits with the stop's code instead of waiting for a next cell

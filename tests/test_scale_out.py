@@ -23,6 +23,8 @@ from servers import pair
 
 from bench import tuning
 
+pytestmark = pytest.mark.slow  # servers, processes or kills: left out of the fast lane
+
 TINY_ARGS = [arg for s in TINY_SETS for arg in ("--set", s)]
 
 
@@ -76,7 +78,11 @@ def check_study(servers, study_name: str, trials: int) -> optuna.Study:
     children = [r for r in mine if r.data.tags.get("bench.kind") == "trial"]
     assert len(parents) == 1
     per_trial = Counter(int(r.data.tags["optuna.trial"]) for r in children)
-    ran = [t for t in all_trials if not t.user_attrs.get("bench.surplus")]
+    # A surplus trial, or one that drew the values another trial holds (two workers sampling at the
+    # same moment: the later gives way), never trains and has no run.
+    ran = [
+        t for t in all_trials if not t.user_attrs.get("bench.surplus") and t.user_attrs.get("bench.failure") != "repeat"
+    ]
     assert set(per_trial.values()) == {1} and set(per_trial) <= {t.number for t in ran}  # none twice, none astray
     # A trial with no run: its worker was killed after optuna made the trial and before bench made
     # its run (the kill can land a trial later than the line the test saw): failed, and tried again.

@@ -78,6 +78,7 @@ def test_the_study_parent_run_stores_no_password(in_tmp):
     assert run.data.tags["optuna.storage"] == "postgresql://bench:***@127.0.0.1:9/db"
 
 
+@pytest.mark.slow
 def test_as_a_process_neither_stream_shows_the_password(tmp_path, subprocess_env):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "run", *SMOKE, "--device", "cpu", "--tracking-uri", PG],

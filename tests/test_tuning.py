@@ -307,6 +307,7 @@ def _stopped_in_trial_1(args, tmp_path, env, sig: int) -> tuple[subprocess.Popen
     return proc, stopped, err
 
 
+@pytest.mark.slow
 def test_a_trial_killed_by_sigkill_is_failed_and_rerun_with_its_parameters(tmp_path, subprocess_env):
     args = [sys.executable, "-m", "bench", *TUNE, "--trials", "3", "--heartbeat", "1", "--sampler", "random"]
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -346,6 +347,7 @@ def test_a_stop_a_library_made_an_error_of_ends_the_trial_as_a_stop(in_tmp, monk
     assert (child.info.status, child.data.tags["bench.interrupted_by"]) == ("KILLED", "SIGTERM")
 
 
+@pytest.mark.slow
 def test_a_trial_stopped_by_sigterm_is_queued_again_with_its_parameters(tmp_path, subprocess_env):
     """Preemption: optuna fails an interrupted trial at once (no heartbeat to run out), so its
     retry is queued by the command; the next command trains it."""
@@ -377,6 +379,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_serves_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = _smoke()

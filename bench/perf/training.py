@@ -10,13 +10,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench import config, data, engine
+from bench import config, engine, job
 from bench.data import cifar
 from bench.engine.callbacks import Callback
-from bench.models import create_model
 
 TRACKING_THREADS = ("mlflow-writer", "SystemMetricsMonitor")  # delivery.Writer's, MLflow's sampler's
 
@@ -97,6 +97,11 @@ def perf_config(experiment: str, profile: str, budget) -> config.RunConfig:
     return config.load(experiment, profile=profile, sets=sets, epochs=budget.epochs)
 
 
+# What perf's runs log: params, metrics and checkpoints, as a suite cell's run does; not the
+# environment, datasets or model, which perf never logged.
+PERF_RECORD = job.Record(environment=False, parts=(), model_example=False)
+
+
 @dataclass(frozen=True)
 class SuiteTiming:
     images_per_s: float  # from the start of the first epoch to the end of the last
@@ -114,30 +119,39 @@ def suite_training(
     workdir: Path,
     clock: engine.Clock | None = None,
 ) -> SuiteTiming:
-    """engine.fit with MLflow tracking to a fresh SQLite store, timed (part by part by `clock`)."""
-    from bench.tracking import MlflowRun, Tracker
+    """A job (job.train) with MLflow tracking to a fresh SQLite store, timed (part by part by `clock`)."""
+    from bench.tracking import Tracker
 
-    engine.seed_everything(cfg.seed, cfg.train.deterministic)
-    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
-    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
     # The artifacts (checkpoints) in the temporary directory too, not in ./mlruns.
     experiment_id = tracker.client.create_experiment(cfg.experiment, artifact_location=(workdir / "artifacts").as_uri())
     run_id = tracker.start_run(experiment_id, "perf", {})
-    mlflow_run = MlflowRun(tracker, run_id, cfg)
-    timed = _Timed(mlflow_run)
-    engine.synchronize(device)
-    started = time.perf_counter()
-    result = engine.fit(
-        model,
-        bundle,
+    timing: dict[str, Any] = {}
+
+    def timed(run: Callback) -> _Timed:
+        timing["calls"] = _Timed(run)
+        return timing["calls"]
+
+    def start() -> None:
+        engine.synchronize(device)
+        timing["started"] = time.perf_counter()
+
+    trained = job.train(
         cfg,
+        device=device,
+        files=files,
+        tracker=tracker,
+        run_id=run_id,
         checkpoint_dir=workdir / "checkpoints",
-        callbacks=[timed],
+        record=PERF_RECORD,
+        wrap_run=timed,
+        before_fit=start,
         resume=False,
         evaluate_test=False,
         clock=clock,
     )
+    result, bundle = trained.result, trained.bundle
+    timed, started = timing["calls"], timing["started"]
     tracker.end_run(run_id, "FINISHED")
     ended = time.perf_counter()
     assert result.status == "finished", result.status
@@ -172,9 +186,7 @@ def bare_training(
     same batches (drawn from the same on-device augmentation: work any loop training this recipe
     does, and measured against torchvision's on its own); no metrics, checkpoints or tracking.
     A `clock` is told where each step's time went."""
-    engine.seed_everything(cfg.seed, cfg.train.deterministic)
-    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
-    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
+    bundle, model = job.build(cfg, device, files)
     step = engine.step_for(cfg.train, device)
     model.to(memory_format=step.memory_format).train()
     optimizer = engine.build_optimizer(model.parameters(), cfg.optim)

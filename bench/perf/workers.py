@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from bench import config, data, engine, process
+from bench import config, engine, job, process
 from bench.engine.callbacks import Callback
-from bench.models import cost, create_model
+from bench.models import cost
 from bench.perf.harness import models_and_experiments, paper_flops
 from bench.perf.pipeline import embedded_files
-from bench.perf.training import perf_config
+from bench.perf.training import PERF_RECORD, perf_config
 from bench.workers import SPAWN, Pool, thread_share
 
 PAPER_SUITE = "all"
@@ -115,27 +115,26 @@ class _Together(Callback):
 def _train(
     experiment: str, *, profile: str, budget: Budget, device: torch.device, tracker, workdir: Path, barrier
 ) -> TrainerTiming:
-    from bench.tracking import MlflowRun
-
     cfg = perf_config(experiment, profile, budget)
     files = embedded_files(cfg.data.dataset, budget.train_images)
-    engine.seed_everything(cfg.seed, cfg.train.deterministic)
-    bundle = data.build(cfg.data, seed=cfg.seed, device=device, files=files)
-    model = create_model(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.options).to(device)
     experiment_id = tracker.client.create_experiment(
         experiment, artifact_location=(workdir / experiment / "artifacts").as_uri()
     )
     run_id = tracker.start_run(experiment_id, "perf-workers", {})
     clock = _Together(barrier)
-    result = engine.fit(
-        model,
-        bundle,
+    trained = job.train(
         cfg,
+        device=device,
+        files=files,
+        tracker=tracker,
+        run_id=run_id,
         checkpoint_dir=workdir / experiment / "checkpoints",
-        callbacks=[MlflowRun(tracker, run_id, cfg), clock],
+        record=PERF_RECORD,
+        callbacks=[clock],
         resume=False,
         evaluate_test=False,
     )
+    result, bundle = trained.result, trained.bundle
     tracker.end_run(run_id, "FINISHED")
     assert result.status == "finished", result.status
     barrier.wait()  # every trainer done with this model before any starts the next

@@ -247,43 +247,12 @@ def summarize(
             earlier = earlier_hashes(name, profile, ablations[name])
         except UserError as exc:  # that experiment's table says why; the rest of the report stands
             ablations[name], earlier, ablation_errors[name] = [], {}, str(exc)
-        groups, excluded = select(results.runs, name, profile)
         mine = recipes[name] if recipes is not None else recipe(name, profile)
         theirs = paper[name] if paper is not None else recipe(name, "paper")
-        diff = [] if mine.config_hash == theirs.config_hash else differing(mine.params, theirs.params)
         figures = reference.headline(curves, reported[name])
-        empty = results.runs.iloc[0:0]
-        # Runs of the recipe made before the hash counted only result keys (not yet carried over
-        # by a `bench run`) are the recipe's too; a seed run under both counts once, the newest.
-        parts = [g for g in (groups.pop(mine.config_hash, None), groups.pop(mine.earlier_hash, None)) if g is not None]
-        ours = newest_per_seed(parts) if parts else empty
-        for now, before in earlier.items():  # a variant's runs under its earlier hash are the variant's
-            if before in groups:
-                groups[now] = newest_per_seed([g for g in (groups.get(now), groups.pop(before)) if g is not None])
-        recipe_cost = config_cost(name, profile, [])
-        rows.append(_row(results, reported[name], figures, ours, diff, excluded, None, recipe_cost, mine.config_hash))
-        # A trained ablation's runs are another config's row, named by the ablation and the values
-        # it sets (the first variant's where two train the same config).
-        named = {
-            v.config_hash: f"ablation {v.name}: {v.label}"
-            for v in reversed(ablations[name])
-            if v.kind == ablation.TRAINED and v.name != ablation.RECIPE
-        }
-        others = [(named.get(h) or variant_label(runs, mine), h, runs) for h, runs in groups.items()]
-        rows += [
-            _row(
-                results,
-                reported[name],
-                figures,
-                runs,
-                diff,
-                {},
-                label,
-                variant_cost(runs, name, profile, mine, recipe_cost),
-                h,
-            )
-            for label, h, runs in sorted(others, key=lambda v: v[0])
-        ]
+        rows += _experiment_rows(
+            results, name, profile, reported[name], figures, mine, theirs, ablations[name], earlier
+        )
     by_name = {r.experiment: r for r in rows if r.is_recipe}
     comparison = None
     if all(n in by_name for n in BOTTLENECK_PAIR):
@@ -302,6 +271,46 @@ def summarize(
         ablations,
         ablation_errors,
     )
+
+
+def _experiment_rows(
+    results: Results,
+    name: str,
+    profile: str,
+    reported: reference.ReportedRun,
+    figures: dict,
+    mine: Recipe,
+    theirs: Recipe,
+    variants: list[ablation.Variant],
+    earlier: dict[str, str],
+) -> list[Row]:
+    """One experiment's rows: its recipe's runs (`mine`) against the reported figures, then one
+    row per other config its runs were trained with."""
+    groups, excluded = select(results.runs, name, profile)
+    diff = [] if mine.config_hash == theirs.config_hash else differing(mine.params, theirs.params)
+    empty = results.runs.iloc[0:0]
+    # Runs of the recipe made before the hash counted only result keys (not yet carried over
+    # by a `bench run`) are the recipe's too; a seed run under both counts once, the newest.
+    parts = [g for g in (groups.pop(mine.config_hash, None), groups.pop(mine.earlier_hash, None)) if g is not None]
+    ours = newest_per_seed(parts) if parts else empty
+    for now, before in earlier.items():  # a variant's runs under its earlier hash are the variant's
+        if before in groups:
+            groups[now] = newest_per_seed([g for g in (groups.get(now), groups.pop(before)) if g is not None])
+    recipe_cost = config_cost(name, profile, [])
+    rows = [_row(results, reported, figures, ours, diff, excluded, None, recipe_cost, mine.config_hash)]
+    # A trained ablation's runs are another config's row, named by the ablation and the values
+    # it sets (the first variant's where two train the same config).
+    named = {
+        v.config_hash: f"ablation {v.name}: {v.label}"
+        for v in reversed(variants)
+        if v.kind == ablation.TRAINED and v.name != ablation.RECIPE
+    }
+    others = [(named.get(h) or variant_label(runs, mine), h, runs) for h, runs in groups.items()]
+    rows += [
+        _row(results, reported, figures, runs, diff, {}, label, variant_cost(runs, name, profile, mine, recipe_cost), h)
+        for label, h, runs in sorted(others, key=lambda v: v[0])
+    ]
+    return rows
 
 
 def newest_per_seed(parts: list[pd.DataFrame]) -> pd.DataFrame:

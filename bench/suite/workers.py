@@ -142,13 +142,19 @@ def _receive(w: Worker, dispatch, checkpoint_root) -> None:
 
 def _stop(pool: workers.Pool, team: list[Worker], signum: int | None) -> None:
     """End the workers: a None to each (no more cells), or `signum` (they stop the cell they run);
-    those not ended after workers.STOP_WAIT_S, or not started far enough to hold a cell, are killed."""
+    those not ended after workers.STOP_WAIT_S, or not started far enough to hold a cell, are killed.
+    A second Ctrl-C meanwhile is ignored: the stop is under way."""
+    with workers.ignoring(signal.SIGINT):
+        _stop_team(pool, team, signum)
+
+
+def _stop_team(pool: workers.Pool, team: list[Worker], signum: int | None) -> None:
     for w in team:
         if w.process.exitcode is None and (w.conn is None or not w.ready):  # dead, or still starting: it holds no cell
             w.process.kill()
 
     def no_more_cells(i: int) -> None:
-        if team[i].conn is not None and team[i].ready:
+        if i < len(team) and team[i].conn is not None and team[i].ready:  # a worker not yet in the team holds no cell
             with contextlib.suppress(OSError):  # it has just died: joined below
                 team[i].conn.send(None)
 

@@ -189,8 +189,11 @@ def _start_run(trial: optuna.Trial, ctx: TrialContext) -> str:
 def _end_stopped(trial: optuna.Trial, ctx: TrialContext, run_id: str, stop: KeyboardInterrupt) -> None:
     """The run of a trial `stop` ended KILLED (as a stopped cell's, bench.job.end_stopped) and the
     trial's user attributes saying so: bench.failure interrupted (or tracking_unavailable, when
-    the store stayed away), which `optimize` queues again."""
-    away = job.end_stopped(ctx.tracker, run_id, stop, {"optuna.state": "FAIL", "bench.failure": "interrupted"})
+    the store stayed away: the run is then left RUNNING for the next worker that finds the trial
+    failed to end), which `optimize` queues again."""
+    away = job.end_stopped(
+        ctx.tracker, run_id, stop, {"optuna.state": "FAIL", "bench.failure": "interrupted"}, abandon=True
+    )
     if away is not None:
         failure = {"bench.failure": "tracking_unavailable", "bench.failure_reason": str(away)}
     else:
