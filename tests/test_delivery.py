@@ -399,6 +399,7 @@ def first_command_loses_the_store(monkeypatch) -> list:
     return made
 
 
+@pytest.mark.slow
 def test_bench_run_exits_75_when_the_server_stays_away_and_the_same_command_finishes(tmp_path, monkeypatch, capsys):
     from bench import cli
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from conftest import TINY_SETS
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -41,6 +42,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_the_check_finds_lost_and_duplicated_steps_and_records(in_tmp):
     load = load_script()
     db = in_tmp / "mlflow.db"

@@ -333,6 +333,7 @@ def test_a_failed_model_upload_leaves_the_run_finished_and_register_logs_the_mod
     assert assert_one_ready_model(client, done.run_id, uri, monkeypatch, done.best_test_acc) == failed.model_id
 
 
+@pytest.mark.slow
 def test_a_killed_model_upload_is_finished_in_place_when_the_cell_runs_again(in_tmp, monkeypatch, caplog):
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -125,6 +125,7 @@ def test_measure_model_gives_every_figure(tmp_path, monkeypatch):
     assert not (tmp_path / "mlruns").exists()  # the temporary store's artifacts went with it
 
 
+@pytest.mark.slow
 def test_bench_perf_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(perf.harness, "QUICK", TINY)
     out = tmp_path / "perf.json"

@@ -139,6 +139,7 @@ def test_plots_that_need_complete_trials_are_left_out_and_said_so(tmp_path):
     assert "Parameter importances need" not in parts["resnetb-cifar10-smoke"]
 
 
+@pytest.mark.slow
 def test_a_running_trial_leaves_the_timeline_as_it_was(tmp_path):
     # Optuna draws a running trial up to the clock of the moment it draws: the same store would
     # give a new figure every time while a worker trains.

@@ -474,6 +474,7 @@ def test_tune_bad_input_exits_2_with_one_line(args, words, in_tmp, capsys):
 # --- a recipe without a validation split; trials that fail ----------------------------------------
 
 
+@pytest.mark.slow
 def test_tune_holds_out_a_split_when_the_recipe_has_none_and_the_best_command_does_not_keep_it(in_tmp, capsys):
     args = [
         "tune",
@@ -531,6 +532,7 @@ HW4 = [
 ]
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(
     tmp_path, monkeypatch, in_tmp, capsys, caplog
 ):
@@ -558,6 +560,7 @@ def test_a_trial_that_raises_fails_alone_with_its_reason_and_the_study_goes_on(
     )
 
 
+@pytest.mark.slow
 def test_a_study_whose_every_trial_fails_stops_after_five_in_a_row_with_exit_1(tmp_path, monkeypatch, in_tmp, capsys):
     _experiments_with_search(
         tmp_path,
@@ -571,6 +574,7 @@ def test_a_study_whose_every_trial_fails_stops_after_five_in_a_row_with_exit_1(t
     assert "5 trials in a row failed, the last with ValueError: Expected more than 1 value" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tune_stops_when_a_finite_space_has_no_untried_values_left(tmp_path, monkeypatch, in_tmp, capsys):
     _experiments_with_search(
         tmp_path, monkeypatch, '[search]\n"data.batch_size" = { type = "categorical", choices = [16] }\n'
