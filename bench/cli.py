@@ -9,13 +9,8 @@ import sys
 from pathlib import Path
 
 from bench import config, process
-from bench.errors import UserError, redact, scrub
-from bench.process import Terminated  # noqa: F401  (a stop's class, as `cli.Terminated` too)
-from bench.servers import checks as stores
+from bench.errors import UserError, scrub
 from bench.servers import retry as outage
-
-# A command's stop on SIGTERM, under the names it has had here (tests install and compare them).
-_stopping_on_sigterm, _terminated = process.stopping_on_sigterm, process.terminated
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
 EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a scheduler may run the job again
@@ -215,21 +210,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def cmd_list(args) -> int:
-    from bench.models import list_models
-
-    print("experiments:")
-    for name in config.list_experiments():
-        print(f"  {name:30s} {config.read_experiment(name).get('title', '')}")
-    print("suites:")
-    for name, exps in sorted(config.read_suites().items()):
-        print(f"  {name:30s} {', '.join(exps)}")
-    print("profiles:")
-    for name in config.list_profiles():
-        prof = config.read_profile(name)
-        print(f"  {name:30s} {prof.get('description', '')} ({_count(prof.get('seeds', 1), 'seed')})")
-    print("models:")
-    for name in list_models():
-        print(f"  {name}")
+    print(config.listing())
     return 0
 
 
@@ -252,24 +233,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from bench.tracking import Tracker, resolve_uri
-    from bench.tracking import model as logged_model
+    from bench.tracking import command
 
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
-    uri = resolve_uri(args.tracking_uri)
-    stores.check("tracking store", uri)
-    stores.probe("tracking store", uri)
-    model_uri, run_name, version = logged_model.register(
-        Tracker(uri).client, args.experiment, args.profile, args.sets, args.epochs
-    )
-    print(
-        f"Registered the model of {run_name} as {args.experiment} version {version}, alias {args.profile}: {model_uri}"
-    )
-    print(
-        f"Load it: MLFLOW_TRACKING_URI={redact(uri)} python -c \"import mlflow; model = mlflow.pytorch.load_model('{model_uri}')\""
-    )
-    return 0
+    return command.register(args)
 
 
 def cmd_perf(args) -> int:

@@ -354,3 +354,21 @@ def load(
     tree["experiment"] = experiment
     tree["seed"] = seed
     return validate(tree, f"{experiment} (profile {profile})")
+
+
+def listing() -> str:
+    """What `bench list` prints: the experiments, suites, profiles and models there are."""
+    from bench.models import list_models
+
+    lines = ["experiments:"]
+    lines += [f"  {name:30s} {read_experiment(name).get('title', '')}" for name in list_experiments()]
+    lines.append("suites:")
+    lines += [f"  {name:30s} {', '.join(exps)}" for name, exps in sorted(read_suites().items())]
+    lines.append("profiles:")
+    for name in list_profiles():
+        prof = read_profile(name)
+        seeds = prof.get("seeds", 1)
+        lines.append(f"  {name:30s} {prof.get('description', '')} ({seeds} seed{'' if seeds == 1 else 's'})")
+    lines.append("models:")
+    lines += [f"  {name}" for name in list_models()]
+    return "\n".join(lines)

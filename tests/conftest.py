@@ -20,12 +20,12 @@ TINY_SETS = ["model.widths=[4,8,8]", "model.blocks_per_stage=1", "model.stem_wid
 def fit_stopped_in_a_write(fit):
     """`fit` as if SIGTERM came in a checkpoint write after its first epoch and torch.save made
     its own error of the stop while it cleaned up, as its zip writer does."""
-    from bench import cli
+    from bench import process
 
     def stopped(*args, **kwargs):
         fit(*args, max_epochs=1, **kwargs)
         try:
-            raise cli.Terminated()
+            raise process.Terminated()
         except KeyboardInterrupt:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 54080 vs 53968")  # noqa: B904 (as torch raises it)
 

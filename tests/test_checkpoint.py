@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from bench import cli
+from bench import process
 from bench.engine import checkpoint, stops
 
 
@@ -151,7 +151,7 @@ def test_the_saver_raises_a_failed_write_and_close_waits_for_the_rest(tmp_path):
 
 
 @pytest.mark.parametrize("save", [checkpoint.save, checkpoint.save_rotating])
-@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, cli.Terminated)])
+@pytest.mark.parametrize("signum, stop", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, process.Terminated)])
 def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_whole(
     save, signum, stop, tmp_path, monkeypatch
 ):
@@ -169,7 +169,7 @@ def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_who
         return real(self, data)
 
     monkeypatch.setattr(checkpoint._Hashing, "write", write)
-    with cli._stopping_on_sigterm():
+    with process.stopping_on_sigterm():
         with pytest.raises(stop):
             save(state, path)
         handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -178,7 +178,7 @@ def test_a_stop_signal_in_the_middle_of_a_write_comes_once_the_checkpoint_is_who
     assert loaded["epoch"] == 4 and torch.equal(loaded["w"], state["w"])
     assert not path.with_name(path.name + ".tmp").exists()
     # The handlers are given back (the command's SIGTERM handler puts itself aside once it has run).
-    assert handlers == (signal.default_int_handler, signal.SIG_IGN if signum == signal.SIGTERM else cli._terminated)
+    assert handlers == (signal.default_int_handler, signal.SIG_IGN if signum == signal.SIGTERM else process.terminated)
 
 
 def test_ctrl_c_again_at_a_write_that_hangs_abandons_it(tmp_path, monkeypatch):
@@ -213,13 +213,13 @@ def test_a_handler_left_in_place_by_a_cut_short_restore_acts_as_the_one_it_stand
             raise KeyboardInterrupt  # the SIGINT that came just then
         return real(signum, handler)
 
-    with cli._stopping_on_sigterm():
+    with process.stopping_on_sigterm():
         monkeypatch.setattr(signal, "signal", cut_short)
         with pytest.raises(KeyboardInterrupt):
             with stops.held():
                 pass
         assert signal.getsignal(signal.SIGTERM).__name__ == "note"
-        with pytest.raises(cli.Terminated):
+        with pytest.raises(process.Terminated):
             signal.raise_signal(signal.SIGTERM)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # cli's handler ran, and put itself aside
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

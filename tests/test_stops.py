@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cli
+from bench import process
 from bench.engine import stops
 
 
@@ -19,7 +19,7 @@ def raised(make):
 def test_an_error_raised_while_a_stop_is_handled_is_that_stop_at_any_depth():
     def nested():
         try:
-            raise cli.Terminated()
+            raise process.Terminated()
         except KeyboardInterrupt:
             try:
                 raise OSError("disk full")
@@ -27,7 +27,7 @@ def test_an_error_raised_while_a_stop_is_handled_is_that_stop_at_any_depth():
                 raise RuntimeError("unexpected pos")  # noqa: B904 (the context is the point)
 
     stop = stops.within(raised(nested))
-    assert isinstance(stop, cli.Terminated)
+    assert isinstance(stop, process.Terminated)
 
 
 def test_a_stop_in_the_context_counts_when_the_error_names_another_cause():

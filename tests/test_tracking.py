@@ -17,7 +17,7 @@ import torchvision
 from conftest import TINY_SETS, fit_stopped_in_a_write
 from mlflow.tracking import MlflowClient
 
-from bench import cli, engine, suite, tracking
+from bench import engine, process, suite, tracking
 from bench.tracking import DEFAULT_URI, MlflowRun, Tracker, local_artifact_dir, resolve_uri, ui_command
 from bench.tracking.delivery import Writer
 
@@ -412,7 +412,7 @@ def test_an_error_in_the_clean_up_of_a_stop_is_that_stop_and_the_cell_resumes(in
     stopped_in_a_write = fit_stopped_in_a_write(engine.fit)
     with monkeypatch.context() as mp:
         mp.setattr(engine, "fit", stopped_in_a_write)
-        with pytest.raises(cli.Terminated):
+        with pytest.raises(process.Terminated):
             run(plan(), in_tmp, uri)
     [stopped] = runs_of(MlflowClient(uri))
     assert stopped.info.status == "KILLED"
