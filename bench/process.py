@@ -123,7 +123,7 @@ def exit_code(stop: BaseException) -> int:
 
 # --- the console: the libraries quiet ---------------------------------------------------------------
 
-# urllib3 logs each of MLflow's HTTP retries; while a server is away bench says so once (bench.outage).
+# urllib3 logs each of MLflow's HTTP retries; while a server is away bench says so once (bench.servers.retry).
 QUIET_LEVELS = {
     "mlflow": logging.WARNING,
     "alembic": logging.WARNING,

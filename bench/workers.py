@@ -5,7 +5,7 @@ trainers that report through a queue) all use a `Pool`.
 
 Each worker has its device (GPUs in turn, several workers on one GPU allowed) and its share of the
 CPU threads. A stop reaches each worker once (SIGINT or SIGTERM, or no more work); the workers get
-STOP_WAIT_S to end what they run, and those still running then are killed. Workers on other
+GRACE_S to end what they run, and those still running then are killed. Workers on other
 machines run the same command against the same storage.
 
 A worker process of its own (`stop_once`) stops once, whichever and however many of the stop
@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 
 from bench.process import Terminated
 
-STOP_WAIT_S = 30.0  # how long stopped workers get to end their work before they are killed
+GRACE_S = 30.0  # how long stopped workers get to end their work before they are killed: more than
+# the 10 s a stopped job gives the tracking store to hear of it (job.STOP_WAIT_S)
 ORPHAN_CHECK_S = 1.0
 SPAWN = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked process
 
@@ -142,7 +143,7 @@ class Pool:
         on_kill: Callable[[int], None] | None = None,
     ) -> list[int | None]:
         """Ends the workers: `signum` to each still running (they stop what they run), or, with no
-        signum, `tell(i)` to each (no more work: they end of themselves); waits STOP_WAIT_S in all
+        signum, `tell(i)` to each (no more work: they end of themselves); waits GRACE_S in all
         and kills those still running then, `on_kill(i)` first. Returns the exit codes."""
         with ignoring(signal.SIGINT):  # a second Ctrl-C must not cut the wait short and leave workers behind
             for i, p in enumerate(self.processes):
@@ -153,7 +154,7 @@ class Pool:
                         os.kill(p.pid, signum)
                 elif tell is not None:
                     tell(i)
-            deadline = time.monotonic() + STOP_WAIT_S
+            deadline = time.monotonic() + GRACE_S
             for i, p in enumerate(self.processes):
                 p.join(max(0.1, deadline - time.monotonic()))
                 if p.exitcode is None:

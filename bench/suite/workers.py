@@ -118,7 +118,7 @@ def _receive(w: Worker, dispatch, checkpoint_root) -> None:
     except (EOFError, OSError):  # the worker died: SIGKILL, out of memory
         w.conn.close()
         w.conn = None
-        w.process.join(workers.STOP_WAIT_S)
+        w.process.join(workers.GRACE_S)
         if w.cell is not None:
             outcome = CellOutcome(dispatch.cells[w.cell], "failed", 0, None, None, time.monotonic() - w.started, None)
             dispatch.record(w.cell, w.label, outcome, why=f"worker {w.number} exited with code {w.process.exitcode}")
@@ -142,7 +142,7 @@ def _receive(w: Worker, dispatch, checkpoint_root) -> None:
 
 def _stop(pool: workers.Pool, team: list[Worker], signum: int | None) -> None:
     """End the workers: a None to each (no more cells), or `signum` (they stop the cell they run);
-    those not ended after workers.STOP_WAIT_S, or not started far enough to hold a cell, are killed.
+    those not ended after workers.GRACE_S, or not started far enough to hold a cell, are killed.
     A second Ctrl-C meanwhile is ignored: the stop is under way."""
     with workers.ignoring(signal.SIGINT):
         _stop_team(pool, team, signum)
@@ -160,7 +160,7 @@ def _stop_team(pool: workers.Pool, team: list[Worker], signum: int | None) -> No
 
     def killed(i: int) -> None:
         print(
-            f"bench: worker {i + 1} did not stop within {workers.STOP_WAIT_S:.0f} s: killed",
+            f"bench: worker {i + 1} did not stop within {workers.GRACE_S:.0f} s: killed",
             file=sys.stderr,
             flush=True,
         )

@@ -223,7 +223,7 @@ class Tracker(_Searches):
         self.client = delivery.RetryingClient(raw, self.retry)
 
     def retry(self, call: Callable[[], Any], before_again: Callable[[], Any] | None = None) -> Any:
-        """`call()`, waiting out an outage of the store (see bench.outage)."""
+        """`call()`, waiting out an outage of the store (see bench.servers.retry)."""
         return outage.retry(
             call,
             what=self.what,

@@ -2,7 +2,7 @@
 
 A database that restarts drops every connection: SQLAlchemy's `pool_pre_ping` replaces a dead one
 before it is used, and each storage call that meets the database away is made again, with backoff,
-up to the outage limit (bench.outage), instead of failing the trial in flight and its worker.
+up to the outage limit (bench.servers.retry), instead of failing the trial in flight and its worker.
 
 A write whose reply was lost may have been made. The ones that are not the same when made twice are
 read back first: a new trial carries a token in its system attributes, by which a second attempt

@@ -30,7 +30,7 @@ process.quiet("optuna")
 def storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats: a trial whose process died is failed once its heartbeat is
     older than twice the interval, and re-queued with the same parameters. Its calls wait out an
-    outage of the database (bench.optuna_storage)."""
+    outage of the database (bench.tuning.database)."""
     from bench.tuning.database import Storage
 
     try:
