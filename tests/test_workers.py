@@ -1,6 +1,10 @@
-"""Worker processes of `bench tune --workers K`: devices, CPU threads, sampler seeds."""
+"""Worker processes (bench.workers) as `bench tune --workers K` uses them: devices, CPU threads,
+sampler seeds, the pool that starts and stops them."""
 
 from __future__ import annotations
+
+import signal
+import time
 
 import optuna
 import pytest
@@ -50,3 +54,15 @@ def test_sampler_seeds_repeat_alone_and_are_fresh_for_workers_and_joiners(tmp_pa
     assert sampling.sampler_seed(7, store, "s", alone=True) not in (first, None)  # continued: new draws
     study.ask()  # a trial running in another process
     assert sampling.sampler_seed(7, store, "s", alone=True) is None  # a process that joins: its own stream
+
+
+def test_a_worker_started_before_a_failed_start_is_in_the_pool_and_is_stopped():
+    """The pool holds each worker as soon as it runs: a start that fails part-way (here the second
+    worker's arguments cannot be sent to it) still leaves the first to be stopped, not orphaned."""
+    pool = workers.Pool()
+    with pytest.raises(Exception, match="pickle"):  # noqa: B017 (the pickler's own error type varies)
+        pool.spawn(time.sleep, [(60,), (lambda: 0,)])
+    assert len(pool.processes) == 1 and pool.processes[0].is_alive()
+    started = time.monotonic()
+    assert pool.stop(signal.SIGTERM) == [-signal.SIGTERM]
+    assert time.monotonic() - started < workers.GRACE_S  # ended by the signal, not killed after the grace
