@@ -25,6 +25,7 @@ FLOORS = {
 MLFLOW_PLACES = ("tracking",)
 OPTUNA_PLACES = ("tuning", "report", "results")
 MAX_LINES = 450
+MAX_FUNCTION = 65  # lines of one function or method, its signature and docstring included
 MAX_TOP_LEVEL = 13  # modules directly in bench/, besides __init__ and __main__
 
 
@@ -139,3 +140,13 @@ def test_modules_are_small_and_few_at_the_top():
     assert not long, long
     top = [p.name for p in BENCH.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert len(top) <= MAX_TOP_LEVEL, sorted(top)
+
+
+def test_functions_are_short():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION:
+                    long.append(f"{name}.{node.name}: {n} lines")
+    assert not long, "\n".join(long)
