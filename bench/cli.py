@@ -13,7 +13,6 @@ from bench.errors import UserError, scrub
 from bench.servers import retry as outage
 
 DEFAULT_OPTUNA = "sqlite:///optuna.db"
-EXIT_UNAVAILABLE = 75  # EX_TEMPFAIL: a scheduler may run the job again
 OUTAGE_HELP = (
     f"seconds to wait for a tracking server or database that stopped answering before stopping with what is done kept "
     f"(default ${outage.LIMIT_ENV} or {outage.DEFAULT_LIMIT_S:g})"
@@ -205,10 +204,6 @@ def _perf_parser(sub) -> None:
     )
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def cmd_list(args) -> int:
     print(config.listing())
     return 0
@@ -217,13 +212,13 @@ def cmd_list(args) -> int:
 def cmd_run(args) -> int:
     from bench import suite
 
-    return suite.command.run(args, exit_unavailable=EXIT_UNAVAILABLE, plural=_count)
+    return suite.command.run(args)
 
 
 def cmd_tune(args) -> int:
     from bench import tuning
 
-    return tuning.command.tune(args, default_storage=DEFAULT_OPTUNA, exit_unavailable=EXIT_UNAVAILABLE)
+    return tuning.command.tune(args, default_storage=DEFAULT_OPTUNA)
 
 
 def cmd_report(args) -> int:
@@ -286,7 +281,7 @@ def _dispatch(args, urls: list[str]) -> int:
             f"bench: stopped: {scrub(str(exc), urls)}; what was done is kept: run the same command again once it answers",
             file=sys.stderr,
         )
-        return EXIT_UNAVAILABLE
+        return outage.EXIT_CODE
     except KeyboardInterrupt as exc:
         name = getattr(exc, "signal_name", "SIGINT")
         print(f"bench: interrupted ({name}); the same command resumes where it stopped", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
+from bench import process
 from bench.errors import UserError
 from bench.experiments import (  # noqa: F401 (the files on disk: config.X as callers know them)
     DESCRIPTIVE_KEYS,
@@ -367,8 +368,7 @@ def listing() -> str:
     lines.append("profiles:")
     for name in list_profiles():
         prof = read_profile(name)
-        seeds = prof.get("seeds", 1)
-        lines.append(f"  {name:30s} {prof.get('description', '')} ({seeds} seed{'' if seeds == 1 else 's'})")
+        lines.append(f"  {name:30s} {prof.get('description', '')} ({process.plural(prof.get('seeds', 1), 'seed')})")
     lines.append("models:")
     lines += [f"  {name}" for name in list_models()]
     return "\n".join(lines)

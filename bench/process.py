@@ -246,3 +246,8 @@ def keep_freed_memory() -> str:
     if not mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):
         return f"glibc {version}, mmap {MMAP_THRESHOLD >> 20} MiB (mallopt refused the trim threshold)"
     return f"glibc {version}, freed memory kept (trim {TRIM_THRESHOLD >> 20} MiB, mmap {MMAP_THRESHOLD >> 20} MiB)"
+
+
+def plural(n: int, noun: str) -> str:
+    """ "1 seed", "3 seeds": a count as a command prints it."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -112,6 +112,30 @@ class SuiteTiming:
     clock: engine.Clock | None  # where the epochs' time went, when a clock was given
 
 
+def perf_job(cfg: config.RunConfig, files: cifar.CifarFiles, device: torch.device, tracker, workdir: Path, **kwargs):
+    """`cfg` trained through job.train in a new run of `tracker` (a store of perf's own), its
+    artifacts under `workdir`, the run FINISHED after it: perf's runs log what PERF_RECORD says,
+    start afresh and never see the test set. `kwargs` go to job.train. Returns job.Trained."""
+    # The artifacts (checkpoints) in the temporary directory too, not in ./mlruns.
+    experiment_id = tracker.client.create_experiment(cfg.experiment, artifact_location=(workdir / "artifacts").as_uri())
+    run_id = tracker.start_run(experiment_id, "perf", {})
+    trained = job.train(
+        cfg,
+        device=device,
+        files=files,
+        tracker=tracker,
+        run_id=run_id,
+        checkpoint_dir=workdir / "checkpoints",
+        record=PERF_RECORD,
+        resume=False,
+        evaluate_test=False,
+        **kwargs,
+    )
+    tracker.end_run(run_id, "FINISHED")
+    assert trained.result.status == "finished", trained.result.status
+    return trained
+
+
 def suite_training(
     cfg: config.RunConfig,
     files: cifar.CifarFiles,
@@ -122,13 +146,9 @@ def suite_training(
     """A job (job.train) with MLflow tracking to a fresh SQLite store, timed (part by part by `clock`)."""
     from bench.tracking import Tracker
 
-    tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
-    # The artifacts (checkpoints) in the temporary directory too, not in ./mlruns.
-    experiment_id = tracker.client.create_experiment(cfg.experiment, artifact_location=(workdir / "artifacts").as_uri())
-    run_id = tracker.start_run(experiment_id, "perf", {})
     timing: dict[str, Any] = {}
 
-    def timed(run: Callback) -> _Timed:
+    def timed(run: Callback) -> _Timed:  # the run's callback, timed call by call
         timing["calls"] = _Timed(run)
         return timing["calls"]
 
@@ -136,26 +156,11 @@ def suite_training(
         engine.synchronize(device)
         timing["started"] = time.perf_counter()
 
-    trained = job.train(
-        cfg,
-        device=device,
-        files=files,
-        tracker=tracker,
-        run_id=run_id,
-        checkpoint_dir=workdir / "checkpoints",
-        record=PERF_RECORD,
-        wrap_run=timed,
-        before_fit=start,
-        resume=False,
-        evaluate_test=False,
-        clock=clock,
-    )
-    result, bundle = trained.result, trained.bundle
-    timed, started = timing["calls"], timing["started"]
-    tracker.end_run(run_id, "FINISHED")
+    tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
+    trained = perf_job(cfg, files, device, tracker, workdir, wrap_run=timed, before_fit=start, clock=clock)
     ended = time.perf_counter()
-    assert result.status == "finished", result.status
-    images = result.epochs_done * bundle.train.num_images
+    timed, started = timing["calls"], timing["started"]
+    images = trained.result.epochs_done * trained.bundle.train.num_images
     return SuiteTiming(
         images / (timed.last_epoch_end - timed.first_epoch_start),
         images / (ended - started),

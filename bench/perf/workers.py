@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from bench import config, engine, job, process
+from bench import config, engine, process
 from bench.engine.callbacks import Callback
 from bench.models import cost
 from bench.perf.harness import models_and_experiments, paper_flops
 from bench.perf.pipeline import embedded_files
-from bench.perf.training import PERF_RECORD, perf_config
+from bench.perf.training import perf_config, perf_job
 from bench.workers import SPAWN, Pool, thread_share
 
 PAPER_SUITE = "all"
@@ -117,26 +117,9 @@ def _train(
 ) -> TrainerTiming:
     cfg = perf_config(experiment, profile, budget)
     files = embedded_files(cfg.data.dataset, budget.train_images)
-    experiment_id = tracker.client.create_experiment(
-        experiment, artifact_location=(workdir / experiment / "artifacts").as_uri()
-    )
-    run_id = tracker.start_run(experiment_id, "perf-workers", {})
     clock = _Together(barrier)
-    trained = job.train(
-        cfg,
-        device=device,
-        files=files,
-        tracker=tracker,
-        run_id=run_id,
-        checkpoint_dir=workdir / experiment / "checkpoints",
-        record=PERF_RECORD,
-        callbacks=[clock],
-        resume=False,
-        evaluate_test=False,
-    )
+    trained = perf_job(cfg, files, device, tracker, workdir / experiment, callbacks=[clock])
     result, bundle = trained.result, trained.bundle
-    tracker.end_run(run_id, "FINISHED")
-    assert result.status == "finished", result.status
     barrier.wait()  # every trainer done with this model before any starts the next
     images = (result.epochs_done - 1) * bundle.train.num_images
     return TrainerTiming(

@@ -119,6 +119,9 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
+EXIT_CODE = 75  # EX_TEMPFAIL: what a command whose server stayed away exits with; a scheduler may run it again
+
+
 class Unavailable(Exception):
     """A server or database stayed away longer than the outage limit: the work stops where it can
     be taken up again, and the same command finishes it once the server is back."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
-from bench import config, job, tracking
+from bench import config, job, process, tracking
 from bench.errors import UserError, redact
 from bench.paths import check_writable
 from bench.servers import checks as stores
+from bench.servers import retry as outage
 from bench.suite import workers as run_workers
 from bench.suite.cell import CellOutcome, create_experiments
 from bench.suite.dispatch import UNREACHABLE, run_cells
@@ -16,9 +16,9 @@ from bench.suite.planning import Cell, plan, preflight, shard
 from bench.suite.tables import ablation_table, dry_run_table, summary_table
 
 
-def run(args, *, exit_unavailable: int, plural: Callable[[int, str], str]) -> int:
-    """The command `args`; its exit code (`exit_unavailable` when a store stayed away past the
-    outage limit). `plural(n, noun)` says "1 seed", "3 seeds"."""
+def run(args) -> int:
+    """The command `args`; its exit code (outage.EXIT_CODE when a store stayed away past the
+    outage limit)."""
     names = _experiments(args)
     seeds = args.seeds or config.profile_seeds(args.profile)
     cells = plan(names, profile=args.profile, seeds=seeds, sets=args.sets, epochs=args.epochs, ablate=args.ablate)
@@ -29,7 +29,7 @@ def run(args, *, exit_unavailable: int, plural: Callable[[int, str], str]) -> in
     stores.check("tracking store", uri)
     check_writable(args.checkpoint_dir, "--checkpoint-dir")
     if args.dry_run:
-        _dry_run(args, names, cells, total, seeds, count, plural)
+        _dry_run(args, names, cells, total, seeds, count)
         return 0
     device = job.resolve_device(args.device)
     stores.probe("tracking store", uri)
@@ -46,7 +46,7 @@ def run(args, *, exit_unavailable: int, plural: Callable[[int, str], str]) -> in
             data_dir=args.data_dir,
             checkpoint_root=args.checkpoint_dir,
         )
-    return _sum_up(outcomes, uri, exit_unavailable)
+    return _sum_up(outcomes, uri)
 
 
 def _experiments(args) -> list[str]:
@@ -68,31 +68,29 @@ def _experiments(args) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _dry_run(
-    args, names: list[str], cells: list[Cell], total: int, seeds: int, count: int, plural: Callable[[int, str], str]
-) -> None:
+def _dry_run(args, names: list[str], cells: list[Cell], total: int, seeds: int, count: int) -> None:
     """What the command would train (and, with --ablate, what that costs), and where."""
     print(dry_run_table(cells))
     which = f", shard {args.shard}: {len(cells)} of {total} cells" if args.shard else ""
     if args.ablate:
         every = ", every shard together" if args.shard else ""
-        print(f"\nWhat --ablate trains ({plural(seeds, 'seed')}{every}):")
+        print(f"\nWhat --ablate trains ({process.plural(seeds, 'seed')}{every}):")
         print(ablation_table(names, profile=args.profile, seeds=seeds, data_dir=args.data_dir))
         print(
-            f"{total} cells (the recipe and each trained variant x {plural(seeds, 'seed')}), profile {args.profile}{which}"
+            f"{total} cells (the recipe and each trained variant x {process.plural(seeds, 'seed')}), profile {args.profile}{which}"
         )
     else:
         print(
-            f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {plural(seeds, 'seed')}), profile {args.profile}{which}"
+            f"{total} cells ({len(set(c.experiment for c in cells))} experiments x {process.plural(seeds, 'seed')}), profile {args.profile}{which}"
         )
     if args.workers > 1 and cells:
         on = ", ".join(f"worker {i + 1} on {d}" for i, d in enumerate(run_workers.devices(args.device, count)))
-        print(f"{plural(count, 'worker')} would start: {on}")
+        print(f"{process.plural(count, 'worker')} would start: {on}")
 
 
-def _sum_up(outcomes: list[CellOutcome], uri: str, exit_unavailable: int) -> int:
+def _sum_up(outcomes: list[CellOutcome], uri: str) -> int:
     """The summary table, where to see the runs, and the exit code: 1 when a cell did not finish,
-    `exit_unavailable` when the store stayed away."""
+    `outage.EXIT_CODE` when the store stayed away."""
     print(summary_table(outcomes))
     print(f"\nSee the runs: {tracking.ui_command(redact(uri))}")
     failed = [o for o in outcomes if o.status not in ("finished", "skipped")]
@@ -101,5 +99,5 @@ def _sum_up(outcomes: list[CellOutcome], uri: str, exit_unavailable: int) -> int
             f"{len(failed)} of {len(outcomes)} cells did not finish: {', '.join(o.cell.name for o in failed)}",
             file=sys.stderr,
         )
-        return exit_unavailable if any(o.status == UNREACHABLE for o in outcomes) else 1
+        return outage.EXIT_CODE if any(o.status == UNREACHABLE for o in outcomes) else 1
     return 0

@@ -12,6 +12,7 @@ from bench import config, job, suite, tracking, workers
 from bench.errors import UserError, redact
 from bench.paths import check_writable
 from bench.servers import checks as stores
+from bench.servers import retry as outage
 from bench.tuning import sampling
 from bench.tuning.loop import optimize
 from bench.tuning.space import recipe_values, search_space, tuning_val_size
@@ -19,8 +20,8 @@ from bench.tuning.study import ParentRun, best_command, finished, open_study, pr
 from bench.tuning.trial import TrialContext
 
 
-def tune(args, *, default_storage: str, exit_unavailable: int) -> int:
-    """The command `args`; its exit code (`exit_unavailable` when a worker met a store that stayed
+def tune(args, *, default_storage: str) -> int:
+    """The command `args`; its exit code (outage.EXIT_CODE when a worker met a store that stayed
     away past the outage limit). `default_storage`: the Optuna storage without --storage or
     $BENCH_OPTUNA_STORAGE."""
     _check_numbers(args)
@@ -57,8 +58,8 @@ def tune(args, *, default_storage: str, exit_unavailable: int) -> int:
         # The URLs go by environment, not argv: `ps` would show a password to every user.
         env = {**workers.thread_env(count), "BENCH_OPTUNA_STORAGE": url, "MLFLOW_TRACKING_URI": uri}
         codes = workers.run_all([worker_args(args, name, parent.run_id, i) for i in range(count)], env)
-        if exit_unavailable in codes:
-            return _away(codes, count, exit_unavailable)
+        if outage.EXIT_CODE in codes:
+            return _away(codes, count)
         stopped = _failed_workers(codes, count)
     elif done < args.trials:
         ctx = _context(args, base, space, held_out, tracker, exp_id, parent)
@@ -150,14 +151,14 @@ def _held_out(args, base: config.RunConfig) -> list[str]:
     return held_out
 
 
-def _away(codes: list[int], count: int, exit_unavailable: int) -> int:
+def _away(codes: list[int], count: int) -> int:
     # A store stayed away: the parent run is ended by the command that completes the study.
     print(
-        f"{codes.count(exit_unavailable)} of {count} workers stopped: a server stayed away past the outage limit; "
+        f"{codes.count(outage.EXIT_CODE)} of {count} workers stopped: a server stayed away past the outage limit; "
         "run the same command again once it answers",
         file=sys.stderr,
     )
-    return exit_unavailable
+    return outage.EXIT_CODE
 
 
 def _failed_workers(codes: list[int], count: int) -> str | None:
