@@ -17,6 +17,7 @@ from bench.servers import checks as stores
 def main(args, default_storage: str) -> int:
     """Runs `bench report` for its parsed `args`; `default_storage`: the Optuna storage that
     `bench tune` uses by default, read when its file is here."""
+    from bench import tracking
     from bench.tracking import resolve_uri
 
     names = config.suite_experiments(args.suite)
@@ -27,7 +28,7 @@ def main(args, default_storage: str) -> int:
     out = args.out or Path("reports") / args.suite
     check_writable(out, "--out")
     studies = _studies(args.storage, names, default_storage)
-    stores.probe("tracking store", uri)
+    tracking.probe.tracking_store(uri)
     found = results.load(uri, names)
     if found.runs.empty:
         raise UserError(

@@ -8,7 +8,6 @@ creates a database or a file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,18 +22,6 @@ EXAMPLES = {
     "tracking store": "sqlite:///mlflow.db, postgresql://USER:PASSWORD@HOST/DB or http://HOST:PORT",
     "Optuna storage": "sqlite:///optuna.db or postgresql://USER:PASSWORD@HOST/DB",
 }
-
-# Whether a tracking server lets this process in is asked the way its client logs in (users,
-# tokens, ~/.mlflow/credentials): MLflow's, which only bench.tracking imports. It installs its probe
-# here when imported (`use_login_probe`), as every command has before it probes a tracking server.
-_login_probe: Callable[[str, str], None] | None = None
-
-
-def use_login_probe(probe: Callable[[str, str], None]) -> None:
-    """`probe(what, url)`: a UserError unless the server at `url` (its /health answered) lets this
-    process read it."""
-    global _login_probe
-    _login_probe = probe
 
 
 def _scheme(url: str) -> str:
@@ -103,9 +90,6 @@ def _probe_http(what: str, url: str) -> None:
         ) from None
     if answer.status_code >= 500:
         raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} at /health")
-    if _login_probe is None:
-        raise RuntimeError("no login probe for a tracking server: bench.tracking installs it when imported")
-    _login_probe(what, url)
 
 
 def _probe_database(what: str, url: str) -> None:

@@ -32,7 +32,7 @@ def run(args) -> int:
         _dry_run(args, names, cells, total, seeds, count)
         return 0
     device = job.resolve_device(args.device)
-    stores.probe("tracking store", uri)
+    tracking.probe.tracking_store(uri)
     preflight(cells, args.data_dir)
     if count > 1:
         run_workers.devices(args.device, count)  # a worker's device that is not there stops here, before any starts

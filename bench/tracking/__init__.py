@@ -9,10 +9,9 @@
 - datasets: a run's data as MLflow datasets
 - artifacts: checkpoints pinned and linked into a run's artifacts, small texts
 - model: a finished run's logged model, and `bench register`
-- probe: whether a tracking server lets this process in (for `bench.servers.checks.probe`)
+- probe: whether the tracking store answers and, on a server, lets this process in
 """
 
-from bench.servers import checks
 from bench.tracking import delivery, model, probe, store  # noqa: F401
 from bench.tracking.artifacts import CHECKPOINTS, drop_pinned, local_artifact_dir  # noqa: F401
 from bench.tracking.datasets import (  # noqa: F401
@@ -45,6 +44,3 @@ from bench.tracking.store import (  # noqa: F401
     run_url,
     ui_command,
 )
-
-# The tracking server's login is asked with MLflow's client, which bench.servers does not import.
-checks.use_login_probe(probe.login)

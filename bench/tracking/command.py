@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench.errors import UserError, redact
 from bench.servers import checks as stores
 from bench.tracking import model as logged_model
+from bench.tracking import probe
 from bench.tracking.store import Tracker, resolve_uri
 
 
@@ -13,7 +14,7 @@ def register(args) -> int:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     uri = resolve_uri(args.tracking_uri)
     stores.check("tracking store", uri)
-    stores.probe("tracking store", uri)
+    probe.tracking_store(uri)
     model_uri, run_name, version = logged_model.register(
         Tracker(uri).client, args.experiment, args.profile, args.sets, args.epochs
     )

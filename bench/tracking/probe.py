@@ -1,5 +1,4 @@
-"""Whether a tracking server lets this process in: asked as MLflow's client would ask it, for
-`bench.servers.checks.probe` (installed there by `bench.tracking`)."""
+"""A tracking store answers, and lets this process in: a server asked as MLflow's client would ask it."""
 
 from __future__ import annotations
 
@@ -9,6 +8,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
 from bench.errors import UserError, redact
+from bench.servers import checks
 from bench.servers.checks import TIMEOUT_S
 
 
@@ -46,3 +46,11 @@ def login(what: str, url: str) -> None:
         )
     if answer.status_code >= 400:
         raise UserError(f"{what} {redact(url)} answers with HTTP {answer.status_code} to a search of its experiments")
+
+
+def tracking_store(uri: str) -> None:
+    """A UserError unless the tracking store at a checked `uri` answers within seconds and, on a
+    server, lets this process read it (what a command asks before it trains)."""
+    checks.probe("tracking store", uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        login("tracking store", uri)

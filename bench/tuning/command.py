@@ -36,7 +36,7 @@ def tune(args, *, default_storage: str) -> int:
     study = _open(args, name, url, base, space)
     if args.best:
         return print_best(study, args)
-    stores.probe("tracking store", uri)
+    tracking.probe.tracking_store(uri)
     tracker = tracking.Tracker(uri)
     exp_id = tracker.experiment_id(args.experiment, config.about_markdown(args.experiment))
     job.resolve_device(args.device)  # a device that is not there stops here, before any worker starts
